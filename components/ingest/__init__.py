@@ -1,0 +1,66 @@
+"""The ingest stage: read a source with its real loader, write the canonical Parquet per split + EDA."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Callable
+
+import pyarrow.parquet as pq
+
+from components.ingest import eda, kaggle, mnist, noisy
+from components.ingest.splits import SplitData
+from schemas.artifacts import Examples
+from schemas.config import IngestConfig, OnBadRows
+from schemas.dataset import N_PIXELS, Source, Split, to_table
+from schemas.errors import DigitsInputError
+
+REJECTED_CSV = "rejected.csv"
+
+
+def run(source: Source, config: IngestConfig, out_dir: Path, *, tfds_dir: Path,
+        progress: Callable[[str], None] = lambda _: None) -> Examples:
+    """Read `source` from config.data into canonical Parquet files in out_dir.
+
+    Returns the Examples artifact (split files, row counts, rejects, input fingerprints).
+    Raises DigitsInputError (DataFormatError with file/line/column) for bad input.
+    """
+    data = Path(config.data).expanduser() if config.data else None
+    strict = config.on_bad_rows is OnBadRows.strict
+    progress(f"reading {source.value} from {data or 'TFDS'}")
+    if source is Source.mnist:
+        splits, fingerprints = mnist.read(data, tfds_dir, limit=config.limit)
+    elif data is None:
+        raise DigitsInputError(f"the {source.value} source needs --data (a folder{' or zip' if source is Source.kaggle else ''})")
+    elif source is Source.kaggle:
+        splits, fingerprints = kaggle.read(data, limit=config.limit, strict=strict)
+    else:
+        splits, fingerprints = noisy.read(data, limit=config.limit, strict=strict)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress("writing Parquet")
+    for split, part in splits.items():
+        table = to_table(part.ids, part.labels, part.pixels.reshape(len(part.pixels), N_PIXELS), source)
+        pq.write_table(table, out_dir / Examples.file_name(split), compression="zstd")
+    rejects = [reject for part in splits.values() for reject in part.rejects]
+    if rejects:
+        _write_rejects(splits, out_dir / REJECTED_CSV)
+    progress("exploring (EDA)")
+    summary = eda.write(splits, out_dir / "eda")
+    return Examples(
+        dir=out_dir, source=source,
+        counts={split.value: len(part.ids) for split, part in splits.items()},
+        rows_read={split.value: part.rows_read for split, part in splits.items()},
+        rejected={split.value: len(part.rejects) for split, part in splits.items()},
+        labelled={split.value: part.labels is not None for split, part in splits.items()},
+        fingerprints=fingerprints,
+        duplicates=summary["duplicates"],
+    )
+
+
+def _write_rejects(splits: dict[Split, SplitData], path: Path) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["split", "file", "line", "column", "reason"])
+        for split, part in splits.items():
+            for r in part.rejects:
+                writer.writerow([split.value, r.path, r.line, "" if r.column is None else r.column, r.reason])

@@ -1,0 +1,121 @@
+"""MNIST through TensorFlow Datasets (`tfds.load("mnist")`), the loader Keras/TF users know.
+
+Offline, `data` is a folder holding the four original idx `.gz` files: they are checked here
+(gzip, idx magic, shapes, counts) and TFDS prepares its dataset from them (it verifies their
+checksums), so later `tfds.load("mnist", data_dir=...)` works with no network. `data` may also be a
+TFDS data_dir where mnist is already prepared, or None to let TFDS download. Ids are 1..N in TFDS's
+own (deterministic) order of each split.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from components.ingest.splits import SplitData
+from schemas.dataset import IMAGE_SIDE, Split
+from schemas.errors import DataFormatError, DigitsInputError
+
+IDX_FILES = {
+    "train-images-idx3-ubyte.gz": (2051, 60000),
+    "train-labels-idx1-ubyte.gz": (2049, 60000),
+    "t10k-images-idx3-ubyte.gz": (2051, 10000),
+    "t10k-labels-idx1-ubyte.gz": (2049, 10000),
+}
+_TFDS_NAME = "mnist"
+
+
+def read(data: Path | None, tfds_dir: Path, *, limit: int | None) -> tuple[dict[Split, SplitData], dict[str, str]]:
+    """Load both splits through TFDS, preparing it from `data` first when that holds the idx files."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+    fingerprints: dict[str, str] = {}
+    if data is not None and not data.exists():
+        raise DataFormatError(data, "no such folder (expected the 4 MNIST idx .gz files or a TFDS data_dir)")
+    if data is not None and (data / _TFDS_NAME).is_dir():
+        tfds_dir, download = data, False
+    elif data is not None:
+        fingerprints = verify_idx_folder(data)
+        _prepare(tfds, tfds_dir, manual_dir=data)
+        download = False
+    else:
+        download = True
+    splits = {}
+    for split, name in ((Split.train, "train"), (Split.test, "test")):
+        spec = f"{name}[:{limit}]" if limit else name
+        try:
+            arrays = tfds.as_numpy(tfds.load(_TFDS_NAME, split=spec, data_dir=str(tfds_dir), batch_size=-1,
+                                             download=download))
+        except Exception as exc:  # TFDS raises many types (network, missing files); each is the user's to fix
+            raise DigitsInputError(f"TFDS could not load mnist into {tfds_dir}: {_first_line(exc)} — offline, "
+                                   "pass --data FOLDER holding the 4 MNIST idx .gz files") from None
+        images = arrays["image"].reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
+        n = len(images)
+        splits[split] = SplitData(ids=np.arange(1, n + 1, dtype=np.int64), labels=arrays["label"].astype(np.int8),
+                                  pixels=np.ascontiguousarray(images, dtype=np.uint8), rows_read=n)
+    if not fingerprints:
+        fingerprints = {f"tfds:{_TFDS_NAME}": _tfds_fingerprint(tfds_dir)}
+    return splits, fingerprints
+
+
+def verify_idx_folder(folder: Path) -> dict[str, str]:
+    """Check the four idx .gz files (gzip, magic number, 28x28, counts); return their sha256."""
+    prints = {}
+    for name, (magic, count) in IDX_FILES.items():
+        path = folder / name
+        if not path.is_file():
+            raise DataFormatError(path, f"missing: an MNIST folder holds {', '.join(IDX_FILES)}")
+        raw = path.read_bytes()
+        prints[str(path)] = hashlib.sha256(raw).hexdigest()
+        try:
+            content = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise DataFormatError(path, f"not a complete gzip file ({exc})") from None
+        dims = 3 if magic == 2051 else 1
+        if len(content) < 4 + 4 * dims:
+            raise DataFormatError(path, f"truncated idx header ({len(content)} bytes)")
+        got_magic, *shape = struct.unpack(f">{1 + dims}I", content[: 4 + 4 * dims])
+        if got_magic != magic:
+            raise DataFormatError(path, f"idx magic number {got_magic}, expected {magic} "
+                                        f"({'images' if magic == 2051 else 'labels'})")
+        expected_shape = [count, IMAGE_SIDE, IMAGE_SIDE][:dims]
+        if shape != expected_shape:
+            raise DataFormatError(path, f"idx shape {shape}, expected {expected_shape}")
+        if len(content) != 4 + 4 * dims + int(np.prod(shape)):
+            raise DataFormatError(path, f"{len(content) - 4 - 4 * dims} data bytes, expected {int(np.prod(shape))}")
+        if magic == 2049:
+            labels = np.frombuffer(content, np.uint8, offset=8)
+            if labels.max() > 9:
+                bad = int(np.argmax(labels > 9))
+                raise DataFormatError(path, f"label {labels[bad]} at item {bad + 1} outside 0..9")
+    return prints
+
+
+def _prepare(tfds, tfds_dir: Path, manual_dir: Path) -> None:
+    builder = tfds.builder(_TFDS_NAME, data_dir=str(tfds_dir))
+    if builder.is_prepared():
+        return
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+    except Exception as exc:  # checksum mismatch and friends: the files are not the published MNIST
+        raise DigitsInputError(f"{manual_dir}: TFDS refused the MNIST files: {_first_line(exc)}") from None
+
+
+def _tfds_fingerprint(tfds_dir: Path) -> str:
+    """sha256 over the prepared dataset's metadata (it lists every shard and its checksum)."""
+    digest = hashlib.sha256()
+    for info in sorted((tfds_dir / _TFDS_NAME).glob("*/dataset_info.json")):
+        digest.update(info.read_bytes())
+    return digest.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

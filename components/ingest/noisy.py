@@ -1,0 +1,100 @@
+"""The noisy set (MNIST background-random layout): 784 floats in [0, 1] then the label, LAST column.
+
+Two layouts: `mnist_background_random_{train,test}.amat` (whitespace-separated, label as a float,
+labels in both files) or `train.csv`/`test.csv` (comma-separated, header optional, test labels
+optional). Images are stored transposed (column-major); ingest turns them upright.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from components.ingest.splits import SplitData, keep_good_rows
+from components.ingest.text import TextBody, ValueRule, parse_numeric, split_text
+from schemas.dataset import IMAGE_SIDE, N_PIXELS, PIXEL_MAX, Split
+from schemas.errors import DataFormatError
+
+AMAT = {Split.train: "mnist_background_random_train.amat", Split.test: "mnist_background_random_test.amat"}
+CSV = {Split.train: "train.csv", Split.test: "test.csv"}
+_LABEL_NAMES = {"label", "labels", "y", "target", "class", "digit"}
+
+
+def read(data: Path, *, limit: int | None, strict: bool) -> tuple[dict[Split, SplitData], dict[str, str]]:
+    """Read both splits from a folder holding the .amat pair or the CSV pair."""
+    if not data.is_dir():
+        raise DataFormatError(data, "not a folder (expected one holding "
+                                    f"{' and '.join(AMAT.values())}, or {' and '.join(CSV.values())})")
+    if all((data / name).is_file() for name in AMAT.values()):
+        files, delimiter = AMAT, " "
+    elif all((data / name).is_file() for name in CSV.values()):
+        files, delimiter = CSV, ","
+    else:
+        raise DataFormatError(data, f"missing files: expected {' and '.join(AMAT.values())}, "
+                                    f"or {' and '.join(CSV.values())}")
+    splits, prints = {}, {}
+    for split, name in files.items():
+        path = data / name
+        raw = path.read_bytes()
+        prints[str(path)] = hashlib.sha256(raw).hexdigest()
+        splits[split] = _read_split(str(path), raw, split, delimiter, limit=limit, strict=strict)
+    return splits, prints
+
+
+def _read_split(path: str, raw: bytes, split: Split, delimiter: str, *, limit: int | None,
+                strict: bool) -> SplitData:
+    text = split_text(path, raw, header="auto" if delimiter == "," else "none").take(limit)
+    if delimiter == " ":
+        text = text.single_spaced()
+    n_fields = _field_count(text, delimiter, split)
+    labelled = n_fields == N_PIXELS + 1
+    rows = parse_numeric(text, delimiter=delimiter, n_fields=n_fields)
+    rules = [ValueRule(slice(0, N_PIXELS), "pixel", 0.0, 1.0, False)]
+    if labelled:
+        rules.insert(0, ValueRule(slice(N_PIXELS, N_PIXELS + 1), "label", 0, 9, True))
+    if labelled:
+        _refuse_label_first(path, rows.values, text.first_line)
+    n_read = len(rows.values) + len(rows.rejects)
+    values, lines = keep_good_rows(path, rows, rules, strict=strict)
+    # Stored column-major: reshape gives the transpose, so swap the axes back to upright.
+    pixels = np.rint(values[:, :N_PIXELS] * PIXEL_MAX).astype(np.uint8)
+    pixels = pixels.reshape(-1, IMAGE_SIDE, IMAGE_SIDE).transpose(0, 2, 1).copy()
+    labels = values[:, N_PIXELS].astype(np.int8) if labelled else None
+    return SplitData(ids=lines - text.first_line + 1, labels=labels, pixels=pixels, rows_read=n_read,
+                     rejects=rows.rejects)
+
+
+def _field_count(text: TextBody, delimiter: str, split: Split) -> int:
+    """785 (labelled) or 784 (unlabelled test), from the header or the first data row."""
+    if text.header is not None:
+        names = [n.strip().strip('"').lower() for n in text.header.split(",")]
+        label_at = [j for j, n in enumerate(names) if n in _LABEL_NAMES]
+        if label_at and label_at[0] != len(names) - 1:
+            raise DataFormatError(text.path, f"the label column '{names[label_at[0]]}' is column "
+                                             f"{label_at[0] + 1}; noisy files carry the label in the LAST column",
+                                  line=1, column=label_at[0] + 1)
+        count, line = len(names), 1
+    else:
+        first = bytes(text.data[: 1 << 16]).split(b"\n", 1)[0].strip()
+        count, line = len(first.split(delimiter.encode())), text.first_line
+    allowed = (N_PIXELS + 1,) if split is Split.train else (N_PIXELS + 1, N_PIXELS)
+    if count not in allowed:
+        expected = " or ".join(f"{n} ({'784 pixels + label' if n > N_PIXELS else '784 pixels'})" for n in allowed)
+        raise DataFormatError(text.path, f"expected {expected} fields per row, found {count}", line=line,
+                              column=min(count, max(allowed)) + 1)
+    return count
+
+
+def _refuse_label_first(path: str, values: np.ndarray, first_line: int) -> None:
+    """A file whose first column holds the digits 0..9 and whose last does not: the label is misplaced."""
+    if not len(values):
+        return
+    first, last = values[:, 0], values[:, -1]
+    first_is_label = np.all((first >= 0) & (first <= 9) & (first == np.rint(first))) and np.any(first > 1)
+    last_is_label = np.all(last == np.rint(last))
+    if first_is_label and not last_is_label:
+        raise DataFormatError(path, "the label is in the first column (integers 0..9 there, fractions in the "
+                                    "last); noisy files carry the label in the LAST column",
+                              line=first_line, column=1)

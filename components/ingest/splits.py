@@ -1,0 +1,40 @@
+"""What a source reader hands back: one split's arrays, its rejects and where it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from components.ingest.text import NumericRows, Reject, ValueRule, check_values
+from schemas.errors import DataFormatError
+
+
+@dataclass
+class SplitData:
+    """One split in canonical form: ids (n,), labels (n,) int8 or None, pixels (n, 28, 28) uint8 upright."""
+
+    ids: np.ndarray
+    labels: np.ndarray | None
+    pixels: np.ndarray
+    rows_read: int
+    rejects: list[Reject] = field(default_factory=list)
+
+
+def keep_good_rows(path: str, rows: NumericRows, rules: list[ValueRule], *, strict: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Apply the value rules; return (values, line numbers) of the good rows and append rejects to rows.
+
+    In strict mode the first bad row (by line) raises DataFormatError, with the count of the rest.
+    """
+    good, value_rejects = check_values(path, rows, rules)
+    rows.rejects = sorted(rows.rejects + value_rejects, key=lambda r: r.line)
+    if strict and rows.rejects:
+        first = rows.rejects[0]
+        more = len(rows.rejects) - 1
+        suffix = (f" ({more} more bad row{'s' if more > 1 else ''}; "
+                  "--set ingest.on_bad_rows=quarantine sets bad rows aside)") if more else ""
+        raise DataFormatError(first.path, first.reason + suffix, line=first.line, column=first.column)
+    if not good.any():
+        raise DataFormatError(path, "no valid rows: every row was rejected (see ingest/rejected.csv)"
+                              if rows.rejects else "no data rows")
+    return rows.values[good], rows.lines[good]

@@ -1,0 +1,261 @@
+"""Strict, vectorised reading of delimited numeric text (Kaggle CSV, noisy .amat / CSV).
+
+The fast path hands the whole buffer to pyarrow's multi-threaded CSV reader. pyarrow's errors name
+no row, so when it refuses a file the buffer is re-read in blocks and only the refused blocks are
+examined line by line, to name each bad row's line and column. Good files never pay for that.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from schemas.errors import DataFormatError
+
+_BOM = b"\xef\xbb\xbf"
+_BLANK = b" \t\r\n"
+_DIAGNOSE_BLOCK = 2048
+# What a numeric field may look like (pyarrow's float parser accepts the same, NaN/inf included).
+_NUMBER = re.compile(rb'\s*"?[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|nan|inf|infinity)"?\s*', re.I)
+_WHITESPACE_RUN = re.compile(rb"[ \t]+")
+_EDGE_SPACE = re.compile(rb"^ | $", re.M)
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class Reject:
+    """One row set aside: where it is and why."""
+
+    path: str
+    line: int
+    column: int | None
+    reason: str
+
+    def error(self) -> DataFormatError:
+        return DataFormatError(self.path, self.reason, line=self.line, column=self.column)
+
+
+@dataclass
+class NumericRows:
+    """Rows that parsed as numbers: values (n, n_fields) float32 and each row's 1-based line number."""
+
+    values: np.ndarray
+    lines: np.ndarray
+    rejects: list[Reject] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TextBody:
+    """A text file's data rows: raw[start:end], after its BOM, header and trailing blank lines."""
+
+    path: str
+    header: str | None
+    raw: bytes
+    start: int
+    end: int
+    first_line: int  # line number of the first data row
+
+    @property
+    def data(self) -> memoryview:
+        return memoryview(self.raw)[self.start:self.end]
+
+    def take(self, limit: int | None) -> TextBody:
+        """The same file cut after its first `limit` data rows (all of them when limit is None)."""
+        pos = self.start
+        for _ in range(limit or 0):
+            pos = self.raw.find(b"\n", pos, self.end)
+            if pos < 0:
+                return self
+            pos += 1
+        return self if limit is None or pos == self.start else replace(self, end=pos - 1)
+
+    def single_spaced(self) -> TextBody:
+        """Whitespace-separated rows rewritten single-space separated, no edge spaces (for pyarrow)."""
+        data = self.raw[self.start:self.end]
+        if not any(s in data for s in (b"\t", b"  ", b"\n ", b" \n", b"\r")) and data[:1] != b" ":
+            return self
+        data = _EDGE_SPACE.sub(b"", _WHITESPACE_RUN.sub(b" ", data.replace(b"\r\n", b"\n")))
+        return replace(self, raw=data, start=0, end=len(data))
+
+
+def split_text(path: str, raw: bytes, *, header: str) -> TextBody:
+    """Check raw is text and separate its header. header: 'required', 'none' or 'auto'.
+
+    'auto' treats the first line as a header when it holds anything but numbers.
+    Raises DataFormatError for an empty, binary or header-only file.
+    """
+    start = len(_BOM) if raw.startswith(_BOM) else 0
+    end = len(raw)
+    while end > start and raw[end - 1] in _BLANK:
+        end -= 1
+    if end == start:
+        raise DataFormatError(path, "file is empty (expected a header and data rows)" if header == "required"
+                              else "file is empty (expected data rows)")
+    _refuse_binary(path, raw, start, min(end, start + 65536))
+    newline = raw.find(b"\n", start, end)
+    first = raw[start:end if newline < 0 else newline].rstrip(b"\r")
+    has_header = header == "required" or (
+        header == "auto" and any(not _NUMBER.fullmatch(tok) for tok in re.split(rb"[,\s]+", first.strip()) if tok))
+    if not has_header:
+        return TextBody(path, None, raw, start, end, 1)
+    text = first.decode("ascii", errors="replace")
+    if newline < 0:
+        raise DataFormatError(path, f"header only, no data rows (header: {_shorten(text)})", line=1)
+    return TextBody(path, text, raw, newline + 1, end, 2)
+
+
+def _refuse_binary(path: str, raw: bytes, start: int, stop: int) -> None:
+    """A NUL or a byte outside printable ASCII near the start means this is no text file."""
+    head = raw[start:stop]
+    if head.isascii() and not _CONTROL.search(head):
+        return
+    pos = start + next(i for i, b in enumerate(head) if b > 126 or (b < 32 and b not in b"\t\r\n"))
+    line_start = raw.rfind(b"\n", start, pos) + 1 or start
+    line = raw.count(b"\n", start, pos) + 1
+    column = len(re.split(rb"[,\s]+", raw[line_start:pos].lstrip())) if pos > line_start else 1
+    raise DataFormatError(path, f"binary data (byte 0x{raw[pos]:02x}) where text was expected: "
+                                "this is not a delimited text file", line=line, column=column)
+
+
+def parse_numeric(text: TextBody, *, delimiter: str, n_fields: int) -> NumericRows:
+    """Parse every data row of text as n_fields numbers.
+
+    Rows with the wrong number of fields, or a field that is not a number, become Rejects naming
+    line and column; the rest are returned. Never raises on row content.
+    """
+    try:
+        values = _read(text.data, delimiter, n_fields)
+        return NumericRows(values, np.arange(text.first_line, text.first_line + len(values), dtype=np.int64))
+    except pa.ArrowInvalid:
+        return _diagnose(text.path, text.raw[text.start:text.end], delimiter, n_fields, text.first_line)
+
+
+def _read(data: bytes | memoryview, delimiter: str, n_fields: int) -> np.ndarray:
+    names = [f"c{i}" for i in range(n_fields)]
+    table = pacsv.read_csv(
+        pa.BufferReader(data),
+        read_options=pacsv.ReadOptions(column_names=names, block_size=4 << 20),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, ignore_empty_lines=False),
+        convert_options=pacsv.ConvertOptions(column_types={n: pa.float32() for n in names}, null_values=[],
+                                             strings_can_be_null=False, quoted_strings_can_be_null=False),
+    )
+    out = np.empty((table.num_rows, n_fields), dtype=np.float32)
+    for j, column in enumerate(table.columns):
+        out[:, j] = column.to_numpy()
+    return out
+
+
+def _diagnose(path: str, data: bytes, delimiter: str, n_fields: int, first_line: int) -> NumericRows:
+    lines = data.split(b"\n")
+    sep = delimiter.encode()
+    blocks, line_numbers, rejects = [], [], []
+    for block_start in range(0, len(lines), _DIAGNOSE_BLOCK):
+        block = lines[block_start:block_start + _DIAGNOSE_BLOCK]
+        number0 = first_line + block_start
+        try:
+            blocks.append(_read(b"\n".join(block), delimiter, n_fields))
+            line_numbers.append(np.arange(number0, number0 + len(block)))
+            continue
+        except pa.ArrowInvalid:
+            pass
+        good, good_numbers = [], []
+        for offset, line in enumerate(block):
+            reject = _check_line(path, line.rstrip(b"\r"), sep, n_fields, number0 + offset)
+            if reject:
+                rejects.append(reject)
+            else:
+                good.append(line)
+                good_numbers.append(number0 + offset)
+        if good:
+            try:
+                blocks.append(_read(b"\n".join(good), delimiter, n_fields))
+                line_numbers.append(np.asarray(good_numbers))
+            except pa.ArrowInvalid:  # our field check and pyarrow disagree on a row: ask row by row
+                for line, number in zip(good, good_numbers):
+                    try:
+                        blocks.append(_read(line, delimiter, n_fields))
+                        line_numbers.append(np.asarray([number]))
+                    except pa.ArrowInvalid as exc:
+                        rejects.append(Reject(path, number, None, f"unreadable row ({exc})"))
+    values = np.concatenate(blocks) if blocks else np.empty((0, n_fields), np.float32)
+    numbers = np.concatenate(line_numbers).astype(np.int64) if line_numbers else np.empty(0, np.int64)
+    return NumericRows(values, numbers, sorted(rejects, key=lambda r: r.line))
+
+
+def _check_line(path: str, line: bytes, sep: bytes, n_fields: int, number: int) -> Reject | None:
+    if not line.strip():
+        return Reject(path, number, 1, f"blank line where a row of {n_fields} fields was expected")
+    fields = line.split(sep)
+    if len(fields) < n_fields:
+        return Reject(path, number, len(fields) + 1, f"too few fields: expected {n_fields}, found {len(fields)}")
+    if len(fields) > n_fields:
+        return Reject(path, number, n_fields + 1, f"too many fields: expected {n_fields}, found {len(fields)}")
+    for j, value in enumerate(fields):
+        if not _NUMBER.fullmatch(value):
+            return Reject(path, number, j + 1, _describe_bad_field(value))
+    return None
+
+
+def _describe_bad_field(value: bytes) -> str:
+    if not value.strip():
+        return "empty value where a number was expected"
+    if not value.isascii() or _CONTROL.search(value):
+        bad = next(b for b in value if b > 126 or b < 32)
+        return f"binary data (byte 0x{bad:02x}) where a number was expected"
+    return f"expected a number, got {_shorten(value.decode('ascii'))!r}"
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class ValueRule:
+    """What the values of some columns must be: within [low, high], optionally integers, never NaN."""
+
+    columns: slice
+    what: str  # "pixel" or "label": used in messages
+    low: float
+    high: float
+    integer: bool
+
+
+def check_values(path: str, rows: NumericRows, rules: list[ValueRule]) -> tuple[np.ndarray, list[Reject]]:
+    """Vectorised range/integer/NaN checks. Returns (mask of good rows, rejects for the others)."""
+    n = len(rows.values)
+    first_bad = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    which = np.full(n, -1, dtype=np.int64)
+    for k, rule in enumerate(rules):
+        block = rows.values[:, rule.columns]
+        if block.ndim == 1:
+            block = block[:, None]
+        bad = ~((block >= rule.low) & (block <= rule.high))  # NaN compares False: bad
+        if rule.integer:
+            bad |= block != np.rint(block)
+        any_bad = bad.any(axis=1)
+        col = np.where(any_bad, bad.argmax(axis=1) + rule.columns.indices(rows.values.shape[1])[0], first_bad)
+        better = col < first_bad
+        first_bad[better], which[better] = col[better], k
+    bad_rows = np.flatnonzero(which >= 0)
+    rejects = [Reject(path, int(rows.lines[i]), int(first_bad[i]) + 1,
+                      _describe_value(float(rows.values[i, first_bad[i]]), rules[which[i]])) for i in bad_rows]
+    good = np.ones(n, dtype=bool)
+    good[bad_rows] = False
+    return good, rejects
+
+
+def _describe_value(value: float, rule: ValueRule) -> str:
+    expected = f"{'an integer ' if rule.integer else ''}{rule.what} in {_num(rule.low)}..{_num(rule.high)}"
+    if np.isnan(value):
+        return f"NaN where {expected} was expected"
+    if rule.low <= value <= rule.high:
+        return f"{rule.what} {_num(value)} is not an integer; expected {expected}"
+    return f"{rule.what} {_num(value)} out of range; expected {expected}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"

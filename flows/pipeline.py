@@ -1,0 +1,67 @@
+"""The Prefect flow `digits`: one task per stage, chained in pipeline order.
+
+Tasks wrap the same stage calls the CLI's per-stage commands use (flows.stages), so a Prefect run
+and a direct run write identical run folders.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from flows import stages  # noqa: E402
+from schemas.artifacts import Examples  # noqa: E402
+from schemas.config import PipelineConfig  # noqa: E402
+from schemas.errors import DigitsInputError  # noqa: E402
+from schemas.runs import RunFolder, digits_home  # noqa: E402
+
+
+def _folder(run_id: str) -> RunFolder:
+    return RunFolder.open(run_id, digits_home())
+
+
+@task(name="ingest", cache_policy=NO_CACHE)
+def ingest_task(run_id: str, config: PipelineConfig) -> Examples:
+    logger = get_run_logger()
+    return stages.ingest(_folder(run_id), config, progress=logger.info)
+
+
+@flow(name="digits", log_prints=True)
+def digits(config: PipelineConfig, run_id: str | None = None) -> str:
+    """Run the pipeline `config.pipeline` end to end; returns the run id.
+
+    run_id names a run folder already created for this run (the CLI creates it to print its path
+    first); None creates one.
+    """
+    folder = _folder(run_id) if run_id else stages.start_run(config)
+    logger = get_run_logger()
+    logger.info("run %s in %s", folder.run_id, folder.root)
+    examples = ingest_task(folder.run_id, config)
+    logger.info("ingested %s", ", ".join(f"{split} {n:,} rows" for split, n in examples.counts.items()))
+    stages.finish_run(folder)
+    return folder.run_id
+
+
+class _NoInputErrorTraceback(logging.Filter):
+    """A DigitsInputError is the user's to fix: log its message, not a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], DigitsInputError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def console_logs_to_stdout() -> None:
+    """Send Prefect's console log lines to stdout (they are progress), keeping stderr for errors."""
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler":
+            handler.setStream(sys.stdout)
+            handler.console.file = sys.stdout
+            handler.addFilter(_NoInputErrorTraceback())

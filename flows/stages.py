@@ -1,0 +1,104 @@
+"""Run a stage into its run folder atomically and record it in run.json. No Prefect here: the CLI's
+per-stage commands call these directly; the Prefect tasks in flows.pipeline wrap the same calls.
+
+A stage writes into `<run>/.<stage>.tmp-<id>/` and that folder is renamed to `<run>/<stage>/` only
+when the stage returned; a failed or killed stage leaves no `<stage>/` folder a later stage could read.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from components import ingest as ingest_component
+from schemas.artifacts import Artifact, Examples
+from schemas.config import PipelineConfig
+from schemas.errors import DigitsInputError
+from schemas.runs import RunFolder, RunRecord, StageRecord, digits_home, utc_now
+
+A = TypeVar("A", bound=Artifact)
+Progress = Callable[[str], None]
+
+
+def execute(folder: RunFolder, stage: str, body: Callable[[Path], A]) -> A:
+    """Run body(temp_dir) and rename temp_dir to the stage folder when it returns; record the outcome."""
+    final = folder.stage_dir(stage)
+    for stale in folder.root.glob(f".{stage}.tmp-*"):  # left by a killed process; never read
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.root / f".{stage}.tmp-{uuid.uuid4().hex[:8]}"
+    folder.update(lambda r: _mark(r, stage, StageRecord(status="running", started_at=utc_now())))
+    started = time.perf_counter()
+    try:
+        artifact = body(tmp)
+        if final.exists():  # a re-run replaces the old output: move it aside, then swap
+            old = folder.root / f".{stage}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        seconds = round(time.perf_counter() - started, 3)
+
+        def failed(record: RunRecord) -> None:
+            stage_record = record.stages[stage]
+            stage_record.status, stage_record.error = "failed", message
+            stage_record.finished_at, stage_record.seconds = utc_now(), seconds
+            record.status = "failed"
+
+        folder.update(failed)
+        raise
+    artifact = artifact.moved_to(final)
+    seconds = round(time.perf_counter() - started, 3)
+
+    def completed(record: RunRecord) -> None:
+        stage_record = record.stages[stage]
+        stage_record.status, stage_record.finished_at, stage_record.seconds = "completed", utc_now(), seconds
+        stage_record.outputs = artifact.summary()
+        if isinstance(artifact, Examples):
+            record.data_fingerprints.update(artifact.fingerprints)
+
+    folder.update(completed)
+    return artifact
+
+
+def _mark(record: RunRecord, stage: str, stage_record: StageRecord) -> None:
+    record.stages[stage] = stage_record
+    record.status = "running"
+
+
+def start_run(config: PipelineConfig) -> RunFolder:
+    """Create a new run folder with the resolved config recorded."""
+    return RunFolder.create(config.pipeline.value, config.model_dump(mode="json"))
+
+
+def finish_run(folder: RunFolder) -> RunRecord:
+    """Mark the run completed (with warnings when a stage recorded any)."""
+    def done(record: RunRecord) -> None:
+        record.status = "completed_with_warnings" if record.warnings else "completed"
+    return folder.update(done)
+
+
+def config_of(folder: RunFolder) -> PipelineConfig:
+    return PipelineConfig.model_validate(folder.load().config)
+
+
+def ingest(folder: RunFolder, config: PipelineConfig, progress: Progress = lambda _: None) -> Examples:
+    """The ingest stage of a run."""
+    tfds_dir = Path(config.ingest.tfds_data_dir).expanduser() if config.ingest.tfds_data_dir else digits_home() / "tfds"
+    return execute(folder, "ingest", lambda out: ingest_component.run(
+        config.source, config.ingest, out, tfds_dir=tfds_dir, progress=progress))
+
+
+def examples_of(folder: RunFolder) -> Examples:
+    """The completed ingest output of a run. Raises DigitsInputError when there is none."""
+    record = folder.load().stages.get("ingest")
+    if record is None or record.status != "completed" or not folder.stage_dir("ingest").is_dir():
+        raise DigitsInputError(f"run {folder.run_id} has no completed ingest stage")
+    return Examples.load(folder.stage_dir("ingest"), record.outputs)

@@ -1,0 +1,53 @@
+"""Typed artifacts passed between stages: a folder plus a little metadata, frozen.
+
+A stage writes its artifact's folder in a temp location; `moved_to` re-points the reference once the
+folder is renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from schemas.dataset import Source, Split
+
+
+@dataclass(frozen=True)
+class Artifact:
+    dir: Path
+
+    def moved_to(self, new_dir: Path):
+        return dataclasses.replace(self, dir=new_dir)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able fields other than the folder, for run.json."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "dir"}
+
+
+@dataclass(frozen=True)
+class Examples(Artifact):
+    """The canonical dataset of one run: `<split>.parquet` per split (see schemas.dataset)."""
+
+    source: Source = Source.kaggle
+    counts: dict[str, int] = field(default_factory=dict)
+    rows_read: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    labelled: dict[str, bool] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    duplicates: dict[str, int] = field(default_factory=dict)
+
+    @staticmethod
+    def file_name(split: Split | str) -> str:
+        return f"{Split(split).value}.parquet"
+
+    def parquet(self, split: Split | str) -> Path:
+        return self.dir / self.file_name(split)
+
+    @classmethod
+    def load(cls, stage_dir: Path, summary: dict[str, Any]) -> Examples:
+        """Rebuild the reference from a completed stage folder and its run.json summary."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"dir"}
+        fields = {k: v for k, v in summary.items() if k in known}
+        return cls(dir=stage_dir, **{**fields, "source": Source(fields.get("source", Source.kaggle))})

@@ -1,0 +1,109 @@
+"""Pydantic config models of each pipeline: the one place for defaults and for `--set` overrides."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+
+from schemas.dataset import Source
+from schemas.errors import ConfigError
+
+
+class Pipeline(StrEnum):
+    kaggle = "train-kaggle"
+    mnist = "train-mnist"
+    noisy = "train-noisy"
+
+    @property
+    def source(self) -> Source:
+        return Source(self.value.removeprefix("train-"))
+
+    @classmethod
+    def for_source(cls, source: Source) -> Pipeline:
+        return cls(f"train-{source.value}")
+
+
+class OnBadRows(StrEnum):
+    strict = "strict"  # the first bad row stops ingestion with its file, line and column
+    quarantine = "quarantine"  # bad rows go to ingest/rejected.csv, good rows continue
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class IngestConfig(_Model):
+    """How the ingest stage reads its source."""
+
+    data: str | None = Field(
+        None, description="Kaggle folder or zip; folder of the 4 MNIST idx .gz files or a TFDS data_dir; "
+                          "noisy folder (.amat pair or train.csv/test.csv). None: TFDS's download (mnist only).")
+    limit: PositiveInt | None = Field(None, description="keep only the first N rows of each split (quick runs)")
+    on_bad_rows: OnBadRows = OnBadRows.strict
+    tfds_data_dir: str | None = Field(None, description="where TFDS prepares mnist; default $DIGITS_HOME/tfds")
+
+
+class PipelineConfig(_Model):
+    """The resolved configuration of one pipeline run; run.json records it whole."""
+
+    pipeline: Pipeline
+    seed: int = 42
+    ingest: IngestConfig = IngestConfig()
+
+    @property
+    def source(self) -> Source:
+        return self.pipeline.source
+
+
+def default_config(pipeline: Pipeline | str) -> PipelineConfig:
+    """The embedded defaults of a pipeline."""
+    try:
+        return PipelineConfig(pipeline=Pipeline(pipeline))
+    except ValueError:
+        known = ", ".join(p.value for p in Pipeline)
+        raise ConfigError(f"unknown pipeline '{pipeline}'; expected one of: {known}") from None
+
+
+def apply_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineConfig:
+    """Return a copy of config with `key.sub=value` overrides applied and validated.
+
+    Raises ConfigError naming the override when a key is unknown or a value does not validate.
+    """
+    data: dict[str, Any] = config.model_dump(mode="json")
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got '{override}'")
+        *parents, leaf = key.strip().split(".")
+        node, model = data, type(config)
+        for part in parents:
+            field = model.model_fields.get(part)
+            sub = field.annotation if field else None
+            if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+                raise ConfigError(f"unknown config key '{key}' in --set {override}; known: {_known_keys(config)}")
+            node, model = node[part], sub
+        if leaf not in model.model_fields or _is_model(model.model_fields[leaf].annotation):
+            raise ConfigError(f"unknown config key '{key}' in --set {override}; known: {_known_keys(config)}")
+        node[leaf] = None if value.strip().lower() in ("none", "null") else value
+    try:
+        return type(config).model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid value for '{where}': {first['msg']} (got {first.get('input')!r})") from None
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _known_keys(config: BaseModel, prefix: str = "") -> str:
+    keys = []
+    for name, field in type(config).model_fields.items():
+        if _is_model(field.annotation):
+            keys.append(_known_keys(getattr(config, name), f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return ", ".join(keys)

@@ -1,0 +1,27 @@
+"""Errors a user can cause. The CLI renders each as one line and exits 2; anything else is a bug."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DigitsInputError(Exception):
+    """Bad input or usage: a file, value or option the user can fix."""
+
+
+class DataFormatError(DigitsInputError):
+    """A data file that does not have the expected layout, located to file, line and column."""
+
+    def __init__(self, path: str | Path, message: str, *, line: int | None = None,
+                 column: int | None = None) -> None:
+        self.path, self.line, self.column, self.reason = str(path), line, column, message
+        where = self.path
+        if line is not None:
+            where += f", line {line}"
+        if column is not None:
+            where += f", column {column}"
+        super().__init__(f"{where}: {message}")
+
+
+class ConfigError(DigitsInputError):
+    """A `--set key=value` override or config file the config models reject."""

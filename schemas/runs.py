@@ -1,0 +1,172 @@
+"""The run folder contract: where a run lives under $DIGITS_HOME and what run.json records.
+
+    $DIGITS_HOME/runs/<run_id>/run.json        run_id = <UTC yyyymmddThhmmss>-<pipeline>-<short id>
+    $DIGITS_HOME/runs/<run_id>/<stage>/        written complete or not at all (see flows.stages)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, Field
+
+from schemas.errors import DigitsInputError
+
+STAGES = ("ingest", "validate", "convert", "train", "transfer", "evaluate", "export")
+RUN_JSON = "run.json"
+TRACKED_PACKAGES = ("digits", "tensorflow-cpu", "keras", "apache-beam", "prefect", "tensorflow-datasets",
+                    "pyarrow", "pandas", "numpy", "great-expectations", "scikit-learn", "mlflow")
+
+StageStatus = Literal["running", "completed", "failed", "skipped"]
+RunStatus = Literal["running", "completed", "failed", "completed_with_warnings"]
+
+
+def digits_home() -> Path:
+    """$DIGITS_HOME, default ./.digits, as an absolute path (not created here)."""
+    return Path(os.environ.get("DIGITS_HOME", ".digits")).expanduser().resolve()
+
+
+class StageRecord(BaseModel):
+    status: StageStatus
+    started_at: str
+    finished_at: str | None = None
+    seconds: float | None = None
+    error: str | None = None
+    outputs: dict[str, Any] = Field(default_factory=dict, description="counts, metrics, paths of the stage")
+
+
+class RunRecord(BaseModel):
+    run_id: str
+    pipeline: str
+    created_at: str
+    status: RunStatus = "running"
+    config: dict[str, Any]
+    code_version: str
+    package_versions: dict[str, str]
+    data_fingerprints: dict[str, str] = Field(default_factory=dict, description="input file -> sha256")
+    stages: dict[str, StageRecord] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+    registry_version: int | None = None
+    promoted: bool | None = None
+    promotion_reason: str | None = None
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def new_run_id(pipeline: str) -> str:
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{pipeline}-{uuid.uuid4().hex[:6]}"
+
+
+def code_version() -> str:
+    """The package version, plus the git commit (and '+dirty') when running from a checkout."""
+    version = _version("digits")
+    here = Path(__file__).resolve().parent.parent
+    if (here / ".git").exists():
+        try:
+            sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
+                                 capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            version += f"+g{sha}" + (".dirty" if dirty else "")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return version
+
+
+def package_versions() -> dict[str, str]:
+    return {name: _version(name) for name in TRACKED_PACKAGES}
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to a temp file beside path and rename it over path: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; run records are for the whole team to read
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=2, sort_keys=False, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunFolder:
+    """One run's folder and its run.json. Single writer: the process executing the run."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.run_id = root.name
+
+    @classmethod
+    def create(cls, pipeline: str, config: dict[str, Any], home: Path | None = None) -> RunFolder:
+        runs = (home or digits_home()) / "runs"
+        run_id = new_run_id(pipeline)
+        root = runs / run_id
+        root.mkdir(parents=True, exist_ok=False)
+        folder = cls(root)
+        record = RunRecord(run_id=run_id, pipeline=pipeline, created_at=utc_now(), config=config,
+                           code_version=code_version(), package_versions=package_versions())
+        folder.save(record)
+        return folder
+
+    @classmethod
+    def open(cls, run_id: str | None = None, home: Path | None = None) -> RunFolder:
+        """The run with this id, or the newest run when run_id is None. Raises DigitsInputError."""
+        runs = (home or digits_home()) / "runs"
+        if run_id is None:
+            every = list_runs(home)
+            if not every:
+                raise DigitsInputError(f"no runs under {runs}; start one with `digits ingest` or `digits run`")
+            return every[-1]
+        root = runs / run_id
+        if not (root / RUN_JSON).is_file():
+            raise DigitsInputError(f"no run '{run_id}' under {runs}")
+        return cls(root)
+
+    @property
+    def path(self) -> Path:
+        return self.root / RUN_JSON
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def load(self) -> RunRecord:
+        return RunRecord.model_validate_json(self.path.read_text())
+
+    def save(self, record: RunRecord) -> None:
+        write_json_atomic(self.path, record.model_dump(mode="json"))
+
+    def update(self, change: Callable[[RunRecord], None]) -> RunRecord:
+        record = self.load()
+        change(record)
+        self.save(record)
+        return record
+
+
+def list_runs(home: Path | None = None) -> list[RunFolder]:
+    """Every run under $DIGITS_HOME/runs, oldest first."""
+    runs = (home or digits_home()) / "runs"
+    if not runs.is_dir():
+        return []
+    found = [RunFolder(p) for p in runs.iterdir() if (p / RUN_JSON).is_file()]
+    return sorted(found, key=lambda f: (f.load().created_at, f.run_id))
