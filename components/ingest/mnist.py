@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from components.ingest.splits import SplitData
+from components.tensorflow_runtime import import_tfds
 from schemas.dataset import IMAGE_SIDE, Split
 from schemas.errors import DataFormatError, DigitsInputError
 
@@ -32,10 +32,7 @@ _TFDS_NAME = "mnist"
 
 def read(data: Path | None, tfds_dir: Path, *, limit: int | None) -> tuple[dict[Split, SplitData], dict[str, str]]:
     """Load both splits through TFDS, preparing it from `data` first when that holds the idx files."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow_datasets as tfds
-
-    tfds.disable_progress_bar()
+    tfds = import_tfds()
     fingerprints: dict[str, str] = {}
     if data is not None and not data.exists():
         raise DataFormatError(data, "no such folder (expected the 4 MNIST idx .gz files or a TFDS data_dir)")
@@ -96,6 +93,14 @@ def verify_idx_folder(folder: Path) -> dict[str, str]:
                 bad = int(np.argmax(labels > 9))
                 raise DataFormatError(path, f"label {labels[bad]} at item {bad + 1} outside 0..9")
     return prints
+
+
+def _idx_array(path: Path) -> np.ndarray:
+    """Decode one idx .gz file (no checks: see verify_idx_folder)."""
+    content = gzip.decompress(path.read_bytes())
+    dims = content[3]
+    shape = struct.unpack(f">{dims}I", content[4:4 + 4 * dims])
+    return np.frombuffer(content, np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
 def _prepare(tfds, tfds_dir: Path, manual_dir: Path) -> None:

@@ -95,8 +95,8 @@ def split_text(path: str, raw: bytes, *, header: str) -> TextBody:
     if end == start:
         raise DataFormatError(path, "file is empty (expected a header and data rows)" if header == "required"
                               else "file is empty (expected data rows)")
-    _refuse_binary(path, raw, start, min(end, start + 65536))
     newline = raw.find(b"\n", start, end)
+    _refuse_binary(path, raw, start, end if newline < 0 else newline)
     first = raw[start:end if newline < 0 else newline].rstrip(b"\r")
     has_header = header == "required" or (
         header == "auto" and any(not _NUMBER.fullmatch(tok) for tok in re.split(rb"[,\s]+", first.strip()) if tok))
@@ -109,16 +109,17 @@ def split_text(path: str, raw: bytes, *, header: str) -> TextBody:
 
 
 def _refuse_binary(path: str, raw: bytes, start: int, stop: int) -> None:
-    """A NUL or a byte outside printable ASCII near the start means this is no text file."""
+    """Refuse a file whose first line is not text: it is no delimited text file at all.
+
+    Binary bytes in a later row make that row bad (see _describe_bad_field), not the whole file.
+    """
     head = raw[start:stop]
-    if head.isascii() and not _CONTROL.search(head):
+    if head.isascii() and not _CONTROL.search(head.replace(b"\r", b"")):
         return
-    pos = start + next(i for i, b in enumerate(head) if b > 126 or (b < 32 and b not in b"\t\r\n"))
-    line_start = raw.rfind(b"\n", start, pos) + 1 or start
-    line = raw.count(b"\n", start, pos) + 1
-    column = len(re.split(rb"[,\s]+", raw[line_start:pos].lstrip())) if pos > line_start else 1
-    raise DataFormatError(path, f"binary data (byte 0x{raw[pos]:02x}) where text was expected: "
-                                "this is not a delimited text file", line=line, column=column)
+    pos = next(i for i, b in enumerate(head) if b > 126 or (b < 32 and b not in b"\t\r"))
+    column = len(re.split(rb"[,\s]+", head[:pos].lstrip())) if pos else 1
+    raise DataFormatError(path, f"binary data (byte 0x{head[pos]:02x}) where text was expected: "
+                                "this is not a delimited text file", line=1, column=column)
 
 
 def parse_numeric(text: TextBody, *, delimiter: str, n_fields: int) -> NumericRows:

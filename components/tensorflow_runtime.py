@@ -1,0 +1,54 @@
+"""Import TensorFlow (and TFDS) without its native start-up chatter on stderr.
+
+TensorFlow's C++ side writes absl's "All log messages before absl::InitializeLog()" preamble and
+an oneDNN info line straight to file descriptor 2 during import, whatever TF_CPP_MIN_LOG_LEVEL
+says. Stderr is where the CLI puts its one-line errors, so the import runs with fd 2 captured and
+every captured line except those known notices is written back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from types import ModuleType
+
+_NOTICE = re.compile(rb"All log messages before absl::InitializeLog|oneDNN custom operations are on|"
+                     rb"TF-TRT Warning|Unable to register cu(DNN|FFT|BLAS) factory|computation placer already registered|"
+                     rb"This TensorFlow binary is optimized to use available CPU instructions|"
+                     rb"To enable the following instructions|rebuild TensorFlow with the appropriate compiler flags")
+
+
+def import_tensorflow() -> ModuleType:
+    """`import tensorflow`, quietly. Returns the module."""
+    return _quiet_import("tensorflow")
+
+
+def import_tfds() -> ModuleType:
+    """`import tensorflow_datasets`, quietly, with its progress bars off. Returns the module."""
+    _quiet_import("tensorflow")  # TFDS imports it lazily, outside any capture
+    tfds = _quiet_import("tensorflow_datasets")
+    tfds.disable_progress_bar()
+    return tfds
+
+
+def _quiet_import(name: str) -> ModuleType:
+    if name in sys.modules:
+        return sys.modules[name]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            module = __import__(name)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(keepends=True) if not _NOTICE.search(line)]
+            if kept:
+                os.write(2, b"".join(kept))
+    return module

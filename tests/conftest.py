@@ -1,0 +1,60 @@
+"""Shared test fixtures: an isolated $DIGITS_HOME and Prefect home, and the CLI run in-process."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# Prefect reads its settings when first imported: isolate it before any test imports it.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="digits-test-prefect-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test when that folder is absent (a user's machine)."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path} (../shared/data is absent)")
+    return path
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh $DIGITS_HOME for one test."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("DIGITS_HOME", str(path))
+    return path
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(home, capsys, monkeypatch):
+    """Run the `digits` console-script entry point in-process: cli("ingest", "--source", ...)."""
+    from flows.cli import main
+
+    def invoke(*args: str) -> CliResult:
+        monkeypatch.setattr(sys, "argv", ["digits", *map(str, args)])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return invoke
