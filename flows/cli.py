@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from schemas.config import PipelineConfig, Pipeline, apply_overrides, default_config
 from schemas.dataset import Source
@@ -22,7 +22,7 @@ from schemas.runs import RunFolder, list_runs
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="digits: a TFX-style, Prefect-orchestrated pipeline for handwritten digits.")
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # paths and run ids are never broken across lines
 
 SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", metavar="KEY=VALUE", help="override a config field, e.g. --set ingest.limit=500 (repeatable)")]
@@ -81,11 +81,16 @@ def ingest(
 def reports(run_id: Annotated[Optional[str], typer.Argument(help="a run id (default: list runs, newest last)")] = None) -> None:
     """List runs, or print where one run's reports are."""
     if run_id is None:
-        table = Table("run id", "pipeline", "status", "stages")
-        for folder in list_runs():
-            record = folder.load()
-            table.add_row(record.run_id, record.pipeline, record.status,
-                          " ".join(f"{name}:{s.status}" for name, s in record.stages.items()))
+        rows = [(r.run_id, r.pipeline, r.status, " ".join(f"{name}:{s.status}" for name, s in r.stages.items()))
+                for r in (folder.load() for folder in list_runs())]
+        if not console.is_terminal:  # piped: one tab-separated line per run, nothing cut
+            for row in rows:
+                print("\t".join(row))
+            return
+        table = Table(Column("run id", no_wrap=True), Column("pipeline", no_wrap=True), "status",
+                      Column("stages", overflow="fold"))
+        for row in rows:
+            table.add_row(*row)
         console.print(table)
         return
     folder = RunFolder.open(run_id)
@@ -100,7 +105,7 @@ def reports(run_id: Annotated[Optional[str], typer.Argument(help="a run id (defa
 
 def _print_stages(folder: RunFolder) -> None:
     record = folder.load()
-    table = Table("stage", "status", "seconds", title=f"{record.run_id}: {record.status}")
+    table = Table("stage", "status", "seconds", title=f"run {record.status}")
     for name, stage in record.stages.items():
         table.add_row(name, stage.status, f"{stage.seconds:.1f}" if stage.seconds is not None else "")
     console.print(table)

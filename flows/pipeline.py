@@ -58,10 +58,25 @@ class _NoInputErrorTraceback(logging.Filter):
         return True
 
 
+class _CurrentStdout:
+    """Writes to whatever sys.stdout is at the time of writing (callers and tests may swap it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+
 def console_logs_to_stdout() -> None:
     """Send Prefect's console log lines to stdout (they are progress), keeping stderr for errors."""
     for handler in logging.getLogger().handlers:
         if type(handler).__name__ == "PrefectConsoleHandler":
-            handler.setStream(sys.stdout)
-            handler.console.file = sys.stdout
-            handler.addFilter(_NoInputErrorTraceback())
+            stream = _CurrentStdout()
+            handler.setStream(stream)
+            handler.console.file = stream
+            if not any(isinstance(f, _NoInputErrorTraceback) for f in handler.filters):
+                handler.addFilter(_NoInputErrorTraceback())

@@ -15,17 +15,6 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="digits-test-prefect-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def shared_data(*parts: str) -> Path:
-    """A path under ../shared/data, or skip the test when that folder is absent (a user's machine)."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"needs {path} (../shared/data is absent)")
-    return path
-
-
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """A fresh $DIGITS_HOME for one test."""

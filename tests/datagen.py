@@ -13,6 +13,17 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 SIDE = 28
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test when that folder is absent (a user's machine)."""
+    import pytest
+
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path} (../shared/data is absent)")
+    return path
 
 
 def digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

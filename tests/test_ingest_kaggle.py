@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 
 import datagen
-from conftest import shared_data
 from schemas.dataset import SCHEMA, labels_of, pixels_of
 
 
@@ -243,7 +242,7 @@ def test_quarantine_sets_bad_rows_aside_and_keeps_the_good(cli, home, tmp_path, 
 
 
 def test_real_kaggle_zip(cli, home):
-    archive = shared_data("kaggle", "digit-recognizer.zip")
+    archive = datagen.shared_data("kaggle", "digit-recognizer.zip")
     result = cli("ingest", "--source", "kaggle", "--data", archive)
     assert result.code == 0, result.err
     ingest = _only_run(home) / "ingest"

@@ -12,8 +12,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import datagen
+
 from components.ingest.mnist import IDX_FILES, verify_idx_folder
-from conftest import shared_data
 from schemas.dataset import labels_of, pixels_of
 from schemas.errors import DataFormatError
 
@@ -76,7 +77,7 @@ def test_tfds_refuses_files_that_are_not_the_published_mnist(cli, home, idx_fold
 @pytest.fixture(scope="session")
 def prepared_tfds(tmp_path_factory) -> Path:
     """TFDS mnist prepared once from the shared idx files (about 20 s)."""
-    mnist = shared_data("mnist")
+    mnist = datagen.shared_data("mnist")
     from components.ingest import mnist as reader
 
     tfds_dir = tmp_path_factory.mktemp("tfds")
@@ -109,7 +110,7 @@ def test_ingest_from_idx_folder_reuses_a_prepared_tfds(cli, home, tmp_path, prep
     tfds_dir, _ = prepared_tfds
     copy = tmp_path / "tfds-copy"
     shutil.copytree(tfds_dir, copy)
-    result = cli("ingest", "--source", "mnist", "--data", shared_data("mnist"),
+    result = cli("ingest", "--source", "mnist", "--data", datagen.shared_data("mnist"),
                  "--set", f"ingest.tfds_data_dir={copy}", "--set", "ingest.limit=50")
     assert result.code == 0, result.err
     import json

@@ -12,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 
 import datagen
-from conftest import shared_data
 from schemas.dataset import labels_of, pixels_of
 
 
@@ -132,8 +131,8 @@ def test_missing_noisy_files_are_named(cli, home, tmp_path):
 @pytest.mark.parametrize("style", ["amat", "inclass"])
 def test_make_noisy_output_is_upright_mnist(cli, home, tmp_path, style):
     """The shared generator's files (small) come back as the MNIST digits they were made from."""
-    script = shared_data("noisy", "make_noisy.py")
-    mnist = shared_data("mnist")
+    script = datagen.shared_data("noisy", "make_noisy.py")
+    mnist = datagen.shared_data("mnist")
     out = tmp_path / style
     subprocess.run([sys.executable, str(script), str(out), "--style", style, "--train-rows", "300",
                     "--test-rows", "200", "--mnist", str(mnist)], check=True, capture_output=True)

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
+import socket
 import struct
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -32,18 +35,30 @@ _TFDS_NAME = "mnist"
 
 def read(data: Path | None, tfds_dir: Path, *, limit: int | None) -> tuple[dict[Split, SplitData], dict[str, str]]:
     """Load both splits through TFDS, preparing it from `data` first when that holds the idx files."""
-    tfds = import_tfds()
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # "Variant folder ... has no dataset_info.json" on every first prepare
+    try:
+        return _read(data, tfds_dir, limit)
+    finally:
+        absl.setLevel(level)
+
+
+def _read(data: Path | None, tfds_dir: Path, limit: int | None) -> tuple[dict[Split, SplitData], dict[str, str]]:
     fingerprints: dict[str, str] = {}
     if data is not None and not data.exists():
         raise DataFormatError(data, "no such folder (expected the 4 MNIST idx .gz files or a TFDS data_dir)")
-    if data is not None and (data / _TFDS_NAME).is_dir():
-        tfds_dir, download = data, False
+    prepared_dir = data is not None and (data / _TFDS_NAME).is_dir()
+    if data is not None and not prepared_dir:
+        fingerprints = verify_idx_folder(data)  # before TensorFlow's import: bad files fail fast
+    tfds = import_tfds()
+    if prepared_dir:
+        tfds_dir = data
     elif data is not None:
-        fingerprints = verify_idx_folder(data)
         _prepare(tfds, tfds_dir, manual_dir=data)
-        download = False
-    else:
-        download = True
+    download = data is None
+    if download and not tfds.builder(_TFDS_NAME, data_dir=str(tfds_dir)).is_prepared():
+        _check_reachable(tfds)
     splits = {}
     for split, name in ((Split.train, "train"), (Split.test, "test")):
         spec = f"{name}[:{limit}]" if limit else name
@@ -111,6 +126,17 @@ def _prepare(tfds, tfds_dir: Path, manual_dir: Path) -> None:
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
     except Exception as exc:  # checksum mismatch and friends: the files are not the published MNIST
         raise DigitsInputError(f"{manual_dir}: TFDS refused the MNIST files: {_first_line(exc)}") from None
+
+
+def _check_reachable(tfds) -> None:
+    """Fail in seconds, not after TFDS's minutes of retries, when its download hosts are out of reach."""
+    hosts = sorted({urlparse(url).hostname for url in tfds.builder_cls(_TFDS_NAME).url_infos or {}} - {None})
+    for host in hosts:
+        try:
+            socket.create_connection((host, 443), timeout=5).close()
+        except OSError as exc:
+            raise DigitsInputError(f"cannot reach {host} to download mnist ({exc}); offline, pass --data FOLDER "
+                                   "holding the 4 MNIST idx .gz files") from None
 
 
 def _tfds_fingerprint(tfds_dir: Path) -> str:

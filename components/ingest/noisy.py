@@ -46,8 +46,6 @@ def read(data: Path, *, limit: int | None, strict: bool) -> tuple[dict[Split, Sp
 def _read_split(path: str, raw: bytes, split: Split, delimiter: str, *, limit: int | None,
                 strict: bool) -> SplitData:
     text = split_text(path, raw, header="auto" if delimiter == "," else "none").take(limit)
-    if delimiter == " ":
-        text = text.single_spaced()
     n_fields = _field_count(text, delimiter, split)
     labelled = n_fields == N_PIXELS + 1
     rows = parse_numeric(text, delimiter=delimiter, n_fields=n_fields)
@@ -78,7 +76,8 @@ def _field_count(text: TextBody, delimiter: str, split: Split) -> int:
         count, line = len(names), 1
     else:
         first = bytes(text.data[: 1 << 16]).split(b"\n", 1)[0].strip()
-        count, line = len(first.split(delimiter.encode())), text.first_line
+        count = len(first.split() if delimiter == " " else first.split(delimiter.encode()))
+        line = text.first_line
     allowed = (N_PIXELS + 1,) if split is Split.train else (N_PIXELS + 1, N_PIXELS)
     if count not in allowed:
         expected = " or ".join(f"{n} ({'784 pixels + label' if n > N_PIXELS else '784 pixels'})" for n in allowed)

@@ -75,10 +75,8 @@ class TextBody:
 
     def single_spaced(self) -> TextBody:
         """Whitespace-separated rows rewritten single-space separated, no edge spaces (for pyarrow)."""
-        data = self.raw[self.start:self.end]
-        if not any(s in data for s in (b"\t", b"  ", b"\n ", b" \n", b"\r")) and data[:1] != b" ":
-            return self
-        data = _EDGE_SPACE.sub(b"", _WHITESPACE_RUN.sub(b" ", data.replace(b"\r\n", b"\n")))
+        data = self.raw[self.start:self.end].replace(b"\r\n", b"\n")
+        data = _EDGE_SPACE.sub(b"", _WHITESPACE_RUN.sub(b" ", data))
         return replace(self, raw=data, start=0, end=len(data))
 
 
@@ -123,7 +121,7 @@ def _refuse_binary(path: str, raw: bytes, start: int, stop: int) -> None:
 
 
 def parse_numeric(text: TextBody, *, delimiter: str, n_fields: int) -> NumericRows:
-    """Parse every data row of text as n_fields numbers.
+    """Parse every data row of text as n_fields numbers. delimiter " " means any run of whitespace.
 
     Rows with the wrong number of fields, or a field that is not a number, become Rejects naming
     line and column; the rest are returned. Never raises on row content.
@@ -132,7 +130,15 @@ def parse_numeric(text: TextBody, *, delimiter: str, n_fields: int) -> NumericRo
         values = _read(text.data, delimiter, n_fields)
         return NumericRows(values, np.arange(text.first_line, text.first_line + len(values), dtype=np.int64))
     except pa.ArrowInvalid:
-        return _diagnose(text.path, text.raw[text.start:text.end], delimiter, n_fields, text.first_line)
+        pass
+    if delimiter == " ":  # irregular whitespace (runs, tabs, edge spaces) is paid for only when present
+        text = text.single_spaced()
+        try:
+            values = _read(text.data, delimiter, n_fields)
+            return NumericRows(values, np.arange(text.first_line, text.first_line + len(values), dtype=np.int64))
+        except pa.ArrowInvalid:
+            pass
+    return _diagnose(text.path, text.raw[text.start:text.end], delimiter, n_fields, text.first_line)
 
 
 def _read(data: bytes | memoryview, delimiter: str, n_fields: int) -> np.ndarray:
@@ -144,10 +150,14 @@ def _read(data: bytes | memoryview, delimiter: str, n_fields: int) -> np.ndarray
         convert_options=pacsv.ConvertOptions(column_types={n: pa.float32() for n in names}, null_values=[],
                                              strings_can_be_null=False, quoted_strings_can_be_null=False),
     )
-    out = np.empty((table.num_rows, n_fields), dtype=np.float32)
+    # Column by column into a column-major buffer (contiguous writes), returned as its (n, fields) view.
+    out = np.empty((n_fields, table.num_rows), dtype=np.float32)
     for j, column in enumerate(table.columns):
-        out[:, j] = column.to_numpy()
-    return out
+        offset = 0
+        for chunk in column.chunks:
+            out[j, offset:offset + len(chunk)] = chunk.to_numpy()
+            offset += len(chunk)
+    return out.T
 
 
 def _diagnose(path: str, data: bytes, delimiter: str, n_fields: int, first_line: int) -> NumericRows:

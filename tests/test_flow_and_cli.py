@@ -1,0 +1,100 @@
+"""The Prefect flow `digits` and the console script, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+import datagen
+
+
+def _runs(home: Path) -> list[Path]:
+    return sorted((home / "runs").iterdir())
+
+
+def test_run_chains_the_stages_through_prefect(cli, home, tmp_path):
+    datagen.write_kaggle(tmp_path / "kaggle", n_train=40, n_test=10)
+    result = cli("run", "train-kaggle", "--data", tmp_path / "kaggle", "--set", "ingest.limit=25")
+    assert result.code == 0, result.err
+    (run,) = _runs(home)
+    assert run.name in result.out and str(run) in result.out
+    assert "Flow run" in result.out  # Prefect's progress lines
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "completed" and record["pipeline"] == "train-kaggle"
+    assert record["config"]["ingest"]["limit"] == 25
+    assert record["stages"]["ingest"]["status"] == "completed" and record["stages"]["ingest"]["seconds"] > 0
+    assert record["package_versions"]["prefect"] == "3.8.8"
+    assert pq.read_table(run / "ingest/train.parquet").num_rows == 25
+    assert not list(run.glob(".*tmp-*"))
+
+
+def test_run_with_bad_data_fails_in_one_line_and_marks_the_run(cli, home, tmp_path):
+    datagen.write_kaggle(tmp_path / "kaggle", n_train=10, n_test=5)
+    train = tmp_path / "kaggle/train.csv"
+    lines = train.read_text().splitlines()
+    lines[3] = lines[3] + ",7"
+    train.write_text("\n".join(lines) + "\n")
+    result = cli("run", "train-kaggle", "--data", tmp_path / "kaggle")
+    assert result.code == 2
+    (message,) = result.err.strip().splitlines()
+    assert "train.csv, line 4, column 786: too many fields" in message
+    (run,) = _runs(home)
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    assert not (run / "ingest").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["ingest", "--source", "kaggle", "--data", ".", "--set", "ingest.bogus=1"], "unknown config key 'ingest.bogus'"),
+    (["ingest", "--source", "kaggle", "--data", ".", "--set", "ingest.limit=many"], "invalid value for 'ingest.limit'"),
+    (["ingest", "--source", "kaggle", "--data", ".", "--set", "limit"], "--set expects key=value"),
+    (["ingest", "--source", "noisy"], "needs --data"),
+    (["reports", "no-such-run"], "no run 'no-such-run'"),
+])
+def test_usage_errors_are_one_line_with_exit_2(cli, home, args, words):
+    result = cli(*args)
+    assert result.code == 2
+    (message,) = result.err.strip().splitlines()
+    assert words in message
+
+
+def test_reports_lists_runs_and_points_at_their_files(cli, home, tmp_path):
+    datagen.write_kaggle(tmp_path / "k", n_train=20, n_test=5)
+    assert cli("ingest", "--source", "kaggle", "--data", tmp_path / "k").code == 0
+    (run,) = _runs(home)
+    listing = cli("reports")
+    assert listing.code == 0 and run.name in listing.out and "ingest:completed" in listing.out
+    detail = cli("reports", run.name)
+    assert str(run / "ingest" / "eda") in detail.out and str(run / "run.json") in detail.out
+
+
+def _console_script(*args: str, home: Path) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name("digits")
+    env = {**os.environ, "DIGITS_HOME": str(home)}
+    return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.skipif(not shutil.which("digits", path=str(Path(sys.executable).parent)),
+                    reason="the digits console script is not installed in this environment")
+@pytest.mark.parametrize("command", ["ingest", "run"])
+def test_console_script_prints_one_line_and_no_traceback(tmp_path, command):
+    """The installed `digits` script, through Prefect for `run`: stderr holds the one error line only."""
+    datagen.write_noisy(tmp_path / "noisy", "amat", n_train=10, n_test=5)
+    path = tmp_path / "noisy/mnist_background_random_train.amat"
+    rows = path.read_text().splitlines()
+    fields = rows[6].split(" ")
+    fields[99] = "2.0"
+    rows[6] = " ".join(fields)
+    path.write_text("\n".join(rows) + "\n")
+    args = ["ingest", "--source", "noisy"] if command == "ingest" else ["run", "train-noisy"]
+    proc = _console_script(*args, "--data", str(tmp_path / "noisy"), home=tmp_path / "home")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"digits: error: {path}, line 7, column 100: pixel 2 out of range; expected pixel in 0..1"]
+    assert "Traceback" not in proc.stdout
