@@ -133,8 +133,8 @@ def _edit_line(text: str, line: int, edit) -> str:
 
 # name -> (which file, how to corrupt it, expected file, line, column, words in the message)
 BAD_KAGGLE = {
-    "empty_file": ("train", lambda t: "", "train.csv", None, None, "file is empty"),
-    "header_only": ("train", lambda t: _lines(t)[0] + "\n", "train.csv", 1, None, "header only"),
+    "empty_file": ("train", lambda t: "", "train.csv", 1, 1, "file is empty"),
+    "header_only": ("train", lambda t: _lines(t)[0] + "\n", "train.csv", 2, 1, "header only"),
     "wrong_header": ("train", lambda t: _replace_field(t, 1, 7, "pixl5"), "train.csv", 1, 7, "expected 'pixel5'"),
     "duplicated_header": ("train", lambda t: _replace_field(t, 1, 9, "pixel5"), "train.csv", 1, 9,
                           "duplicated header column 'pixel5'"),

@@ -98,7 +98,7 @@ BAD_NOISY = {
                                  "expected 785 (784 pixels + label) fields per row, found 784"),
     "too_many_fields": ("csv", 0, lambda p: _set_field(p, 7, 785, "3,0", ","), 7, 786, "too many fields"),
     "non_numeric": ("amat", 0, lambda p: _set_field(p, 2, 33, "0.5x", " "), 2, 33, "expected a number, got '0.5x'"),
-    "empty_test_file": ("amat", 1, lambda p: p.write_text("\n\n"), None, None, "file is empty"),
+    "empty_test_file": ("amat", 1, lambda p: p.write_text("\n\n"), 1, 1, "file is empty"),
     "binary_garbage": ("csv", 1, lambda p: p.write_bytes(b"\x1f\x8b\x08\x00" + bytes(200)), 1, 1, "binary data"),
 }
 

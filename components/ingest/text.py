@@ -92,7 +92,7 @@ def split_text(path: str, raw: bytes, *, header: str) -> TextBody:
         end -= 1
     if end == start:
         raise DataFormatError(path, "file is empty (expected a header and data rows)" if header == "required"
-                              else "file is empty (expected data rows)")
+                              else "file is empty (expected data rows)", line=1, column=1)
     newline = raw.find(b"\n", start, end)
     _refuse_binary(path, raw, start, end if newline < 0 else newline)
     first = raw[start:end if newline < 0 else newline].rstrip(b"\r")
@@ -102,7 +102,7 @@ def split_text(path: str, raw: bytes, *, header: str) -> TextBody:
         return TextBody(path, None, raw, start, end, 1)
     text = first.decode("ascii", errors="replace")
     if newline < 0:
-        raise DataFormatError(path, f"header only, no data rows (header: {_shorten(text)})", line=1)
+        raise DataFormatError(path, f"header only, no data rows (header: {_shorten(text)})", line=2, column=1)
     return TextBody(path, text, raw, newline + 1, end, 2)
 
 
