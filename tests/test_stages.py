@@ -59,3 +59,40 @@ def test_rerun_replaces_the_output_whole_and_stale_temp_folders_go(home):
     assert sorted(p.name for p in folder.stage_dir("ingest").iterdir()) == ["note.txt"]
     assert (folder.stage_dir("ingest") / "note.txt").read_text() == "two"
     assert not stale.exists()
+
+
+def test_ingest_killed_midway_leaves_nothing_a_later_stage_could_read(tmp_path):
+    """kill -9 while the stage is writing: no ingest/ folder, later stages refuse the run, a new run works."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import datagen
+    from schemas.errors import DigitsInputError
+    from schemas.runs import RunFolder
+
+    datagen.write_kaggle(tmp_path / "kaggle", n_train=3000, n_test=500)
+    home = tmp_path / "home"
+    env = {**os.environ, "DIGITS_HOME": str(home)}
+    script = Path(sys.executable).with_name("digits")
+    command = [str(script), "ingest", "--source", "kaggle", "--data", str(tmp_path / "kaggle")]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(home.glob("runs/*/.ingest.tmp-*/train.parquet")):  # it is writing its outputs
+        assert proc.poll() is None and time.monotonic() < deadline, "ingest ended before it could be killed"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    (run,) = (home / "runs").iterdir()
+    assert not (run / "ingest").exists()
+    assert json.loads((run / "run.json").read_text())["stages"]["ingest"]["status"] == "running"
+    with pytest.raises(DigitsInputError, match="no completed ingest stage"):
+        stages.examples_of(RunFolder(run))
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    finished = [r for r in (home / "runs").iterdir() if r != run]
+    assert [p.name for p in sorted((finished[0] / "ingest").glob("*.parquet"))] == ["test.parquet", "train.parquet"]
