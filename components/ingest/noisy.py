@@ -37,31 +37,38 @@ def read(data: Path, *, limit: int | None, strict: bool) -> tuple[dict[Split, Sp
     splits, prints = {}, {}
     for split, name in files.items():
         path = data / name
-        raw = path.read_bytes()
-        prints[str(path)] = hashlib.sha256(raw).hexdigest()
-        splits[split] = _read_split(str(path), raw, split, delimiter, limit=limit, strict=strict)
+        splits[split], prints[str(path)] = _read_split(path, split, delimiter, limit=limit, strict=strict)
     return splits, prints
 
 
-def _read_split(path: str, raw: bytes, split: Split, delimiter: str, *, limit: int | None,
-                strict: bool) -> SplitData:
-    text = split_text(path, raw, header="auto" if delimiter == "," else "none").take(limit)
+def _read_split(path: Path, split: Split, delimiter: str, *, limit: int | None,
+                strict: bool) -> tuple[SplitData, str]:
+    """One split and the sha256 of its file. The file's bytes are let go as soon as they are parsed."""
+    raw = path.read_bytes()
+    fingerprint = hashlib.sha256(raw).hexdigest()
+    text = split_text(str(path), raw, header="auto" if delimiter == "," else "none").take(limit)
+    del raw
     n_fields = _field_count(text, delimiter, split)
     labelled = n_fields == N_PIXELS + 1
     rows = parse_numeric(text, delimiter=delimiter, n_fields=n_fields)
+    first_line, path = text.first_line, str(path)
+    del text  # the last reference to the file's bytes (hundreds of MB for the test split)
     rules = [ValueRule(slice(0, N_PIXELS), "pixel", 0.0, 1.0, False)]
     if labelled:
         rules.insert(0, ValueRule(slice(N_PIXELS, N_PIXELS + 1), "label", 0, 9, True))
     if labelled:
-        _refuse_label_first(path, rows.values, text.first_line)
+        _refuse_label_first(path, rows.values, first_line)
     n_read = len(rows.values) + len(rows.rejects)
     values, lines = keep_good_rows(path, rows, rules, strict=strict)
-    # Stored column-major: reshape gives the transpose, so swap the axes back to upright.
-    pixels = np.rint(values[:, :N_PIXELS] * PIXEL_MAX).astype(np.uint8)
-    pixels = pixels.reshape(-1, IMAGE_SIDE, IMAGE_SIDE).transpose(0, 2, 1).copy()
     labels = values[:, N_PIXELS].astype(np.int8) if labelled else None
-    return SplitData(ids=lines - text.first_line + 1, labels=labels, pixels=pixels, rows_read=n_read,
+    scaled = values[:, :N_PIXELS]
+    scaled *= PIXEL_MAX  # in place: these float rows are ours and large
+    np.rint(scaled, out=scaled)
+    # Stored column-major: reshape gives the transpose, so swap the axes back to upright.
+    pixels = scaled.astype(np.uint8).reshape(-1, IMAGE_SIDE, IMAGE_SIDE).transpose(0, 2, 1).copy()
+    data = SplitData(ids=lines - first_line + 1, labels=labels, pixels=pixels, rows_read=n_read,
                      rejects=rows.rejects)
+    return data, fingerprint
 
 
 def _field_count(text: TextBody, delimiter: str, split: Split) -> int:

@@ -37,4 +37,6 @@ def keep_good_rows(path: str, rows: NumericRows, rules: list[ValueRule], *, stri
     if not good.any():
         raise DataFormatError(path, "no valid rows: every row was rejected (see ingest/rejected.csv)"
                               if rows.rejects else "no data rows")
+    if good.all():  # the common case: no copy of what may be hundreds of MB
+        return rows.values, rows.lines
     return rows.values[good], rows.lines[good]
