@@ -78,6 +78,21 @@ def ingest(
 
 
 @app.command()
+def validate(run_id: Annotated[Optional[str], typer.Option("--run", help="run id (default: the newest run)")] = None,
+             overrides: SetOption = None) -> None:
+    """Validate a run's ingested data with its Great Expectations suites; stop (exit 2) on failures."""
+    from flows import stages
+
+    folder = RunFolder.open(run_id)
+    config = apply_overrides(stages.config_of(folder), list(overrides or []))
+    examples = stages.examples_of(folder)
+    with console.status("validate") as status:
+        validation = stages.validate(folder, config, examples, progress=lambda m: status.update(f"validate: {m}"))
+    state = "[green]passed[/]" if validation.passed else "[yellow]failed, recorded as warnings[/]"
+    console.print(f"validation {state}: {validation.evaluated} expectations\n[bold]report[/] {validation.report}")
+
+
+@app.command()
 def reports(run_id: Annotated[Optional[str], typer.Argument(help="a run id (default: list runs, newest last)")] = None) -> None:
     """List runs, or print where one run's reports are."""
     if run_id is None:

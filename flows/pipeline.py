@@ -6,6 +6,7 @@ and a direct run write identical run folders.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -14,10 +15,11 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_link_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows import stages  # noqa: E402
-from schemas.artifacts import Examples  # noqa: E402
+from schemas.artifacts import Examples, Validation  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
 from schemas.errors import DigitsInputError  # noqa: E402
 from schemas.runs import RunFolder, digits_home  # noqa: E402
@@ -33,6 +35,30 @@ def ingest_task(run_id: str, config: PipelineConfig) -> Examples:
     return stages.ingest(_folder(run_id), config, progress=logger.info)
 
 
+@task(name="validate", cache_policy=NO_CACHE)
+def validate_task(run_id: str, config: PipelineConfig, examples: Examples) -> Validation:
+    """Validate, publishing a table of expectation results and a link to the Data Docs, then gate."""
+    logger = get_run_logger()
+    folder = _folder(run_id)
+    try:
+        return stages.validate(folder, config, examples, progress=logger.info)
+    finally:
+        _publish_validation(folder)
+
+
+def _publish_validation(folder: RunFolder) -> None:
+    results = folder.stage_dir("validate") / "results.json"
+    if not results.is_file():
+        return
+    report = json.loads(results.read_text())
+    create_table_artifact(
+        key="validation-results", description=f"Great Expectations results of run {folder.run_id}",
+        table=[{k: str(r[k]) for k in ("batch", "expectation", "column", "success", "observed", "intent")}
+               for r in report["results"]])
+    create_link_artifact(key="validation-report", link=(folder.stage_dir("validate") / "index.html").as_uri(),
+                         link_text="Data Docs", description=f"validation report of run {folder.run_id}")
+
+
 @flow(name="digits", log_prints=True)
 def digits(config: PipelineConfig, run_id: str | None = None) -> str:
     """Run the pipeline `config.pipeline` end to end; returns the run id.
@@ -45,6 +71,8 @@ def digits(config: PipelineConfig, run_id: str | None = None) -> str:
     logger.info("run %s in %s", folder.run_id, folder.root)
     examples = ingest_task(folder.run_id, config)
     logger.info("ingested %s", ", ".join(f"{split} {n:,} rows" for split, n in examples.counts.items()))
+    validation = validate_task(folder.run_id, config, examples)
+    logger.info("validation %s: %s", "passed" if validation.passed else "failed (warn)", validation.report)
     stages.finish_run(folder)
     return folder.run_id
 

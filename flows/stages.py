@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from components import ingest as ingest_component
-from schemas.artifacts import Artifact, Examples
-from schemas.config import PipelineConfig
-from schemas.errors import DigitsInputError
+from components import validate as validate_component
+from schemas.artifacts import Artifact, Examples, Validation
+from schemas.config import FailOn, PipelineConfig
+from schemas.errors import DigitsInputError, ValidationFailed
 from schemas.runs import RunFolder, RunRecord, StageRecord, digits_home, utc_now
 
 A = TypeVar("A", bound=Artifact)
@@ -102,3 +103,37 @@ def examples_of(folder: RunFolder) -> Examples:
     if record is None or record.status != "completed" or not folder.stage_dir("ingest").is_dir():
         raise DigitsInputError(f"run {folder.run_id} has no completed ingest stage")
     return Examples.load(folder.stage_dir("ingest"), record.outputs)
+
+
+def validate(folder: RunFolder, config: PipelineConfig, examples: Examples,
+             progress: Progress = lambda _: None) -> Validation:
+    """The validate stage, then its gate: failed expectations stop the run unless validate.fail_on=warn.
+
+    The stage folder (results.json, Data Docs) is kept either way: a failing run's report is the one
+    people most need to open.
+    """
+    validation = execute(folder, "validate", lambda out: validate_component.run(
+        examples, config.validate_, out, limit=config.ingest.limit, progress=progress))
+    if validation.passed:
+        return validation
+    summary = f"{len(validation.failures)} of {validation.evaluated} expectations failed"
+    if config.validate_.fail_on is FailOn.warn:
+        folder.update(lambda r: r.warnings.extend(f"validate: {f}" for f in validation.failures))
+        return validation
+
+    def refused(record: RunRecord) -> None:
+        record.stages["validate"].status = "failed"
+        record.stages["validate"].error = summary
+        record.status = "failed"
+
+    folder.update(refused)
+    raise ValidationFailed(f"validation failed ({summary}; report: {validation.report}): "
+                           + "; ".join(validation.failures))
+
+
+def validation_of(folder: RunFolder) -> Validation:
+    """The validate output of a run that a later stage may use: passed, or let through with warn."""
+    record = folder.load().stages.get("validate")
+    if record is None or record.status != "completed" or not folder.stage_dir("validate").is_dir():
+        raise DigitsInputError(f"run {folder.run_id} has no passed validate stage")
+    return Validation.load(folder.stage_dir("validate"), record.outputs)

@@ -25,6 +25,12 @@ class Artifact:
         """JSON-able fields other than the folder, for run.json."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "dir"}
 
+    @classmethod
+    def load(cls, stage_dir: Path, summary: dict[str, Any]):
+        """Rebuild the reference from a completed stage folder and its run.json summary."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"dir"}
+        return cls(dir=stage_dir, **{k: v for k, v in summary.items() if k in known})
+
 
 @dataclass(frozen=True)
 class Examples(Artifact):
@@ -47,7 +53,19 @@ class Examples(Artifact):
 
     @classmethod
     def load(cls, stage_dir: Path, summary: dict[str, Any]) -> Examples:
-        """Rebuild the reference from a completed stage folder and its run.json summary."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"dir"}
-        fields = {k: v for k, v in summary.items() if k in known}
-        return cls(dir=stage_dir, **{**fields, "source": Source(fields.get("source", Source.kaggle))})
+        examples = super().load(stage_dir, summary)
+        return dataclasses.replace(examples, source=Source(examples.source))
+
+
+@dataclass(frozen=True)
+class Validation(Artifact):
+    """The validate stage's blessing of a dataset: results.json + Data Docs (index.html)."""
+
+    passed: bool = False
+    failures: list[str] = field(default_factory=list)
+    evaluated: int = 0
+    statistics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def report(self) -> Path:
+        return self.dir / "index.html"

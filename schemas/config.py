@@ -31,7 +31,9 @@ class OnBadRows(StrEnum):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # serialize_by_alias: `validate` (a BaseModel attribute) is the field validate_ with alias "validate"
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True,
+                              validate_by_alias=True, serialize_by_alias=True)
 
 
 class IngestConfig(_Model):
@@ -45,12 +47,26 @@ class IngestConfig(_Model):
     tfds_data_dir: str | None = Field(None, description="where TFDS prepares mnist; default $DIGITS_HOME/tfds")
 
 
+class FailOn(StrEnum):
+    error = "error"  # a failed expectation stops the run before conversion (exit 2)
+    warn = "warn"  # failures are recorded in run.json and the run goes on
+
+
+class ValidateConfig(_Model):
+    """How the validate stage judges the dataset."""
+
+    fail_on: FailOn = FailOn.error
+    min_rows: PositiveInt | None = Field(
+        None, description="rows each split must have; default: the published size (or ingest.limit when set)")
+
+
 class PipelineConfig(_Model):
     """The resolved configuration of one pipeline run; run.json records it whole."""
 
     pipeline: Pipeline
     seed: int = 42
     ingest: IngestConfig = IngestConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
 
     @property
     def source(self) -> Source:
@@ -79,12 +95,12 @@ def apply_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineCon
         *parents, leaf = key.strip().split(".")
         node, model = data, type(config)
         for part in parents:
-            field = model.model_fields.get(part)
+            field = _fields(model).get(part)
             sub = field.annotation if field else None
             if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
                 raise ConfigError(f"unknown config key '{key}' in --set {override}; known: {_known_keys(config)}")
             node, model = node[part], sub
-        if leaf not in model.model_fields or _is_model(model.model_fields[leaf].annotation):
+        if leaf not in _fields(model) or _is_model(_fields(model)[leaf].annotation):
             raise ConfigError(f"unknown config key '{key}' in --set {override}; known: {_known_keys(config)}")
         node[leaf] = None if value.strip().lower() in ("none", "null") else value
     try:
@@ -95,6 +111,11 @@ def apply_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineCon
         raise ConfigError(f"invalid value for '{where}': {first['msg']} (got {first.get('input')!r})") from None
 
 
+def _fields(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's fields by their public (alias) names, as --set and run.json spell them."""
+    return {field.alias or name: field for name, field in model.model_fields.items()}
+
+
 def _is_model(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
@@ -102,8 +123,9 @@ def _is_model(annotation: Any) -> bool:
 def _known_keys(config: BaseModel, prefix: str = "") -> str:
     keys = []
     for name, field in type(config).model_fields.items():
+        public = field.alias or name
         if _is_model(field.annotation):
-            keys.append(_known_keys(getattr(config, name), f"{prefix}{name}."))
+            keys.append(_known_keys(getattr(config, name), f"{prefix}{public}."))
         else:
-            keys.append(f"{prefix}{name}")
+            keys.append(f"{prefix}{public}")
     return ", ".join(keys)

@@ -25,3 +25,7 @@ class DataFormatError(DigitsInputError):
 
 class ConfigError(DigitsInputError):
     """A `--set key=value` override or config file the config models reject."""
+
+
+class ValidationFailed(DigitsInputError):
+    """The data failed its expectation suites: the run stops before conversion."""

@@ -27,10 +27,12 @@ def shared_data(*parts: str) -> Path:
 
 
 def digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """n synthetic digits: (labels int (n,), pixels uint8 (n, 28, 28)), every class present."""
+    """n synthetic digits: (labels int (n,), pixels uint8 (n, 28, 28)).
+
+    Labels are shuffled within each block of ten rows, so every prefix of 10k rows is balanced.
+    """
     rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 10
-    rng.shuffle(labels)
+    labels = np.concatenate([rng.permutation(10) for _ in range(-(-n // 10))])[:n]
     font = ImageFont.load_default(size=22)
     images = np.empty((n, SIDE, SIDE), np.uint8)
     for i, label in enumerate(labels):

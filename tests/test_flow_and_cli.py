@@ -21,17 +21,20 @@ def _runs(home: Path) -> list[Path]:
 
 def test_run_chains_the_stages_through_prefect(cli, home, tmp_path):
     datagen.write_kaggle(tmp_path / "kaggle", n_train=40, n_test=10)
-    result = cli("run", "train-kaggle", "--data", tmp_path / "kaggle", "--set", "ingest.limit=25")
+    result = cli("run", "train-kaggle", "--data", tmp_path / "kaggle", "--set", "ingest.limit=30",
+                 "--set", "validate.min_rows=10")
     assert result.code == 0, result.err
     (run,) = _runs(home)
     assert run.name in result.out and str(run) in result.out
     assert "Flow run" in result.out  # Prefect's progress lines
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "completed" and record["pipeline"] == "train-kaggle"
-    assert record["config"]["ingest"]["limit"] == 25
+    assert record["config"]["ingest"]["limit"] == 30
     assert record["stages"]["ingest"]["status"] == "completed" and record["stages"]["ingest"]["seconds"] > 0
     assert record["package_versions"]["prefect"] == "3.8.8"
-    assert pq.read_table(run / "ingest/train.parquet").num_rows == 25
+    assert pq.read_table(run / "ingest/train.parquet").num_rows == 30
+    assert record["stages"]["validate"]["status"] == "completed"
+    assert (run / "validate/index.html").is_file() and (run / "validate/results.json").is_file()
     assert not list(run.glob(".*tmp-*"))
 
 
