@@ -88,6 +88,7 @@ def validate(run_id: Annotated[Optional[str], typer.Option("--run", help="run id
     examples = stages.examples_of(folder)
     with console.status("validate") as status:
         validation = stages.validate(folder, config, examples, progress=lambda m: status.update(f"validate: {m}"))
+    stages.finish_run(folder)
     state = "[green]passed[/]" if validation.passed else "[yellow]failed, recorded as warnings[/]"
     console.print(f"validation {state}: {validation.evaluated} expectations\n[bold]report[/] {validation.report}")
 

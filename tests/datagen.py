@@ -75,12 +75,15 @@ def write_kaggle_zip(path: Path, n_train: int = 60, n_test: int = 30, seed: int 
 
 
 def noisy_rows(labels: np.ndarray | None, pixels: np.ndarray, seed: int, delimiter: str,
-               label_fmt: str) -> list[str]:
-    """Rows as the noisy set stores them: noise background, floats in [0, 1], transposed, label last."""
+               label_fmt: str, transposed: bool = True) -> list[str]:
+    """Rows as the noisy set stores them: noise background, floats in [0, 1], transposed, label last.
+
+    transposed=False writes the images upright: a file someone "fixed" before it reached us.
+    """
     rng = np.random.default_rng(seed)
     x = pixels.astype(np.float32) / 255
     x = np.where(pixels == 0, rng.random(x.shape, dtype=np.float32), x)
-    flat = x.transpose(0, 2, 1).reshape(len(x), -1)
+    flat = (x.transpose(0, 2, 1) if transposed else x).reshape(len(x), -1)
     rows = [delimiter.join(f"{v:.8f}" for v in row) for row in flat]
     if labels is not None:
         rows = [f"{row}{delimiter}{label_fmt % label}" for row, label in zip(rows, labels)]
@@ -88,7 +91,7 @@ def noisy_rows(labels: np.ndarray | None, pixels: np.ndarray, seed: int, delimit
 
 
 def write_noisy(folder: Path, style: str = "amat", n_train: int = 40, n_test: int = 20, seed: int = 0,
-                test_labels: bool | None = None) -> dict:
+                test_labels: bool | None = None, transposed: bool = True) -> dict:
     """The noisy set in 'amat' (labels in both files) or 'csv' (no header; test unlabelled by default)."""
     folder.mkdir(parents=True, exist_ok=True)
     labels, train = digits(n_train, seed)
@@ -99,7 +102,7 @@ def write_noisy(folder: Path, style: str = "amat", n_train: int = 40, n_test: in
     else:
         names, delimiter, fmt = ("train.csv", "test.csv"), ",", "%d"
         test_labels = False if test_labels is None else test_labels
-    (folder / names[0]).write_text("\n".join(noisy_rows(labels, train, seed, delimiter, fmt)) + "\n")
-    (folder / names[1]).write_text(
-        "\n".join(noisy_rows(test_y if test_labels else None, test, seed + 1, delimiter, fmt)) + "\n")
+    (folder / names[0]).write_text("\n".join(noisy_rows(labels, train, seed, delimiter, fmt, transposed)) + "\n")
+    (folder / names[1]).write_text("\n".join(
+        noisy_rows(test_y if test_labels else None, test, seed + 1, delimiter, fmt, transposed)) + "\n")
     return {"labels": labels, "train": train, "test": test, "test_labels": test_y, "files": names}

@@ -117,3 +117,13 @@ def test_ingest_from_idx_folder_reuses_a_prepared_tfds(cli, home, tmp_path, prep
     (run,) = (home / "runs").iterdir()
     record = json.loads((run / "run.json").read_text())
     assert sorted(Path(p).name for p in record["data_fingerprints"]) == sorted(IDX_FILES)
+
+
+def test_real_mnist_passes_validation(cli, home, prepared_tfds):
+    tfds_dir, _ = prepared_tfds
+    assert cli("ingest", "--source", "mnist", "--data", tfds_dir).code == 0
+    result = cli("validate")
+    assert result.code == 0, result.err
+    (run,) = (home / "runs").iterdir()
+    report = __import__("json").loads((run / "validate/results.json").read_text())
+    assert report["passed"] and len(report["results"]) >= 25

@@ -144,3 +144,5 @@ def test_make_noisy_output_is_upright_mnist(cli, home, tmp_path, style):
     assert train.num_rows == 300 and pq.read_table(_ingested(home) / "test.parquet").num_rows == 200
     _assert_upright(pixels_of(train), reference)
     np.testing.assert_array_equal(labels_of(train), reference_labels)
+    validation = cli("validate", "--set", "validate.min_rows=200")
+    assert validation.code == 0, validation.err  # the noisy suites pass on the real generator's data
