@@ -35,6 +35,16 @@ def test_run_chains_the_stages_through_prefect(cli, home, tmp_path):
     assert pq.read_table(run / "ingest/train.parquet").num_rows == 30
     assert record["stages"]["validate"]["status"] == "completed"
     assert (run / "validate/index.html").is_file() and (run / "validate/results.json").is_file()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["validation-results", "validation-report"])))
+    by_key = {a.key: a for a in found}
+    assert set(by_key) == {"validation-results", "validation-report"}
+    assert (run / "validate/index.html").as_uri() in str(by_key["validation-report"].data)
+    assert "border_mean" in str(by_key["validation-results"].data)
     assert not list(run.glob(".*tmp-*"))
 
 

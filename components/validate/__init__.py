@@ -70,6 +70,7 @@ def run(examples: Examples, config: ValidateConfig, out_dir: Path, *, limit: int
                       "max_ks": _max_ks(len(features["train"]), len(features["test"]))}
         result = checkpoint.run(batch_parameters={"dataframe": frame}, expectation_parameters=parameters)
         validations.append((name, suite_name, next(iter(result.run_results.values()))))
+    _offline_styles(out_dir)
     report = _report(validations)
     report["dataset"] = statistics = {k: _plain(v) for k, v in dataset.iloc[0].items()}
     (out_dir / RESULTS_JSON).write_text(json.dumps(report, indent=1, default=str) + "\n")
@@ -77,6 +78,26 @@ def run(examples: Examples, config: ValidateConfig, out_dir: Path, *, limit: int
                 for r in report["results"] if not r["success"]]
     return Validation(dir=out_dir, passed=not failures, failures=failures,
                       evaluated=len(report["results"]), statistics=statistics)
+
+
+# GX's Data Docs take bootstrap and the Font Awesome status icons from CDNs: without network the
+# status cells are empty. These rules draw the marks and table lines from the page itself (and are
+# more specific than Font Awesome's, so the page looks the same online).
+_OFFLINE_STYLE = """<style id="digits-offline">
+i.fas.fa-check-circle::before { content: "\\2714"; color: #1e7e34; font: bold 1.1em sans-serif; }
+i.fas.fa-times::before { content: "\\2718"; color: #c82333; font: bold 1.1em sans-serif; }
+table { border-collapse: collapse; margin: 0.4em 0 1em; }
+td, th { border: 1px solid #ccc; padding: 3px 8px; vertical-align: top; }
+body { font-family: sans-serif; margin: 1em 2em; }
+</style>
+"""
+
+
+def _offline_styles(site: Path) -> None:
+    for page in site.rglob("*.html"):
+        html = page.read_text(encoding="utf-8")
+        if 'id="digits-offline"' not in html:
+            page.write_text(html.replace("</head>", _OFFLINE_STYLE + "</head>", 1), encoding="utf-8")
 
 
 def _plain(value: Any) -> float | int:
