@@ -99,10 +99,15 @@ def ingest(folder: RunFolder, config: PipelineConfig, progress: Progress = lambd
 
 def examples_of(folder: RunFolder) -> Examples:
     """The completed ingest output of a run. Raises DigitsInputError when there is none."""
-    record = folder.load().stages.get("ingest")
-    if record is None or record.status != "completed" or not folder.stage_dir("ingest").is_dir():
-        raise DigitsInputError(f"run {folder.run_id} has no completed ingest stage")
-    return Examples.load(folder.stage_dir("ingest"), record.outputs)
+    return _output_of(folder, "ingest", Examples, "completed ingest")
+
+
+def _output_of(folder: RunFolder, stage: str, kind: type[A], what: str) -> A:
+    """A completed stage's artifact, for a later stage: never one that failed or is half-written."""
+    record = folder.load().stages.get(stage)
+    if record is None or record.status != "completed" or not folder.stage_dir(stage).is_dir():
+        raise DigitsInputError(f"run {folder.run_id} has no {what} stage")
+    return kind.load(folder.stage_dir(stage), record.outputs)
 
 
 def validate(folder: RunFolder, config: PipelineConfig, examples: Examples,
@@ -133,7 +138,4 @@ def validate(folder: RunFolder, config: PipelineConfig, examples: Examples,
 
 def validation_of(folder: RunFolder) -> Validation:
     """The validate output of a run that a later stage may use: passed, or let through with warn."""
-    record = folder.load().stages.get("validate")
-    if record is None or record.status != "completed" or not folder.stage_dir("validate").is_dir():
-        raise DigitsInputError(f"run {folder.run_id} has no passed validate stage")
-    return Validation.load(folder.stage_dir("validate"), record.outputs)
+    return _output_of(folder, "validate", Validation, "passed validate")

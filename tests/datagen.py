@@ -54,9 +54,14 @@ def kaggle_csv_text(labels: np.ndarray | None, pixels: np.ndarray) -> str:
 
 def write_kaggle(folder: Path, n_train: int = 60, n_test: int = 30, seed: int = 0) -> dict:
     """Kaggle folder with train.csv and test.csv. Returns the arrays written."""
-    folder.mkdir(parents=True, exist_ok=True)
     labels, train = digits(n_train, seed)
     _, test = digits(n_test, seed + 1)
+    return write_kaggle_arrays(folder, labels, train, test)
+
+
+def write_kaggle_arrays(folder: Path, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> dict:
+    """Kaggle folder holding these arrays (train labelled, test not). Returns them."""
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.csv").write_text(kaggle_csv_text(labels, train))
     (folder / "test.csv").write_text(kaggle_csv_text(None, test))
     return {"labels": labels, "train": train, "test": test}

@@ -30,9 +30,7 @@ def test_failing_run_data_docs_render_the_failed_expectations(cli, home, tmp_pat
     _, test = datagen.digits(40, seed=22)
     train[::8] = 255 - train[::8]  # an inverted batch: the border expectation fails
     folder = tmp_path / "kaggle"
-    folder.mkdir()
-    (folder / "train.csv").write_text(datagen.kaggle_csv_text(labels, train))
-    (folder / "test.csv").write_text(datagen.kaggle_csv_text(None, test))
+    datagen.write_kaggle_arrays(folder, labels, train, test)
     assert cli("ingest", "--source", "kaggle", "--data", folder).code == 0
     assert cli("validate", "--set", "validate.min_rows=10").code == 2
     (run,) = (home / "runs").iterdir()

@@ -29,9 +29,7 @@ def _kaggle_texts(n_train: int = 60, n_test: int = 40) -> dict:
 
 
 def _write_kaggle(folder: Path, data: dict) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train.csv").write_text(datagen.kaggle_csv_text(data["labels"], data["train"]))
-    (folder / "test.csv").write_text(datagen.kaggle_csv_text(None, data["test"]))
+    datagen.write_kaggle_arrays(folder, data["labels"], data["train"], data["test"])
     return folder
 
 

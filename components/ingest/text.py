@@ -126,19 +126,22 @@ def parse_numeric(text: TextBody, *, delimiter: str, n_fields: int) -> NumericRo
     Rows with the wrong number of fields, or a field that is not a number, become Rejects naming
     line and column; the rest are returned. Never raises on row content.
     """
+    rows = _read_all(text, delimiter, n_fields)
+    if rows is None and delimiter == " ":  # irregular whitespace (runs, tabs, edge spaces) costs only when present
+        text = text.single_spaced()
+        rows = _read_all(text, delimiter, n_fields)
+    if rows is not None:
+        return rows
+    return _diagnose(text.path, text.raw[text.start:text.end], delimiter, n_fields, text.first_line)
+
+
+def _read_all(text: TextBody, delimiter: str, n_fields: int) -> NumericRows | None:
+    """Every row through pyarrow in one go, or None when pyarrow refuses the text."""
     try:
         values = _read(text.data, delimiter, n_fields)
-        return NumericRows(values, np.arange(text.first_line, text.first_line + len(values), dtype=np.int64))
     except pa.ArrowInvalid:
-        pass
-    if delimiter == " ":  # irregular whitespace (runs, tabs, edge spaces) is paid for only when present
-        text = text.single_spaced()
-        try:
-            values = _read(text.data, delimiter, n_fields)
-            return NumericRows(values, np.arange(text.first_line, text.first_line + len(values), dtype=np.int64))
-        except pa.ArrowInvalid:
-            pass
-    return _diagnose(text.path, text.raw[text.start:text.end], delimiter, n_fields, text.first_line)
+        return None
+    return NumericRows(values, np.arange(text.first_line, text.first_line + len(values), dtype=np.int64))
 
 
 def _read(data: bytes | memoryview, delimiter: str, n_fields: int) -> np.ndarray:
