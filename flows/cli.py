@@ -94,6 +94,23 @@ def validate(run_id: Annotated[Optional[str], typer.Option("--run", help="run id
 
 
 @app.command()
+def convert(run_id: Annotated[Optional[str], typer.Option("--run", help="run id (default: the newest run)")] = None,
+            overrides: SetOption = None) -> None:
+    """Convert a run's validated data into sharded TFRecords (train/val split + test) with Apache Beam."""
+    from flows import stages
+
+    folder = RunFolder.open(run_id)
+    config = apply_overrides(stages.config_of(folder), list(overrides or []))
+    with console.status("convert") as status:
+        converted = stages.convert(folder, config, progress=lambda m: status.update(f"convert: {m}"))
+    stages.finish_run(folder)
+    rows = ", ".join(f"{split} {n:,} ({converted.shards[split]} shards)" for split, n in converted.counts.items())
+    how = f"reused from {converted.reused_from}" if converted.reused_from else f"on {converted.runner}"
+    console.print(f"[green]converted[/] {rows} {how}\n[bold]fingerprint[/] {converted.fingerprint}\n"
+                  f"[bold]folder[/] {converted.dir}")
+
+
+@app.command()
 def reports(run_id: Annotated[Optional[str], typer.Argument(help="a run id (default: list runs, newest last)")] = None) -> None:
     """List runs, or print where one run's reports are."""
     if run_id is None:

@@ -13,13 +13,16 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The ephemeral API's first start in a fresh PREFECT_HOME (database migrations) took 8-19 s on a busy
+# 2-core machine here, against Prefect's default limit of 20 s.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows import stages  # noqa: E402
-from schemas.artifacts import Examples, Validation  # noqa: E402
+from schemas.artifacts import Converted, Examples, Validation  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
 from schemas.errors import DigitsInputError  # noqa: E402
 from schemas.runs import RunFolder, digits_home  # noqa: E402
@@ -44,6 +47,13 @@ def validate_task(run_id: str, config: PipelineConfig, examples: Examples) -> Va
         return stages.validate(folder, config, examples, progress=logger.info)
     finally:
         _publish_validation(folder)
+
+
+@task(name="convert", cache_policy=NO_CACHE)
+def convert_task(run_id: str, config: PipelineConfig, validation: Validation) -> Converted:
+    """Beam: stratified train/val split + test, sharded gzip TFRecords with a manifest."""
+    logger = get_run_logger()
+    return stages.convert(_folder(run_id), config, progress=logger.info)
 
 
 def _publish_validation(folder: RunFolder) -> None:
@@ -73,6 +83,8 @@ def digits(config: PipelineConfig, run_id: str | None = None) -> str:
     logger.info("ingested %s", ", ".join(f"{split} {n:,} rows" for split, n in examples.counts.items()))
     validation = validate_task(folder.run_id, config, examples)
     logger.info("validation %s: %s", "passed" if validation.passed else "failed (warn)", validation.report)
+    converted = convert_task(folder.run_id, config, validation)
+    logger.info("converted %s into %s", ", ".join(f"{s} {n:,}" for s, n in converted.counts.items()), converted.dir)
     stages.finish_run(folder)
     return folder.run_id
 

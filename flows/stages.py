@@ -14,12 +14,13 @@ import uuid
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from components import convert as convert_component
 from components import ingest as ingest_component
 from components import validate as validate_component
-from schemas.artifacts import Artifact, Examples, Validation
+from schemas.artifacts import Artifact, Converted, Examples, Validation
 from schemas.config import FailOn, PipelineConfig
 from schemas.errors import DigitsInputError, ValidationFailed
-from schemas.runs import RunFolder, RunRecord, StageRecord, digits_home, utc_now
+from schemas.runs import RunFolder, RunRecord, StageRecord, digits_home, list_runs, utc_now
 
 A = TypeVar("A", bound=Artifact)
 Progress = Callable[[str], None]
@@ -139,3 +140,39 @@ def validate(folder: RunFolder, config: PipelineConfig, examples: Examples,
 def validation_of(folder: RunFolder) -> Validation:
     """The validate output of a run that a later stage may use: passed, or let through with warn."""
     return _output_of(folder, "validate", Validation, "passed validate")
+
+
+def convert(folder: RunFolder, config: PipelineConfig, progress: Progress = lambda _: None) -> Converted:
+    """The convert stage: TFRecord shards of a validated dataset.
+
+    Idempotent: when this run, or any other run under the same home, already converted the same
+    canonical data with the same split and sharding (equal cache keys), its shards are reused —
+    this run's own stage as it is, another run's by hard links — instead of running Beam again.
+    """
+    examples = examples_of(folder)
+    validation_of(folder)  # only data that passed validation (or was let through with warn) is converted
+    progress("fingerprinting the canonical data")
+    input_fp = convert_component.input_fingerprint(examples)
+    key = convert_component.cache_key(input_fp, config.convert, config.seed)
+    done = _completed_convert(folder)
+    if done is not None and done.cache_key == key:
+        progress(f"already converted: {done.dir}")
+        return done
+    earlier = next((c for c in map(_completed_convert, reversed(list_runs())) if c is not None and c.cache_key == key), None)
+    if earlier is not None:
+        return execute(folder, "convert", lambda out: convert_component.reuse(earlier, out, progress=progress))
+    return execute(folder, "convert", lambda out: convert_component.run(
+        examples, config.convert, config.seed, out, input_fp=input_fp, progress=progress))
+
+
+def _completed_convert(folder: RunFolder) -> Converted | None:
+    try:
+        converted = converted_of(folder)
+    except (DigitsInputError, OSError, ValueError):
+        return None
+    return converted if (converted.dir / "manifest.json").is_file() else None
+
+
+def converted_of(folder: RunFolder) -> Converted:
+    """The completed TFRecords of a run, for training and evaluation; never a partial conversion."""
+    return _output_of(folder, "convert", Converted, "completed convert")

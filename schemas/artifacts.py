@@ -69,3 +69,25 @@ class Validation(Artifact):
     @property
     def report(self) -> Path:
         return self.dir / "index.html"
+
+
+@dataclass(frozen=True)
+class Converted(Artifact):
+    """The convert stage's TFRecords: `{train,val,test}-*.tfrecord.gz` shards + manifest.json
+    (see schemas.examples). run.json records this summary, the split plan included."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    shards: dict[str, int] = field(default_factory=dict)
+    label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    fingerprint: str = ""  # of the examples written, shard by shard (manifest.json)
+    input_fingerprint: str = ""  # of the canonical data they were made from
+    cache_key: str = ""  # input fingerprint + split + sharding: equal keys, byte-identical shards
+    split: dict[str, Any] = field(default_factory=dict)  # seed, val_fraction, counts per class
+    runner: str = ""
+    reused_from: str | None = None  # the stage folder whose shards were linked instead of recomputed
+
+    def files(self, split: str) -> list[Path]:
+        """The shards of one split (train, val or test), in manifest order."""
+        from schemas.examples import shard_files
+
+        return shard_files(self.dir, split)

@@ -60,6 +60,22 @@ class ValidateConfig(_Model):
         None, description="rows each split must have; default: the published size (or ingest.limit when set)")
 
 
+class ConvertConfig(_Model):
+    """How the convert stage splits the data and writes TFRecords, and on which Beam runner."""
+
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of each class of the labelled train split "
+                                                             "held out as the validation split")
+    rows_per_shard: PositiveInt = Field(10_000, description="shards per split = ceil(rows / rows_per_shard)")
+    runner: str = Field("direct", description="direct (Beam DirectRunner, in-process) | dask (Beam DaskRunner on "
+                                              "dask.distributed) | any other Beam runner name, e.g. FlinkRunner, "
+                                              "configured through beam_args")
+    dask_address: str | None = Field(None, description="scheduler address for runner=dask; None starts a "
+                                                       "LocalCluster on 127.0.0.1 for the conversion")
+    dask_workers: PositiveInt = Field(2, description="worker processes of that LocalCluster")
+    beam_args: str = Field("", description="extra Beam pipeline options, passed through untouched "
+                                           "(e.g. '--flink_master=host:8081 --environment_type=LOOPBACK')")
+
+
 class PipelineConfig(_Model):
     """The resolved configuration of one pipeline run; run.json records it whole."""
 
@@ -67,6 +83,7 @@ class PipelineConfig(_Model):
     seed: int = 42
     ingest: IngestConfig = IngestConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    convert: ConvertConfig = ConvertConfig()
 
     @property
     def source(self) -> Source:

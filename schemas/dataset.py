@@ -17,6 +17,7 @@ IMAGE_SIDE = 28
 N_PIXELS = IMAGE_SIDE * IMAGE_SIDE
 N_CLASSES = 10
 PIXEL_MAX = 255
+ROW_GROUP_ROWS = 10_000  # Parquet row-group size: the unit the convert stage's Beam workers read in parallel
 
 
 class Source(StrEnum):

@@ -15,6 +15,31 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="digits-test-prefect-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is at the time of writing; closing it closes nothing."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+# absl (imported with TensorFlow) keeps the sys.stderr of its import time in its handler, and closes it
+# when logging is reconfigured (Prefect's dictConfig closes every handler ever made) unless it is the
+# sys.stderr of that moment. Under pytest those are different capture streams: one test importing
+# TensorFlow and a later one starting Prefect under capsys would close pytest's own capture file.
+from absl import logging as _absl_logging  # noqa: E402
+
+_absl_logging.get_absl_handler().python_handler.stream = _CurrentStderr()
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """A fresh $DIGITS_HOME for one test."""

@@ -35,6 +35,9 @@ def test_run_chains_the_stages_through_prefect(cli, home, tmp_path):
     assert pq.read_table(run / "ingest/train.parquet").num_rows == 30
     assert record["stages"]["validate"]["status"] == "completed"
     assert (run / "validate/index.html").is_file() and (run / "validate/results.json").is_file()
+    assert record["stages"]["convert"]["status"] == "completed"
+    assert record["stages"]["convert"]["outputs"]["counts"] == {"train": 20, "val": 10, "test": 10}
+    assert json.loads((run / "convert/manifest.json").read_text())["counts"]["val"] == 10
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 

@@ -12,7 +12,7 @@ from components.ingest import eda, kaggle, mnist, noisy
 from components.ingest.splits import SplitData
 from schemas.artifacts import Examples
 from schemas.config import IngestConfig, OnBadRows
-from schemas.dataset import N_PIXELS, Source, Split, to_table
+from schemas.dataset import N_PIXELS, ROW_GROUP_ROWS, Source, Split, to_table
 from schemas.errors import DigitsInputError
 
 REJECTED_CSV = "rejected.csv"
@@ -40,7 +40,8 @@ def run(source: Source, config: IngestConfig, out_dir: Path, *, tfds_dir: Path,
     progress("writing Parquet")
     for split, part in splits.items():
         table = to_table(part.ids, part.labels, part.pixels.reshape(len(part.pixels), N_PIXELS), source)
-        pq.write_table(table, out_dir / Examples.file_name(split), compression="zstd")
+        pq.write_table(table, out_dir / Examples.file_name(split), compression="zstd",
+                       row_group_size=ROW_GROUP_ROWS)
     rejects = [reject for part in splits.values() for reject in part.rejects]
     if rejects:
         _write_rejects(splits, out_dir / REJECTED_CSV)

@@ -82,8 +82,85 @@ def pandas_noisy(data: str) -> dict:
     return {"seconds": time.perf_counter() - start, "rows": rows}
 
 
+def _ingested(source: str, data: str, out: Path):
+    from components import ingest
+    from schemas.config import IngestConfig
+    from schemas.dataset import Source
+
+    return ingest.run(Source(source), IngestConfig(data=data), out / "ingest", tfds_dir=out)
+
+
+def convert_cold(source: str, data: str, runner: str = "direct") -> dict:
+    """The convert stage as `digits convert` runs it in a fresh process: TensorFlow and Beam imports included."""
+    with tempfile.TemporaryDirectory() as out:
+        examples = _ingested(source, data, Path(out))
+        start = time.perf_counter()
+        from components import convert
+        from schemas.config import ConvertConfig
+
+        converted = convert.run(examples, ConvertConfig(runner=runner), 42, Path(out) / "convert")
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "rows": converted.counts, "shards": converted.shards,
+            "class_proportion_gap_pt": _proportion_gap(converted.label_counts)}
+
+
+def _proportion_gap(label_counts: dict[str, dict[str, int]]) -> float:
+    """The largest difference, in percentage points, between a class's share of train and of val."""
+    train, val = label_counts["train"], label_counts["val"]
+    n_train, n_val = sum(train.values()), sum(val.values())
+    return round(max(abs(train[c] / n_train - val.get(c, 0) / n_val) for c in train) * 100, 3)
+
+
+def convert_vs_plain(source: str, data: str, repeats: str = "3") -> dict:
+    """Beam (DirectRunner) against a plain tf.io.TFRecordWriter loop, interleaved in this one process.
+
+    Both start from the canonical Parquet and write the same gzip examples with the same encoder;
+    the plain loop writes one file per input split, with no split and no shards. TensorFlow and Beam
+    are imported before either clock starts.
+    """
+    import statistics
+
+    import pyarrow.parquet as pq
+
+    from components import convert
+    from components.convert.transforms import import_beam
+    from components.tensorflow_runtime import import_tensorflow
+    from schemas import examples as ex
+    from schemas.config import ConvertConfig
+    from schemas.dataset import labels_of, pixels_of
+
+    tf = import_tensorflow()
+    import_beam()
+    encode = ex.encoder()
+    beam_s, plain_s = [], []
+    with tempfile.TemporaryDirectory() as out:
+        examples = _ingested(source, data, Path(out))
+        rows = sum(examples.counts.values())
+        for attempt in range(int(repeats)):
+            start = time.perf_counter()
+            convert.run(examples, ConvertConfig(), 42, Path(out) / f"beam-{attempt}")
+            beam_s.append(time.perf_counter() - start)
+
+            start = time.perf_counter()
+            for split in examples.counts:
+                table = pq.read_table(examples.parquet(split))
+                ids, labels = table.column("id").to_numpy(), labels_of(table)
+                pixels = pixels_of(table).reshape(len(ids), -1)
+                with tf.io.TFRecordWriter(f"{out}/plain-{attempt}-{split}{ex.SUFFIX}", options=ex.COMPRESSION) as w:
+                    for i in range(len(ids)):
+                        label = ex.NO_LABEL if labels is None else int(labels[i])
+                        w.write(encode(ex.Row(int(ids[i]), label, pixels[i].tobytes())))
+            plain_s.append(time.perf_counter() - start)
+    beam, plain = statistics.median(beam_s), statistics.median(plain_s)
+    return {"seconds": beam, "rows": examples.counts, "beam_s": [round(s, 2) for s in beam_s],
+            "plain_s": [round(s, 2) for s in plain_s], "beam_rows_per_s": round(rows / beam),
+            "plain_rows_per_s": round(rows / plain), "beam_vs_plain_throughput": round(plain / beam, 2)}
+
+
 if __name__ == "__main__":
     job, *args = sys.argv[1:]
-    result = {"ours": ours, "ours_read": ours_read, "validate": validate, "pandas_kaggle": pandas_kaggle, "pandas_noisy": pandas_noisy}[job](*args)
+    jobs = {"ours": ours, "ours_read": ours_read, "validate": validate, "pandas_kaggle": pandas_kaggle,
+            "pandas_noisy": pandas_noisy, "convert_cold": convert_cold, "convert_vs_plain": convert_vs_plain}
+    result = jobs[job](*args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))

@@ -1,0 +1,224 @@
+"""The convert stage: Beam from canonical Parquet to sharded TFRecords, read back through the shared parser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import datagen
+from components.convert import plan as split_plan
+from flows import stages
+from schemas import examples as ex
+from schemas.config import apply_overrides, default_config
+from schemas.dataset import labels_of, pixels_of
+from schemas.errors import DigitsInputError
+from schemas.runs import RunFolder
+
+
+def _validated_run(data: Path, *overrides: str):
+    config = apply_overrides(default_config("train-kaggle"),
+                             [f"ingest.data={data}", "validate.min_rows=10", *overrides])
+    folder = stages.start_run(config)
+    stages.validate(folder, config, stages.ingest(folder, config))
+    return folder, config
+
+
+@pytest.fixture(scope="module")
+def kaggle_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("kaggle")
+    datagen.write_kaggle(folder, n_train=600, n_test=150)
+    return folder
+
+
+def _by_id(parquet: Path) -> dict[int, tuple[int | None, bytes]]:
+    table = pq.read_table(parquet)
+    labels = labels_of(table)
+    pixels = pixels_of(table)
+    return {int(i): (None if labels is None else int(labels[k]), pixels[k].tobytes())
+            for k, i in enumerate(table.column("id").to_numpy())}
+
+
+def test_shards_read_back_through_the_shared_parser_match_manifest_and_parquet(home, kaggle_data):
+    folder, config = _validated_run(kaggle_data, "convert.rows_per_shard=100")
+    converted = stages.convert(folder, config)
+    manifest = ex.read_manifest(converted.dir)
+    assert manifest["counts"] == converted.counts == {"train": 540, "val": 60, "test": 150}
+    assert {s: len(v["shards"]) for s, v in manifest["splits"].items()} == {"train": 6, "val": 1, "test": 2}
+
+    seen: dict[str, ex.Arrays] = {}
+    for split, entry in manifest["splits"].items():
+        for shard in entry["shards"]:
+            arrays = ex.load([converted.dir / shard["file"]])
+            assert len(arrays.ids) == shard["count"]
+            assert list(arrays.ids) == sorted(arrays.ids)  # sorted within a shard: byte-stable output
+            labels, counts = np.unique(arrays.labels, return_counts=True)
+            assert {str(k): int(n) for k, n in zip(labels, counts)} == shard["label_counts"]
+        seen[split] = ex.load(converted.files(split))
+        assert len(seen[split].ids) == entry["count"]
+
+    train = _by_id(folder.stage_dir("ingest") / "train.parquet")
+    assert not set(seen["train"].ids) & set(seen["val"].ids)
+    assert set(seen["train"].ids) | set(seen["val"].ids) == set(train)
+    for split in ("train", "val"):
+        arrays = seen[split]
+        for row_id, label, image in zip(arrays.ids, arrays.labels, arrays.images):
+            assert (label, image.tobytes()) == train[int(row_id)]
+    test = _by_id(folder.stage_dir("ingest") / "test.parquet")
+    assert sorted(seen["test"].ids) == sorted(test)
+    assert set(seen["test"].labels) == {ex.NO_LABEL}  # Kaggle's test rows are unlabelled
+    assert all(image.tobytes() == test[int(i)][1] for i, image in zip(seen["test"].ids, seen["test"].images))
+
+    record = folder.load().stages["convert"]
+    assert record.status == "completed"
+    assert record.outputs["split"]["seed"] == 42 and record.outputs["split"]["val_fraction"] == 0.1
+    assert record.outputs["fingerprint"] == manifest["fingerprint"]
+    assert not list(converted.dir.glob(".*"))  # no partial files or sidecars left in the stage folder
+
+
+def test_dask_runner_on_a_local_cluster_writes_the_same_examples_as_the_direct_runner(home, kaggle_data, tmp_path):
+    """`digits convert --set convert.runner=dask` (a LocalCluster of 2 worker processes on 127.0.0.1) in its
+    own process, on a copy of a validated run; the direct runner converts the original in-process."""
+    folder, config = _validated_run(kaggle_data, "convert.rows_per_shard=150")
+    dask_home = tmp_path / "dask-home"
+    shutil.copytree(folder.root, dask_home / "runs" / folder.run_id)
+    direct = stages.convert(folder, config)
+    done = subprocess.run([str(Path(sys.executable).with_name("digits")), "convert", "--run", folder.run_id,
+                           "--set", "convert.runner=dask", "--set", "convert.dask_workers=2"],
+                          env={**os.environ, "DIGITS_HOME": str(dask_home)}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    dask = stages.converted_of(RunFolder(dask_home / "runs" / folder.run_id))
+    assert (direct.runner, dask.runner, dask.reused_from) == ("DirectRunner", "DaskRunner", None)
+    assert ex.read_manifest(dask.dir) == ex.read_manifest(direct.dir)
+    shards = sorted(p.name for p in direct.dir.glob(f"*{ex.SUFFIX}"))
+    assert shards == sorted(p.name for p in dask.dir.glob(f"*{ex.SUFFIX}")) and len(shards) == 6
+    for name in shards:  # the same examples, in the same order, byte for byte
+        assert (dask.dir / name).read_bytes() == (direct.dir / name).read_bytes(), name
+
+
+def test_the_split_is_stratified_seeded_and_exact():
+    rng = np.random.default_rng(3)
+    labels = rng.choice(10, size=20_000, p=[.3, .2, .1, .1, .1, .05, .05, .05, .03, .02])
+    ids = rng.permutation(np.arange(1, 20_001))
+    plan = split_plan.plan(ids, labels, 500, seed=42, val_fraction=0.1, rows_per_shard=5000)
+    assert abs(plan.counts["val"] - 2_000) <= 5 and plan.counts["train"] + plan.counts["val"] == 20_000
+    assert plan.shards == {"train": 4, "val": 1, "test": 1}
+    val = plan.in_val(ids, labels)
+    assert list(val) == [plan.split_of(int(i), int(k)) is ex.ExampleSplit.val for i, k in zip(ids, labels)]
+    assert val.sum() == plan.counts["val"]
+    for label in range(10):  # round(10% of each class), exactly
+        assert val[labels == label].sum() == np.floor(0.1 * (labels == label).sum() + 0.5)
+    in_train = np.bincount(labels[~val], minlength=10) / (~val).sum()
+    in_val = np.bincount(labels[val], minlength=10) / val.sum()
+    assert np.abs(in_train - in_val).max() < 0.005  # per-class proportions within 0.5 points
+    again = split_plan.plan(ids, labels, 500, seed=42, val_fraction=0.1, rows_per_shard=5000)
+    other = split_plan.plan(ids, labels, 500, seed=7, val_fraction=0.1, rows_per_shard=5000)
+
+    def val_ids(p):
+        return set(ids[p.in_val(ids, labels)].tolist())
+
+    assert val_ids(again) == val_ids(plan) and len(val_ids(plan) & val_ids(other)) < 400
+    assert plan.class_counts == other.class_counts  # another seed: other rows, same proportions
+
+
+def test_row_keys_agree_between_the_driver_and_the_workers():
+    ids = np.array([1, 2, 3, 42, 2**40 + 7, 70_000], dtype=np.int64)
+    for seed in (0, 42, 2**63 + 5):
+        assert [int(k) for k in split_plan.row_keys(seed, ids)] == [split_plan.row_key(seed, int(i)) for i in ids]
+
+
+def test_a_converted_input_is_reused_not_recomputed(home, kaggle_data, cli):
+    folder, config = _validated_run(kaggle_data)
+    first = stages.convert(folder, config)
+    seconds = folder.load().stages["convert"].seconds
+    assert stages.convert(folder, config).fingerprint == first.fingerprint
+    assert folder.load().stages["convert"].seconds == seconds  # not run again
+
+    second, _ = _validated_run(kaggle_data)  # a new run on the same data
+    result = cli("convert", "--run", second.run_id)
+    assert result.code == 0, result.err
+    assert "reused from" in result.out
+    reused = stages.converted_of(second)
+    assert reused.reused_from == str(first.dir) and reused.fingerprint == first.fingerprint
+    for shard in first.dir.glob(f"*{ex.SUFFIX}"):
+        assert (reused.dir / shard.name).read_bytes() == shard.read_bytes()
+
+    result = cli("convert", "--run", second.run_id, "--set", "seed=7")  # another split: converted again
+    assert result.code == 0, result.err
+    resplit = stages.converted_of(second)
+    assert resplit.reused_from is None and resplit.fingerprint != first.fingerprint
+    assert resplit.counts == first.counts
+
+
+def test_convert_refuses_a_run_without_passed_validation(cli, home, kaggle_data):
+    assert cli("ingest", "--source", "kaggle", "--data", kaggle_data).code == 0
+    result = cli("convert")
+    assert result.code == 2
+    (message,) = result.err.strip().splitlines()
+    assert "has no passed validate stage" in message
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("convert.runner=NoSuchRunner", "convert.runner=NoSuchRunner: Unexpected pipeline runner"),
+    ("convert.beam_args=--flag='unclosed", "convert.beam_args: No closing quotation"),
+    ("convert.val_fraction=1.5", "invalid value for 'convert.val_fraction'"),
+])
+def test_bad_convert_settings_are_one_line(cli, home, kaggle_data, setting, words):
+    folder, _ = _validated_run(kaggle_data)
+    result = cli("convert", "--run", folder.run_id, "--set", setting)
+    assert result.code == 2
+    (message,) = result.err.strip().splitlines()
+    assert words in message
+    assert not folder.stage_dir("convert").exists() and not list(folder.root.glob(".convert.tmp-*"))
+
+
+def test_beam_args_reach_the_runner_untouched(home, kaggle_data):
+    folder, config = _validated_run(kaggle_data)
+    threaded = apply_overrides(config, ["convert.beam_args=--direct_num_workers=2 --direct_running_mode=multi_threading"])
+    converted = stages.convert(folder, threaded)
+    assert converted.counts["train"] + converted.counts["val"] == 600
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+
+    options = PipelineOptions(threaded.convert.beam_args.split()).view_as(DirectOptions)
+    assert (options.direct_num_workers, options.direct_running_mode) == (2, "multi_threading")
+
+
+def test_conversion_killed_midway_leaves_nothing_readable_and_the_next_run_completes(home, tmp_path):
+    """kill -9 while shards are being written: no convert/ folder, train cannot read it, a re-run completes."""
+    datagen.write_kaggle(tmp_path / "kaggle", n_train=2000, n_test=500)
+    folder, _ = _validated_run(tmp_path / "kaggle", "convert.rows_per_shard=10")
+    command = [str(Path(sys.executable).with_name("digits")), "convert", "--run", folder.run_id]
+    proc = subprocess.Popen(command, env={**os.environ, "DIGITS_HOME": str(home)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not list(folder.root.glob(f".convert.tmp-*/*{ex.SUFFIX}")):  # shards are being written
+        assert proc.poll() is None and time.monotonic() < deadline, "convert ended before it could be killed"
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    (partial,) = folder.root.glob(".convert.tmp-*")
+    assert not (partial / ex.MANIFEST).exists()  # killed before the end
+    assert len(list(partial.glob(f"*{ex.SUFFIX}"))) < 250
+    assert not folder.stage_dir("convert").exists()
+    assert json.loads(folder.path.read_text())["stages"]["convert"]["status"] == "running"
+    with pytest.raises(DigitsInputError, match="no completed convert stage"):
+        stages.converted_of(RunFolder(folder.root))
+
+    done = subprocess.run(command, env={**os.environ, "DIGITS_HOME": str(home)}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    converted = stages.converted_of(folder)
+    assert converted.counts == {"train": 1800, "val": 200, "test": 500}
+    assert sum(len(ex.load(converted.files(s)).ids) for s in converted.counts) == 2500
+    assert not list(folder.root.glob(".convert.*"))
