@@ -111,6 +111,20 @@ def convert(run_id: Annotated[Optional[str], typer.Option("--run", help="run id 
 
 
 @app.command()
+def train(run_id: Annotated[Optional[str], typer.Option("--run", help="run id (default: the newest run)")] = None,
+          overrides: SetOption = None) -> None:
+    """Train the configured model on a run's TFRecords; an interrupted training resumes where it stopped."""
+    from flows import stages
+
+    folder = RunFolder.open(run_id)
+    config = apply_overrides(stages.config_of(folder), list(overrides or []))
+    trained = stages.train(folder, config, progress=lambda m: console.print(f"train: {m}"))
+    stages.finish_run(folder)
+    console.print(f"[green]trained[/] {trained.model}: val_accuracy {trained.val_accuracy:.2%} "
+                  f"({trained.epochs} epochs, {trained.seconds:.1f} s this attempt)\n[bold]model[/] {trained.path}")
+
+
+@app.command()
 def reports(run_id: Annotated[Optional[str], typer.Argument(help="a run id (default: list runs, newest last)")] = None) -> None:
     """List runs, or print where one run's reports are."""
     if run_id is None:

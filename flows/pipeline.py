@@ -22,7 +22,7 @@ from prefect.artifacts import create_link_artifact, create_table_artifact  # noq
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows import stages  # noqa: E402
-from schemas.artifacts import Converted, Examples, Validation  # noqa: E402
+from schemas.artifacts import Converted, Examples, Trained, Validation  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
 from schemas.errors import DigitsInputError  # noqa: E402
 from schemas.runs import RunFolder, digits_home  # noqa: E402
@@ -56,6 +56,13 @@ def convert_task(run_id: str, config: PipelineConfig, validation: Validation) ->
     return stages.convert(_folder(run_id), config, progress=logger.info)
 
 
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(run_id: str, config: PipelineConfig, converted: Converted) -> Trained:
+    """Keras training with per-epoch checkpoints; a re-run of a killed flow resumes at the next epoch."""
+    logger = get_run_logger()
+    return stages.train(_folder(run_id), config, progress=logger.info)
+
+
 def _publish_validation(folder: RunFolder) -> None:
     results = folder.stage_dir("validate") / "results.json"
     if not results.is_file():
@@ -85,6 +92,8 @@ def digits(config: PipelineConfig, run_id: str | None = None) -> str:
     logger.info("validation %s: %s", "passed" if validation.passed else "failed (warn)", validation.report)
     converted = convert_task(folder.run_id, config, validation)
     logger.info("converted %s into %s", ", ".join(f"{s} {n:,}" for s, n in converted.counts.items()), converted.dir)
+    trained = train_task(folder.run_id, config, converted)
+    logger.info("trained %s: val_accuracy %.2f%% (%s)", trained.model, 100 * trained.val_accuracy, trained.path)
     stages.finish_run(folder)
     return folder.run_id
 

@@ -17,7 +17,8 @@ from typing import Callable, TypeVar
 from components import convert as convert_component
 from components import ingest as ingest_component
 from components import validate as validate_component
-from schemas.artifacts import Artifact, Converted, Examples, Validation
+from components.tracking import Tracking, tracking_uri
+from schemas.artifacts import Artifact, Converted, Examples, Trained, Validation
 from schemas.config import FailOn, PipelineConfig
 from schemas.errors import DigitsInputError, ValidationFailed
 from schemas.runs import RunFolder, RunRecord, StageRecord, digits_home, list_runs, utc_now
@@ -26,12 +27,17 @@ A = TypeVar("A", bound=Artifact)
 Progress = Callable[[str], None]
 
 
-def execute(folder: RunFolder, stage: str, body: Callable[[Path], A]) -> A:
-    """Run body(temp_dir) and rename temp_dir to the stage folder when it returns; record the outcome."""
+def execute(folder: RunFolder, stage: str, body: Callable[[Path], A], *, resumable: bool = False) -> A:
+    """Run body(temp_dir) and rename temp_dir to the stage folder when it returns; record the outcome.
+
+    resumable: the temp folder is `.<stage>.inprogress` and survives a failed or killed attempt, so the
+    next attempt's body can continue from what it left (training checkpoints); it is still renamed
+    into place only when the body returns, and no later stage reads it.
+    """
     final = folder.stage_dir(stage)
     for stale in folder.root.glob(f".{stage}.tmp-*"):  # left by a killed process; never read
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = folder.root / f".{stage}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = folder.root / (f".{stage}.inprogress" if resumable else f".{stage}.tmp-{uuid.uuid4().hex[:8]}")
     folder.update(lambda r: _mark(r, stage, StageRecord(status="running", started_at=utc_now())))
     started = time.perf_counter()
     try:
@@ -44,7 +50,8 @@ def execute(folder: RunFolder, stage: str, body: Callable[[Path], A]) -> A:
         else:
             os.replace(tmp, final)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not resumable:
+            shutil.rmtree(tmp, ignore_errors=True)
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         seconds = round(time.perf_counter() - started, 3)
 
@@ -176,3 +183,25 @@ def _completed_convert(folder: RunFolder) -> Converted | None:
 def converted_of(folder: RunFolder) -> Converted:
     """The completed TFRecords of a run, for training and evaluation; never a partial conversion."""
     return _output_of(folder, "convert", Converted, "completed convert")
+
+
+def train(folder: RunFolder, config: PipelineConfig, progress: Progress = lambda _: None) -> Trained:
+    """The train stage, resumable: an attempt killed after epoch k continues at epoch k + 1 when run again
+    (same data, seed and train config); its MLflow run continues too."""
+    from components import train as train_component
+
+    converted = converted_of(folder)
+    home = digits_home()
+    record = folder.load()
+    tracking = Tracking(tracking_uri(home), f"digits-{config.source.value}", folder.run_id,
+                        tags={"digits.run_id": folder.run_id, "digits.pipeline": config.pipeline.value,
+                              "digits.stage": "train", "digits.code_version": record.code_version,
+                              "digits.data_fingerprint": converted.fingerprint},
+                        artifact_root=home / "mlartifacts")
+    return execute(folder, "train", lambda out: train_component.run(
+        converted, config.train, config.seed, out, tracking=tracking, progress=progress), resumable=True)
+
+
+def trained_of(folder: RunFolder) -> Trained:
+    """The completed model of a run; never an interrupted training's checkpoints."""
+    return _output_of(folder, "train", Trained, "completed train")

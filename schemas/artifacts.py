@@ -91,3 +91,26 @@ class Converted(Artifact):
         from schemas.examples import shard_files
 
         return shard_files(self.dir, split)
+
+
+@dataclass(frozen=True)
+class Trained(Artifact):
+    """The train stage's model: `model.keras` (or `model.joblib` for pca-svm), checkpoints/, logs/
+    (TensorBoard), history.csv (per-epoch metrics)."""
+
+    model: str = ""  # the zoo name
+    file: str = "model.keras"
+    epochs: int = 0
+    resumed_at_epoch: int | None = None  # set when an interrupted attempt was continued
+    val_accuracy: float = 0.0
+    train_rows: int = 0
+    val_rows: int = 0
+    parameters: int | None = None
+    seconds: float = 0.0  # training wall time of the last attempt
+    seconds_per_epoch: float | None = None  # median over every epoch run
+    device: str = "CPU"
+    mlflow_run_id: str | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.dir / self.file

@@ -76,6 +76,31 @@ class ConvertConfig(_Model):
                                            "(e.g. '--flink_master=host:8081 --environment_type=LOOPBACK')")
 
 
+class ModelName(StrEnum):
+    digits_net = "digits-net"  # ours: accuracy per second of CPU
+    baseline = "baseline"  # the Kaggle notebook's plain CNN: two conv layers + dense
+    robinson = "robinson"  # 32/32/64/64 conv, 2x1024 dense, heavy augmentation
+    bn_cnn = "bn-cnn"  # the batch-normalised net with strided convolutions
+    pca_svm = "pca-svm"  # scikit-learn PCA + RBF SVC, the classical reference
+
+
+class TrainConfig(_Model):
+    """How the train stage fits a model on the train split (never on val or test)."""
+
+    model: ModelName = ModelName.digits_net
+    epochs: PositiveInt = Field(6, description="passes over the train split")
+    width: float = Field(1.0, gt=0, le=4, description="digits-net: channel-count multiplier")
+    batch_size: PositiveInt = 128
+    learning_rate: float = Field(3e-3, gt=0, description="peak learning rate (warm-up, then cosine decay to 0)")
+    warmup_epochs: float = Field(0.5, ge=0, description="linear warm-up length, in epochs")
+    augment: bool = Field(True, description="random rotation, shift and zoom of training images")
+    rotation_degrees: float = Field(10.0, ge=0, le=180)
+    shift: float = Field(0.1, ge=0, lt=1, description="largest shift, as a fraction of the image side")
+    zoom: float = Field(0.1, ge=0, lt=1, description="largest zoom in or out, as a fraction")
+    svm_rows: PositiveInt = Field(10_000, description="pca-svm: train rows it fits on (an RBF SVC is quadratic)")
+    mixed_precision: bool = Field(True, description="float16 compute on a GPU (ignored on CPU)")
+
+
 class PipelineConfig(_Model):
     """The resolved configuration of one pipeline run; run.json records it whole."""
 
@@ -84,6 +109,7 @@ class PipelineConfig(_Model):
     ingest: IngestConfig = IngestConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     convert: ConvertConfig = ConvertConfig()
+    train: TrainConfig = TrainConfig()
 
     @property
     def source(self) -> Source:

@@ -22,7 +22,7 @@ def _runs(home: Path) -> list[Path]:
 def test_run_chains_the_stages_through_prefect(cli, home, tmp_path):
     datagen.write_kaggle(tmp_path / "kaggle", n_train=40, n_test=10)
     result = cli("run", "train-kaggle", "--data", tmp_path / "kaggle", "--set", "ingest.limit=30",
-                 "--set", "validate.min_rows=10")
+                 "--set", "validate.min_rows=10", "--set", "train.epochs=1")
     assert result.code == 0, result.err
     (run,) = _runs(home)
     assert run.name in result.out and str(run) in result.out
@@ -38,6 +38,8 @@ def test_run_chains_the_stages_through_prefect(cli, home, tmp_path):
     assert record["stages"]["convert"]["status"] == "completed"
     assert record["stages"]["convert"]["outputs"]["counts"] == {"train": 20, "val": 10, "test": 10}
     assert json.loads((run / "convert/manifest.json").read_text())["counts"]["val"] == 10
+    assert record["stages"]["train"]["status"] == "completed" and (run / "train/model.keras").is_file()
+    assert "epoch 1/1" in result.out
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 

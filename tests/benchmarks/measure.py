@@ -157,10 +157,45 @@ def convert_vs_plain(source: str, data: str, repeats: str = "3") -> dict:
             "plain_rows_per_s": round(rows / plain), "beam_vs_plain_throughput": round(plain / beam, 2)}
 
 
+def train(home: str, run_id: str, *overrides: str) -> dict:
+    """The train stage on a converted run (training on its train split only), then accuracy on the
+    run's test split, which the model never saw. `seconds` is the training wall time (model.fit)."""
+    import os
+
+    os.environ["DIGITS_HOME"] = home
+    from components.tensorflow_runtime import import_tensorflow
+
+    import_tensorflow()
+    import keras
+
+    from flows import stages
+    from schemas import examples as ex
+    from schemas.config import apply_overrides
+    from schemas.runs import RunFolder
+
+    folder = RunFolder.open(run_id)
+    config = apply_overrides(stages.config_of(folder), list(overrides))
+    trained = stages.train(folder, config)
+    test = ex.load(stages.converted_of(folder).files("test"))
+    if trained.file.endswith(".keras"):
+        model = keras.models.load_model(trained.path, safe_mode=True)
+        predicted = model.predict(test.images[..., None], batch_size=1024, verbose=0).argmax(axis=1)
+    else:
+        import joblib
+
+        predicted = joblib.load(trained.path).predict(test.images.reshape(len(test.ids), -1) / 255.0)
+    return {"seconds": trained.seconds, "rows": {"train": trained.train_rows, "val": trained.val_rows,
+                                                 "test": len(test.ids)},
+            "model": trained.model, "epochs": trained.epochs, "seconds_per_epoch": trained.seconds_per_epoch,
+            "parameters": trained.parameters, "val_accuracy": trained.val_accuracy,
+            "test_accuracy": float((predicted == test.labels).mean()), "settings": list(overrides)}
+
+
 if __name__ == "__main__":
     job, *args = sys.argv[1:]
     jobs = {"ours": ours, "ours_read": ours_read, "validate": validate, "pandas_kaggle": pandas_kaggle,
-            "pandas_noisy": pandas_noisy, "convert_cold": convert_cold, "convert_vs_plain": convert_vs_plain}
+            "pandas_noisy": pandas_noisy, "convert_cold": convert_cold, "convert_vs_plain": convert_vs_plain,
+            "train": train}
     result = jobs[job](*args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))

@@ -1,0 +1,59 @@
+"""MLflow tracking for the stages: one MLflow run per pipeline run and stage, through MlflowClient
+(no process-global active run). The tracking URI comes from the caller: `MLFLOW_TRACKING_URI` when
+set, else SQLite under $DIGITS_HOME (see flows.stages)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def tracking_uri(home: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home.resolve() / 'mlflow.db'}"
+
+
+class Tracking:
+    """The MLflow run of one stage of one pipeline run (experiment `digits-<source>`)."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str],
+                 artifact_root: Path | None = None) -> None:
+        self.uri, self.experiment, self.run_name, self.tags = uri, experiment, run_name, tags
+        self.artifact_root = artifact_root
+        self.run_id: str | None = None
+
+    def _client(self):
+        import logging
+
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations of a new SQLite store
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+    def start(self, run_id: str | None, params: dict[str, Any]) -> str:
+        """Continue run_id (a resumed stage), or create a run with these params. Returns its id."""
+        client = self._client()
+        if run_id is not None:
+            self.run_id = client.get_run(run_id).info.run_id
+            client.update_run(self.run_id, status="RUNNING")
+            return self.run_id
+        found = client.get_experiment_by_name(self.experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(
+            self.experiment, artifact_location=self.artifact_root.resolve().as_uri() if self.artifact_root else None)
+        self.run_id = client.create_run(experiment_id, run_name=self.run_name, tags=self.tags).info.run_id
+        from mlflow.entities import Param
+
+        client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._client().log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def finish(self, metrics: dict[str, float], step: int) -> None:
+        self.log_metrics(metrics, step=step)
+        self._client().set_terminated(self.run_id, status="FINISHED")

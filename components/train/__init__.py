@@ -1,0 +1,195 @@
+"""The train stage: fit a model from the zoo on the train split's TFRecords, checkpoint every epoch,
+resume after a crash, log to MLflow and TensorBoard, save `model.keras`.
+
+The split is read once through the shared parser (schemas.examples) and held in memory (uint8,
+~50 MB for MNIST); augmentation runs in the model on the training device. The work folder is
+resumable: `checkpoints/epoch-NNN.keras` (the whole model, optimizer state and learning-rate
+schedule position included) and `checkpoints/state.json` are written atomically after every epoch;
+a new attempt on the same data, seed and config loads the newest and continues at the next epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from components.tensorflow_runtime import import_tensorflow
+from components.tracking import Tracking
+from schemas import examples as ex
+from schemas.artifacts import Converted, Trained
+from schemas.config import ModelName, TrainConfig
+
+Progress = Callable[[str], None]
+CHECKPOINTS = "checkpoints"
+STATE = "state.json"  # written by callbacks.EpochCheckpoint
+MODEL = "model.keras"
+SVM_MODEL = "model.joblib"
+
+
+def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
+        tracking: Tracking | None = None, progress: Progress = lambda _: None) -> Trained:
+    """Train config.model on `converted`'s train split, validating on its val split, in work_dir.
+
+    work_dir may hold an earlier, interrupted attempt: it is resumed when it was made from the same
+    data, seed and config, and cleared otherwise.
+    """
+    signature = {"data": converted.fingerprint, "seed": seed, "config": config.model_dump(mode="json")}
+    resume = _resumable(work_dir, signature)
+    if resume is None and work_dir.exists():
+        shutil.rmtree(work_dir)
+    (work_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    progress("loading the train and val splits")
+    train, val = ex.load(converted.files("train")), ex.load(converted.files("val"))
+    if config.model is ModelName.pca_svm:
+        return _fit_svm(train, val, config, seed, work_dir, signature, tracking, progress)
+    return _fit_keras(train, val, config, seed, work_dir, signature, resume, tracking, progress)
+
+
+def _resumable(work_dir: Path, signature: dict) -> dict | None:
+    state_file = work_dir / CHECKPOINTS / STATE
+    if not state_file.is_file():
+        return None
+    state = json.loads(state_file.read_text())
+    if state.get("signature") != signature or not (work_dir / CHECKPOINTS / state["checkpoint"]).is_file():
+        return None
+    return state
+
+
+def device_summary(tf) -> dict[str, Any]:
+    gpus = tf.config.list_physical_devices("GPU")
+    return {"gpus": len(gpus), "device": "GPU" if gpus else "CPU", "cpus": os.cpu_count()}
+
+
+def _fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, work_dir: Path,
+               signature: dict, resume: dict | None, tracking, progress: Progress) -> Trained:
+    tf = import_tensorflow()
+    import keras
+
+    from components.train import callbacks as cb
+    from components.train import models
+
+    keras.utils.set_random_seed(seed)
+    hardware = device_summary(tf)
+    if hardware["gpus"] and config.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    strategy = tf.distribute.MirroredStrategy() if hardware["gpus"] > 1 else tf.distribute.get_strategy()
+    steps_per_epoch = int(np.ceil(len(train.ids) / config.batch_size))
+    with strategy.scope():
+        if resume is not None:
+            model = keras.models.load_model(work_dir / CHECKPOINTS / resume["checkpoint"], safe_mode=True)
+            initial_epoch = resume["epoch"]
+            progress(f"resuming at epoch {initial_epoch + 1} of {config.epochs} from {resume['checkpoint']}")
+        else:
+            model = models.build(config, keras)
+            model.compile(optimizer=_optimizer(config, steps_per_epoch, keras),
+                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+            initial_epoch = 0
+    run_id = tracking.start(resume.get("mlflow_run_id") if resume else None, _params(config, seed, train, val, model,
+                                                                                       hardware)) if tracking else None
+    train_ds = _dataset(tf, train, config.batch_size, shuffle_seed=seed)
+    val_ds = _dataset(tf, val, 1024)
+    if resume is not None:  # rows of epochs after the checkpoint (killed before it was written) are redone
+        _truncate_history(work_dir / "history.csv", initial_epoch)
+    callbacks = [  # in this order: an epoch is logged everywhere, then committed by its checkpoint
+        cb.EpochTimer(),
+        keras.callbacks.CSVLogger(str(work_dir / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(work_dir / "logs"), write_graph=False, profile_batch=0),
+        cb.EpochReport(config.epochs, progress, tracking),
+        cb.EpochCheckpoint(work_dir / CHECKPOINTS, {"signature": signature, "mlflow_run_id": run_id}),
+    ]
+    progress(f"training {config.model.value} ({model.count_params():,} parameters) on {len(train.ids):,} images, "
+             f"{hardware['device']}, {config.epochs} epochs")
+    started = time.perf_counter()
+    model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
+              callbacks=callbacks, shuffle=False, verbose=0)  # shuffled by tf.data, seeded
+    seconds = time.perf_counter() - started
+    val_accuracy = float(model.evaluate(val_ds, verbose=0, return_dict=True)["accuracy"])
+    cb.save_atomic(model, work_dir / MODEL)
+    history = _history(work_dir / "history.csv")
+    if tracking:
+        tracking.finish({"final_val_accuracy": val_accuracy}, step=config.epochs)
+    return Trained(dir=work_dir, model=config.model.value, file=MODEL, epochs=config.epochs,
+                   resumed_at_epoch=initial_epoch + 1 if initial_epoch else None, val_accuracy=val_accuracy,
+                   train_rows=len(train.ids), val_rows=len(val.ids), parameters=int(model.count_params()),
+                   seconds=round(seconds, 2), seconds_per_epoch=_seconds_per_epoch(history),
+                   device=hardware["device"], mlflow_run_id=run_id)
+
+
+def _optimizer(config: TrainConfig, steps_per_epoch: int, keras):
+    total = config.epochs * steps_per_epoch
+    warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=config.learning_rate / 20, decay_steps=max(1, total - warmup), alpha=0.0,
+        warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup)
+    return keras.optimizers.Adam(schedule)
+
+
+def _dataset(tf, arrays: ex.Arrays, batch_size: int, shuffle_seed: int | None = None):
+    ds = tf.data.Dataset.from_tensor_slices((arrays.images[..., None], arrays.labels))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(arrays.ids), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _truncate_history(csv_path: Path, epochs: int) -> None:
+    if not csv_path.is_file():
+        return
+    lines = csv_path.read_text().splitlines(keepends=True)
+    kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < epochs]
+    partial = csv_path.with_name(f".{csv_path.name}.partial")
+    partial.write_text("".join(kept))
+    os.replace(partial, csv_path)
+
+
+def _history(csv_path: Path) -> list[dict[str, float]]:
+    import csv
+
+    with csv_path.open() as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _seconds_per_epoch(history: list[dict[str, float]]) -> float | None:
+    """Median seconds of the epochs run in this attempt and any earlier one (history.csv)."""
+    seconds = [row["epoch_seconds"] for row in history if "epoch_seconds" in row]
+    return round(float(np.median(seconds)), 2) if seconds else None
+
+
+def _params(config: TrainConfig, seed: int, train: ex.Arrays, val: ex.Arrays, model, hardware: dict) -> dict:
+    return {**{f"train.{k}": v for k, v in config.model_dump(mode="json").items()}, "seed": seed,
+            "train_rows": len(train.ids), "val_rows": len(val.ids), "parameters": int(model.count_params()),
+            **hardware}
+
+
+def _fit_svm(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, work_dir: Path, signature: dict,
+             tracking, progress: Progress) -> Trained:
+    """PCA (50 whitened components) + RBF SVC on the first config.svm_rows train rows, the notebooks' reference."""
+    import joblib
+    from sklearn.decomposition import PCA
+    from sklearn.pipeline import make_pipeline
+    from sklearn.svm import SVC
+
+    rows = min(config.svm_rows, len(train.ids))
+    x = train.images[:rows].reshape(rows, -1) / 255.0
+    model = make_pipeline(PCA(n_components=50, whiten=True, random_state=seed), SVC(C=10, gamma="scale"))
+    progress(f"fitting pca-svm on {rows:,} images")
+    run_id = tracking.start(None, {"train.model": config.model.value, "seed": seed, "train_rows": rows,
+                                   "val_rows": len(val.ids)}) if tracking else None
+    started = time.perf_counter()
+    model.fit(x, train.labels[:rows])
+    seconds = time.perf_counter() - started
+    val_accuracy = float((model.predict(val.images.reshape(len(val.ids), -1) / 255.0) == val.labels).mean())
+    partial = work_dir / f".{SVM_MODEL}.partial"
+    joblib.dump(model, partial)
+    os.replace(partial, work_dir / SVM_MODEL)
+    if tracking:
+        tracking.finish({"val_accuracy": val_accuracy, "final_val_accuracy": val_accuracy}, step=1)
+    progress(f"pca-svm: val_accuracy {val_accuracy:.2%} ({seconds:.1f} s)")
+    return Trained(dir=work_dir, model=config.model.value, file=SVM_MODEL, epochs=1, resumed_at_epoch=None,
+                   val_accuracy=val_accuracy, train_rows=rows, val_rows=len(val.ids), parameters=None,
+                   seconds=round(seconds, 2), seconds_per_epoch=round(seconds, 2), device="CPU", mlflow_run_id=run_id)

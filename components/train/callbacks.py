@@ -1,0 +1,66 @@
+"""Keras callbacks of the train stage (imported only once TensorFlow is)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import keras
+
+from schemas.runs import write_json_atomic
+
+STATE = "state.json"
+KEEP_CHECKPOINTS = 2
+
+
+def save_atomic(model: keras.Model, path: Path) -> None:
+    """model.save under a temporary name, then rename: a reader never finds half a .keras file."""
+    partial = path.with_name(f".{path.stem}.partial.keras")
+    model.save(partial)
+    os.replace(partial, path)
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Adds `epoch_seconds` to the epoch's logs (put it first: later callbacks, CSVLogger too, see it)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self._started
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After every epoch: the whole model (optimizer state and schedule position included) to
+    `epoch-NNN.keras`, then `state.json` naming it. Each is written under a temporary name and renamed,
+    so a kill at any moment leaves the previous complete checkpoint in force."""
+
+    def __init__(self, directory: Path, state: dict) -> None:
+        super().__init__()
+        self.directory, self.state = directory, state
+
+    def on_epoch_end(self, epoch, logs=None):
+        name = f"epoch-{epoch + 1:03d}.keras"
+        save_atomic(self.model, self.directory / name)
+        write_json_atomic(self.directory / STATE, {**self.state, "epoch": epoch + 1, "checkpoint": name})
+        for old in sorted(self.directory.glob("epoch-*.keras"))[:-KEEP_CHECKPOINTS]:
+            old.unlink()
+
+
+class EpochReport(keras.callbacks.Callback):
+    """One progress line per epoch, and the epoch's metrics to the tracking run."""
+
+    def __init__(self, epochs: int, progress: Callable[[str], None], tracking) -> None:
+        super().__init__()
+        self.epochs, self.progress, self.tracking = epochs, progress, tracking
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        self.progress(f"epoch {epoch + 1}/{self.epochs}: loss {logs.get('loss', float('nan')):.4f}, "
+                      f"accuracy {logs.get('accuracy', 0):.2%}, val_loss {logs.get('val_loss', float('nan')):.4f}, "
+                      f"val_accuracy {logs.get('val_accuracy', 0):.2%} ({logs.get('epoch_seconds', 0):.1f} s)")
+        if self.tracking:
+            self.tracking.log_metrics(logs, step=epoch + 1)
