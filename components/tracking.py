@@ -13,6 +13,19 @@ def tracking_uri(home: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home.resolve() / 'mlflow.db'}"
 
 
+def mlflow_client(uri: str):
+    """An MlflowClient for tracking and registry at uri, quiet: MLflow and alembic log at INFO to stderr
+    (database creation, migrations) and draw download progress bars there, and stderr is for errors."""
+    import logging
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow.tracking import MlflowClient  # configures MLflow's loggers: quiet them after it
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 class Tracking:
     """The MLflow run of one stage of one pipeline run (experiment `digits-<source>`)."""
 
@@ -23,12 +36,7 @@ class Tracking:
         self.run_id: str | None = None
 
     def _client(self):
-        import logging
-
-        logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations of a new SQLite store
-        from mlflow.tracking import MlflowClient
-
-        return MlflowClient(tracking_uri=self.uri)
+        return mlflow_client(self.uri)
 
     def start(self, run_id: str | None, params: dict[str, Any]) -> str:
         """Continue run_id (a resumed stage), or create a run with these params. Returns its id."""

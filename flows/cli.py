@@ -42,6 +42,8 @@ def run(
     pipeline: Annotated[Pipeline, typer.Argument(help="train-kaggle | train-mnist | train-noisy")],
     data: DataOption = None,
     overrides: SetOption = None,
+    require_promotion: Annotated[bool, typer.Option(
+        "--require-promotion", help="exit 3 when the evaluation gate refuses to promote the model")] = False,
 ) -> None:
     """Run a whole pipeline through the Prefect flow `digits` (ephemeral API), in this process."""
     config = _config(pipeline, data, overrides)
@@ -55,6 +57,10 @@ def run(
         prefect_pipeline.digits(config, run_id=folder.run_id)
     finally:
         _print_stages(folder)
+    record = folder.load()
+    if require_promotion and not record.promoted:
+        print(f"digits: not promoted: {record.promotion_reason}", file=sys.stderr)
+        sys.exit(3)
 
 
 @app.command()
@@ -125,29 +131,106 @@ def train(run_id: Annotated[Optional[str], typer.Option("--run", help="run id (d
 
 
 @app.command()
+def evaluate(run_id: Annotated[Optional[str], typer.Option("--run", help="run id (default: the newest run)")] = None,
+             overrides: SetOption = None) -> None:
+    """Evaluate a run's model on its validation split, gate it, and register it when it passes."""
+    from flows import stages
+
+    folder = RunFolder.open(run_id)
+    config = apply_overrides(stages.config_of(folder), list(overrides or []))
+    with console.status("evaluate") as status:
+        evaluation = stages.evaluate(folder, config, progress=lambda m: status.update(f"evaluate: {m}"))
+        version, promoted = stages.register(folder, config, evaluation, progress=lambda m: status.update(m))
+    stages.finish_run(folder)
+    state = "[green]passed[/]" if evaluation.passed else "[yellow]refused[/]"
+    console.print(f"val_accuracy {evaluation.val_accuracy:.2%}; gate {state}: {evaluation.reason}")
+    if version:
+        console.print(f"registered version {version}" + (" [green]champion[/]" if promoted else ""))
+    console.print(f"[bold]report[/] {evaluation.report}")
+
+
+registry_app = typer.Typer(help="the MLflow model registry: digits-kaggle, digits-mnist, digits-noisy",
+                           no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("list")
+def registry_list() -> None:
+    """Registered models with their champion and number of versions."""
+    from flows import stages
+
+    reg = stages.registry()
+    rows = []
+    for name in reg.names():
+        champion = reg.champion(name)
+        rows.append((name, champion.version if champion else "-", str(len(reg.versions(name)))))
+    _print_rows([Column("model", no_wrap=True), Column("champion"), Column("versions")], rows)
+
+
+@registry_app.command("show")
+def registry_show(name: Annotated[str, typer.Argument(help="e.g. digits-mnist")]) -> None:
+    """Every version of a model: aliases, val accuracy, run id, lineage."""
+    from flows import stages
+
+    versions = stages.registry().versions(name)
+    if not versions:
+        raise DigitsInputError(f"no registered model '{name}' (see `digits registry list`)")
+    _print_rows([Column("version"), Column("aliases"), Column("val_accuracy"), Column("model"),
+                 Column("run id", no_wrap=True), Column("data", no_wrap=True)],
+                [(v.version, ",".join(v.aliases), v.tags.get("digits.val_accuracy", ""), v.tags.get("digits.model", ""),
+                  v.tags.get("digits.run_id", ""), v.tags.get("digits.data_fingerprint", "")[:12]) for v in versions])
+
+
+@registry_app.command("promote")
+def registry_promote(name: Annotated[str, typer.Argument()], version: Annotated[str, typer.Argument()]) -> None:
+    """Make VERSION the champion (the replaced champion stays a version; `rollback` returns to it)."""
+    from flows import stages
+
+    promoted = stages.registry().promote(name, version)
+    console.print(f"{name}: champion is now version {promoted.version}")
+
+
+@registry_app.command("rollback")
+def registry_rollback(name: Annotated[str, typer.Argument()]) -> None:
+    """Move champion back to the version the current champion replaced."""
+    from flows import stages
+
+    restored = stages.registry().rollback(name)
+    console.print(f"{name}: champion is back to version {restored.version}")
+
+
+@app.command()
 def reports(run_id: Annotated[Optional[str], typer.Argument(help="a run id (default: list runs, newest last)")] = None) -> None:
     """List runs, or print where one run's reports are."""
     if run_id is None:
         rows = [(r.run_id, r.pipeline, r.status, " ".join(f"{name}:{s.status}" for name, s in r.stages.items()))
                 for r in (folder.load() for folder in list_runs())]
-        if not console.is_terminal:  # piped: one tab-separated line per run, nothing cut
-            for row in rows:
-                print("\t".join(row))
-            return
-        table = Table(Column("run id", no_wrap=True), Column("pipeline", no_wrap=True), "status",
-                      Column("stages", overflow="fold"))
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
+        _print_rows([Column("run id", no_wrap=True), Column("pipeline", no_wrap=True), Column("status"),
+                     Column("stages", overflow="fold")], rows)
         return
     folder = RunFolder.open(run_id)
     for label, path in (("EDA", folder.stage_dir("ingest") / "eda"),
                         ("rejected rows", folder.stage_dir("ingest") / "rejected.csv"),
                         ("validation report", folder.stage_dir("validate") / "index.html"),
+                        ("convert manifest", folder.stage_dir("convert") / "manifest.json"),
+                        ("model", folder.stage_dir("train") / "model.keras"),
+                        ("TensorBoard logs", folder.stage_dir("train") / "logs"),
                         ("evaluation report", folder.stage_dir("evaluate") / "report.html")):
         if path.exists():
             console.print(f"{label}: {path}")
     console.print(f"run.json: {folder.path}")
+
+
+def _print_rows(columns: list[Column], rows: list[tuple[str, ...]]) -> None:
+    """A table on a terminal; piped, one tab-separated line per row with nothing cut."""
+    if not console.is_terminal:
+        for row in rows:
+            print("\t".join(row))
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 def _print_stages(folder: RunFolder) -> None:

@@ -18,11 +18,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_link_artifact, create_table_artifact  # noqa: E402
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows import stages  # noqa: E402
-from schemas.artifacts import Converted, Examples, Trained, Validation  # noqa: E402
+from schemas.artifacts import Converted, Evaluation, Examples, Trained, Validation  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
 from schemas.errors import DigitsInputError  # noqa: E402
 from schemas.runs import RunFolder, digits_home  # noqa: E402
@@ -63,6 +63,33 @@ def train_task(run_id: str, config: PipelineConfig, converted: Converted) -> Tra
     return stages.train(_folder(run_id), config, progress=logger.info)
 
 
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(run_id: str, config: PipelineConfig, trained: Trained) -> Evaluation:
+    """Metrics, pictures, robustness and the gate against the champion; publishes a markdown summary."""
+    logger = get_run_logger()
+    evaluation = stages.evaluate(_folder(run_id), config, progress=logger.info)
+    champion = (f"champion version {evaluation.champion_version}: {evaluation.champion_val_accuracy:.4%} on the same data"
+                if evaluation.champion_version else "no champion yet")
+    create_markdown_artifact(key="evaluation-summary", description=f"evaluation of run {run_id}", markdown=(
+        f"## Evaluation of run `{run_id}`\n\n| | |\n|---|---|\n| model | `{trained.model}` |\n"
+        f"| val_accuracy | **{evaluation.val_accuracy:.4%}** |\n| threshold | {evaluation.threshold:.2%} |\n"
+        f"| champion | {champion} |\n| gate | **{'passed' if evaluation.passed else 'refused'}** |\n\n"
+        f"{evaluation.reason}\n\nReport: `{evaluation.report}`\n"))
+    return evaluation
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register_task(run_id: str, config: PipelineConfig, evaluation: Evaluation) -> tuple[str | None, bool]:
+    """Registry push: a new version of digits-<source> when the gate passed, champion when it still wins."""
+    logger = get_run_logger()
+    version, promoted = stages.register(_folder(run_id), config, evaluation, progress=logger.info)
+    if version:
+        create_link_artifact(key="registry-version", link=f"models:/digits-{config.source.value}/{version}",
+                             link_text=f"digits-{config.source.value} version {version}",
+                             description="champion" if promoted else "registered, not champion")
+    return version, promoted
+
+
 def _publish_validation(folder: RunFolder) -> None:
     results = folder.stage_dir("validate") / "results.json"
     if not results.is_file():
@@ -94,6 +121,11 @@ def digits(config: PipelineConfig, run_id: str | None = None) -> str:
     logger.info("converted %s into %s", ", ".join(f"{s} {n:,}" for s, n in converted.counts.items()), converted.dir)
     trained = train_task(folder.run_id, config, converted)
     logger.info("trained %s: val_accuracy %.2f%% (%s)", trained.model, 100 * trained.val_accuracy, trained.path)
+    evaluation = evaluate_task(folder.run_id, config, trained)
+    version, promoted = register_task(folder.run_id, config, evaluation)
+    logger.info("gate %s: %s", "passed" if evaluation.passed else "refused", evaluation.reason)
+    if version:
+        logger.info("registered digits-%s version %s%s", config.source.value, version, " (champion)" if promoted else "")
     stages.finish_run(folder)
     return folder.run_id
 

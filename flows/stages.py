@@ -18,7 +18,7 @@ from components import convert as convert_component
 from components import ingest as ingest_component
 from components import validate as validate_component
 from components.tracking import Tracking, tracking_uri
-from schemas.artifacts import Artifact, Converted, Examples, Trained, Validation
+from schemas.artifacts import Artifact, Converted, Evaluation, Examples, Trained, Validation
 from schemas.config import FailOn, PipelineConfig
 from schemas.errors import DigitsInputError, ValidationFailed
 from schemas.runs import RunFolder, RunRecord, StageRecord, digits_home, list_runs, utc_now
@@ -205,3 +205,99 @@ def train(folder: RunFolder, config: PipelineConfig, progress: Progress = lambda
 def trained_of(folder: RunFolder) -> Trained:
     """The completed model of a run; never an interrupted training's checkpoints."""
     return _output_of(folder, "train", Trained, "completed train")
+
+
+def registry() -> "Registry":
+    from components.registry import Registry
+
+    home = digits_home()
+    return Registry(tracking_uri(home), home)
+
+
+def evaluate(folder: RunFolder, config: PipelineConfig, progress: Progress = lambda _: None) -> Evaluation:
+    """The evaluate stage: metrics, pictures, robustness and the gate, with the registry's current
+    champion re-measured on this run's validation split."""
+    import tempfile
+
+    from components import evaluate as evaluate_component
+    from components.registry import model_name
+
+    trained, converted = trained_of(folder), converted_of(folder)
+    name = model_name(config.source.value)
+    current = registry().champion(name)
+    with tempfile.TemporaryDirectory(prefix="digits-champion-") as scratch:
+        champion = None
+        if current is not None:
+            progress(f"fetching the champion, {name} version {current.version}")
+            champion = evaluate_component.Champion(current.version, registry().download(current, Path(scratch)))
+        evaluation = execute(folder, "evaluate", lambda out: evaluate_component.run(
+            trained, converted, out, threshold=config.threshold, champion=champion, progress=progress))
+
+    def record(run: RunRecord) -> None:
+        run.metrics.update({"val_accuracy": evaluation.val_accuracy, "gate_passed": evaluation.passed})
+        run.promotion_reason = evaluation.reason
+    folder.update(record)
+    return evaluation
+
+
+def evaluation_of(folder: RunFolder) -> Evaluation:
+    return _output_of(folder, "evaluate", Evaluation, "completed evaluate")
+
+
+def register(folder: RunFolder, config: PipelineConfig, evaluation: Evaluation,
+             progress: Progress = lambda _: None) -> tuple[str | None, bool]:
+    """Push a gate-passing model to the registry as a new version of digits-<source> and make it champion.
+
+    The champion is read again under the registry lock: when another promotion replaced the one this
+    run was measured against, the new champion is measured on this run's validation data first.
+    A refused model is logged to its MLflow run only. Returns (version or None, promoted).
+    """
+    import tempfile
+
+    from components import evaluate as evaluate_component
+    from components.registry import model_name
+
+    trained, converted = trained_of(folder), converted_of(folder)
+    name = model_name(config.source.value)
+    reg = registry()
+    if not evaluation.passed:
+        progress(f"not registered: {evaluation.reason}")
+        if trained.mlflow_run_id:
+            reg.log_model(trained.mlflow_run_id, trained.path)
+        _record_promotion(folder, None, False, evaluation.reason)
+        return None, False
+    reason = evaluation.reason
+
+    def gate(current) -> bool:
+        nonlocal reason
+        if current is None or current.version == evaluation.champion_version:
+            return True
+        with tempfile.TemporaryDirectory(prefix="digits-champion-") as scratch:
+            predict = evaluate_component.load_predict(reg.download(current, Path(scratch)))
+            from schemas import examples as ex
+
+            val = ex.load(converted.files("val"))
+            accuracy = float((predict(val.images).argmax(axis=1) == val.labels).mean())
+        decision = evaluate_component.decide(evaluation.val_accuracy, config.threshold,
+                                             evaluate_component.Champion(current.version, Path()), accuracy)
+        reason = decision["reason"] + " (champion replaced during this run)"
+        return decision["passed"]
+
+    record = folder.load()
+    tags = {"digits.run_id": folder.run_id, "digits.pipeline": config.pipeline.value,
+            "digits.code_version": record.code_version, "digits.data_fingerprint": converted.fingerprint,
+            "digits.val_accuracy": f"{evaluation.val_accuracy:.6f}", "digits.model": trained.model,
+            "digits.evaluation_report": str(evaluation.report),
+            "digits.validation_report": str(folder.stage_dir("validate") / "index.html"),
+            **{f"digits.input.{Path(k).name}": v for k, v in record.data_fingerprints.items()}}
+    version, promoted = reg.register(name, trained.mlflow_run_id, trained.path, tags, gate)
+    progress(f"registered {name} version {version.version}" + (" as champion" if promoted else ", not champion"))
+    _record_promotion(folder, version.version, promoted, reason)
+    return version.version, promoted
+
+
+def _record_promotion(folder: RunFolder, version: str | None, promoted: bool, reason: str) -> None:
+    def record(run: RunRecord) -> None:
+        run.registry_version = int(version) if version else None
+        run.promoted, run.promotion_reason = promoted, reason
+    folder.update(record)

@@ -114,3 +114,20 @@ class Trained(Artifact):
     @property
     def path(self) -> Path:
         return self.dir / self.file
+
+
+@dataclass(frozen=True)
+class Evaluation(Artifact):
+    """The evaluate stage: metrics.json (accuracy, per class, confusion, gate), robustness.json,
+    confusion.png, errors.png, robustness.png, report.html."""
+
+    val_accuracy: float = 0.0
+    passed: bool = False  # the gate: may this model become champion?
+    reason: str = ""
+    threshold: float = 0.0
+    champion_version: str | None = None
+    champion_val_accuracy: float | None = None
+
+    @property
+    def report(self) -> Path:
+        return self.dir / "report.html"

@@ -101,6 +101,17 @@ class TrainConfig(_Model):
     mixed_precision: bool = Field(True, description="float16 compute on a GPU (ignored on CPU)")
 
 
+class EvaluateConfig(_Model):
+    """The evaluate stage's gate."""
+
+    threshold: float | None = Field(None, ge=0, le=1, description="validation accuracy a model needs to become "
+                                                                  "champion; None: the pipeline's default "
+                                                                  "(kaggle 0.99, mnist 0.99, noisy 0.97)")
+
+
+DEFAULT_THRESHOLDS = {"train-kaggle": 0.99, "train-mnist": 0.99, "train-noisy": 0.97}
+
+
 class PipelineConfig(_Model):
     """The resolved configuration of one pipeline run; run.json records it whole."""
 
@@ -110,10 +121,18 @@ class PipelineConfig(_Model):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     convert: ConvertConfig = ConvertConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @property
     def source(self) -> Source:
         return self.pipeline.source
+
+    @property
+    def threshold(self) -> float:
+        """The evaluation gate's accuracy threshold for this pipeline."""
+        if self.evaluate.threshold is not None:
+            return self.evaluate.threshold
+        return DEFAULT_THRESHOLDS[self.pipeline.value]
 
 
 def default_config(pipeline: Pipeline | str) -> PipelineConfig:

@@ -16,21 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 
 import datagen
+from runs import validated_kaggle_run
 from components.convert import plan as split_plan
 from flows import stages
 from schemas import examples as ex
-from schemas.config import apply_overrides, default_config
+from schemas.config import apply_overrides
 from schemas.dataset import labels_of, pixels_of
 from schemas.errors import DigitsInputError
 from schemas.runs import RunFolder
-
-
-def _validated_run(data: Path, *overrides: str):
-    config = apply_overrides(default_config("train-kaggle"),
-                             [f"ingest.data={data}", "validate.min_rows=10", *overrides])
-    folder = stages.start_run(config)
-    stages.validate(folder, config, stages.ingest(folder, config))
-    return folder, config
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +42,7 @@ def _by_id(parquet: Path) -> dict[int, tuple[int | None, bytes]]:
 
 
 def test_shards_read_back_through_the_shared_parser_match_manifest_and_parquet(home, kaggle_data):
-    folder, config = _validated_run(kaggle_data, "convert.rows_per_shard=100")
+    folder, config = validated_kaggle_run(kaggle_data, "convert.rows_per_shard=100")
     converted = stages.convert(folder, config)
     manifest = ex.read_manifest(converted.dir)
     assert manifest["counts"] == converted.counts == {"train": 540, "val": 60, "test": 150}
@@ -88,7 +81,7 @@ def test_shards_read_back_through_the_shared_parser_match_manifest_and_parquet(h
 def test_dask_runner_on_a_local_cluster_writes_the_same_examples_as_the_direct_runner(home, kaggle_data, tmp_path):
     """`digits convert --set convert.runner=dask` (a LocalCluster of 2 worker processes on 127.0.0.1) in its
     own process, on a copy of a validated run; the direct runner converts the original in-process."""
-    folder, config = _validated_run(kaggle_data, "convert.rows_per_shard=150")
+    folder, config = validated_kaggle_run(kaggle_data, "convert.rows_per_shard=150")
     dask_home = tmp_path / "dask-home"
     shutil.copytree(folder.root, dask_home / "runs" / folder.run_id)
     direct = stages.convert(folder, config)
@@ -137,13 +130,13 @@ def test_row_keys_agree_between_the_driver_and_the_workers():
 
 
 def test_a_converted_input_is_reused_not_recomputed(home, kaggle_data, cli):
-    folder, config = _validated_run(kaggle_data)
+    folder, config = validated_kaggle_run(kaggle_data)
     first = stages.convert(folder, config)
     seconds = folder.load().stages["convert"].seconds
     assert stages.convert(folder, config).fingerprint == first.fingerprint
     assert folder.load().stages["convert"].seconds == seconds  # not run again
 
-    second, _ = _validated_run(kaggle_data)  # a new run on the same data
+    second, _ = validated_kaggle_run(kaggle_data)  # a new run on the same data
     result = cli("convert", "--run", second.run_id)
     assert result.code == 0, result.err
     assert "reused from" in result.out
@@ -173,7 +166,7 @@ def test_convert_refuses_a_run_without_passed_validation(cli, home, kaggle_data)
     ("convert.val_fraction=1.5", "invalid value for 'convert.val_fraction'"),
 ])
 def test_bad_convert_settings_are_one_line(cli, home, kaggle_data, setting, words):
-    folder, _ = _validated_run(kaggle_data)
+    folder, _ = validated_kaggle_run(kaggle_data)
     result = cli("convert", "--run", folder.run_id, "--set", setting)
     assert result.code == 2
     (message,) = result.err.strip().splitlines()
@@ -182,7 +175,7 @@ def test_bad_convert_settings_are_one_line(cli, home, kaggle_data, setting, word
 
 
 def test_beam_args_reach_the_runner_untouched(home, kaggle_data):
-    folder, config = _validated_run(kaggle_data)
+    folder, config = validated_kaggle_run(kaggle_data)
     threaded = apply_overrides(config, ["convert.beam_args=--direct_num_workers=2 --direct_running_mode=multi_threading"])
     converted = stages.convert(folder, threaded)
     assert converted.counts["train"] + converted.counts["val"] == 600
@@ -195,7 +188,7 @@ def test_beam_args_reach_the_runner_untouched(home, kaggle_data):
 def test_conversion_killed_midway_leaves_nothing_readable_and_the_next_run_completes(home, tmp_path):
     """kill -9 while shards are being written: no convert/ folder, train cannot read it, a re-run completes."""
     datagen.write_kaggle(tmp_path / "kaggle", n_train=2000, n_test=500)
-    folder, _ = _validated_run(tmp_path / "kaggle", "convert.rows_per_shard=10")
+    folder, _ = validated_kaggle_run(tmp_path / "kaggle", "convert.rows_per_shard=10")
     command = [str(Path(sys.executable).with_name("digits")), "convert", "--run", folder.run_id]
     proc = subprocess.Popen(command, env={**os.environ, "DIGITS_HOME": str(home)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

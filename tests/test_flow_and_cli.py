@@ -46,10 +46,10 @@ def test_run_chains_the_stages_through_prefect(cli, home, tmp_path):
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["validation-results", "validation-report"])))
-    by_key = {a.key: a for a in found}
-    assert set(by_key) == {"validation-results", "validation-report"}
-    assert (run / "validate/index.html").as_uri() in str(by_key["validation-report"].data)
-    assert "border_mean" in str(by_key["validation-results"].data)
+    # the Prefect home is shared by the session's flow runs: find this run's among them
+    reports = [str(a.data) for a in found if a.key == "validation-report"]
+    assert any((run / "validate/index.html").as_uri() in data for data in reports)
+    assert any("border_mean" in str(a.data) for a in found if a.key == "validation-results")
     assert not list(run.glob(".*tmp-*"))
 
 

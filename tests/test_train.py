@@ -15,18 +15,16 @@ import numpy as np
 import pytest
 
 import datagen
+from runs import validated_kaggle_run
 from components.tracking import tracking_uri
 from flows import stages
 from schemas import examples as ex
-from schemas.config import ModelName, TrainConfig, apply_overrides, default_config
+from schemas.config import ModelName, TrainConfig
 from schemas.errors import DigitsInputError
 
 
 def _converted_run(data: Path, *overrides: str):
-    config = apply_overrides(default_config("train-kaggle"),
-                             [f"ingest.data={data}", "validate.min_rows=10", *overrides])
-    folder = stages.start_run(config)
-    stages.validate(folder, config, stages.ingest(folder, config))
+    folder, config = validated_kaggle_run(data, *overrides)
     stages.convert(folder, config)
     return folder, config
 

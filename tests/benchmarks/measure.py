@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import json
 import resource
+import subprocess
 import sys
 import tempfile
 import time
 import zipfile
 from pathlib import Path
+
+
+def in_fresh_process(*args: str) -> dict:
+    """Run one job of this script in a new interpreter; its JSON result (peak_rss_mb included)."""
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def ours(source: str, data: str) -> dict:

@@ -9,22 +9,15 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import datagen
+from measure import in_fresh_process as _measure
 
 pytestmark = pytest.mark.benchmark
-MEASURE = Path(__file__).with_name("measure.py")
 REPEATS = 3
 
-
-def _measure(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(MEASURE), *args], capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_kaggle_conversion_against_a_plain_writer():

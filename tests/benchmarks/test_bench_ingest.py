@@ -17,16 +17,12 @@ from pathlib import Path
 import pytest
 
 import datagen
+from measure import in_fresh_process as _measure
 
 
 pytestmark = pytest.mark.benchmark
-MEASURE = Path(__file__).with_name("measure.py")
 REPEATS = 3
 
-
-def _measure(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(MEASURE), *args], capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _compare(label: str, jobs: dict[str, list[str]]) -> dict:

@@ -11,46 +11,40 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import datagen
+from measure import in_fresh_process as _measure
 
 pytestmark = pytest.mark.benchmark
-MEASURE = Path(__file__).with_name("measure.py")
 
 FAST = ["train.model=digits-net", "train.width=0.5", "train.augment=false", "train.epochs=3"]
 ACCURACY = ["train.model=digits-net", "train.epochs=15"]
 NOTEBOOKS = {  # the seed notebooks' models, each with the fast config's budget of epochs
     "baseline": ["train.model=baseline", "train.augment=false", "train.epochs=5"],
     "bn-cnn": ["train.model=bn-cnn", "train.epochs=3"],
-    "robinson": ["train.model=robinson", "train.epochs=3"],
+    "robinson": ["train.model=robinson", "train.epochs=3", "train.rotation_degrees=15", "train.shift=0.15",
+                 "train.zoom=0.15"],
     "pca-svm": ["train.model=pca-svm", "train.svm_rows=10000"],
 }
 
 
-def _measure(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(MEASURE), *args], capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
 
 @pytest.fixture(scope="module")
-def mnist_run(tmp_path_factory) -> tuple[str, str]:
-    """One MNIST run, ingested from the byte-exact idx files, validated and converted."""
+def mnist_run(tmp_path_factory):
+    """(DIGITS_HOME, run id) of one MNIST run, ingested from the byte-exact idx files, validated, converted."""
     from flows import stages
     from schemas.config import apply_overrides, default_config
-    import os
 
     home = tmp_path_factory.mktemp("home")
-    os.environ["DIGITS_HOME"] = str(home)
-    config = apply_overrides(default_config("train-mnist"), [f"ingest.data={datagen.shared_data('mnist')}"])
-    folder = stages.start_run(config)
-    stages.validate(folder, config, stages.ingest(folder, config))
-    stages.convert(folder, config)
-    return str(home), folder.run_id
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIGITS_HOME", str(home))
+        config = apply_overrides(default_config("train-mnist"), [f"ingest.data={datagen.shared_data('mnist')}"])
+        folder = stages.start_run(config)
+        stages.validate(folder, config, stages.ingest(folder, config))
+        stages.convert(folder, config)
+    yield str(home), folder.run_id
 
 
 def _row(result: dict) -> dict:

@@ -1,0 +1,153 @@
+"""The evaluate stage: score a trained model on the validation split, draw what it gets wrong, test its
+robustness, and decide whether it may become champion.
+
+Everything is measured on the run's `val` shards (never on test): accuracy, per-class precision,
+recall and F1, the 10x10 confusion matrix, a gallery of misclassified digits, and accuracy under
+increasing rotation, shift and noise. The gate passes when accuracy >= the threshold AND >= the
+current champion's accuracy re-measured on the same images in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from schemas import examples as ex
+from schemas.artifacts import Converted, Evaluation, Trained
+from schemas.dataset import N_CLASSES
+from schemas.runs import write_json_atomic
+
+Progress = Callable[[str], None]
+Predict = Callable[[np.ndarray], np.ndarray]  # uint8 (n, 28, 28) -> probabilities (n, 10)
+
+ROTATIONS = (0, 5, 10, 15, 20, 30, 45)  # degrees
+SHIFTS = (0, 1, 2, 3, 4, 5)  # pixels, diagonally
+NOISE = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # standard deviation of Gaussian noise, as a fraction of full ink
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The registry's current champion, to be re-measured on this run's validation images."""
+
+    version: str
+    model_file: Path
+
+
+def load_predict(model_file: Path) -> Predict:
+    """A scoring function for a saved model: Keras in safe mode (no code from the file runs), or pca-svm."""
+    if model_file.suffix == ".joblib":
+        import joblib
+
+        model = joblib.load(model_file)
+        return lambda images: _one_hot(model.predict(images.reshape(len(images), -1) / 255.0))
+    from components.tensorflow_runtime import import_tensorflow
+
+    import_tensorflow()
+    import keras
+
+    model = keras.models.load_model(model_file, safe_mode=True)
+    return lambda images: np.asarray(model.predict(images[..., None], batch_size=1024, verbose=0))
+
+
+def _one_hot(labels: np.ndarray) -> np.ndarray:
+    out = np.zeros((len(labels), N_CLASSES), np.float32)
+    out[np.arange(len(labels)), labels.astype(int)] = 1.0
+    return out
+
+
+def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: float, champion: Champion | None,
+        progress: Progress = lambda _: None) -> Evaluation:
+    from components.evaluate import report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    val = ex.load(converted.files("val"))
+    progress(f"scoring {trained.model} on {len(val.ids):,} validation images")
+    predict = load_predict(trained.path)
+    probabilities = predict(val.images)
+    metrics = classification_metrics(val.labels, probabilities)
+    progress("robustness sweep (rotation, shift, noise)")
+    robustness = robustness_sweep(predict, val.images, val.labels)
+    champion_accuracy = None
+    if champion is not None:
+        progress(f"re-measuring the champion (version {champion.version}) on the same images")
+        champion_accuracy = float((load_predict(champion.model_file)(val.images).argmax(axis=1) == val.labels).mean())
+    gate = decide(metrics["val_accuracy"], threshold, champion, champion_accuracy)
+    metrics = {**metrics, "gate": gate, "model": trained.model, "val_rows": len(val.ids),
+               "data_fingerprint": converted.fingerprint}
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    write_json_atomic(out_dir / "robustness.json", robustness)
+    report.confusion_png(np.array(metrics["confusion"]), out_dir / "confusion.png")
+    report.errors_png(val, probabilities, out_dir / "errors.png")
+    report.robustness_png(robustness, out_dir / "robustness.png")
+    report.html(metrics, robustness, out_dir / "report.html")
+    progress(f"val_accuracy {metrics['val_accuracy']:.2%}; gate {'passed' if gate['passed'] else 'refused'}: "
+             f"{gate['reason']}")
+    return Evaluation(dir=out_dir, val_accuracy=metrics["val_accuracy"], passed=gate["passed"],
+                      reason=gate["reason"], threshold=threshold, champion_version=gate["champion_version"],
+                      champion_val_accuracy=champion_accuracy)
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict:
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    predicted = probabilities.argmax(axis=1)
+    classes = list(range(N_CLASSES))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=classes,
+                                                                     zero_division=0)
+    return {
+        "val_accuracy": float((predicted == labels).mean()),
+        "per_class": {str(c): {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
+                               "support": int(support[c])} for c in classes},
+        "confusion": confusion_matrix(labels, predicted, labels=classes).tolist(),
+    }
+
+
+def decide(accuracy: float, threshold: float, champion: Champion | None, champion_accuracy: float | None) -> dict:
+    """The gate: value threshold AND no worse than the champion on the same validation data."""
+    above_threshold = accuracy >= threshold
+    beats_champion = champion is None or accuracy >= champion_accuracy
+    passed = above_threshold and beats_champion
+    against_champion = ("no champion yet" if champion is None else
+                        f"{'>=' if beats_champion else 'below'} champion version {champion.version}'s "
+                        f"{champion_accuracy:.4%} on the same validation data")
+    reason = (f"val_accuracy {accuracy:.4%} {'>=' if above_threshold else 'is below'} the threshold "
+              f"{threshold:.2%}; {against_champion}")
+    return {"passed": passed, "threshold": threshold, "champion_version": champion.version if champion else None,
+            "champion_val_accuracy": champion_accuracy, "reason": reason}
+
+
+def robustness_sweep(predict: Predict, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
+    """Accuracy on the validation images rotated, shifted and noised by increasing amounts."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+
+    def accuracy(batch: np.ndarray) -> float:
+        return float((predict(batch).argmax(axis=1) == labels).mean())
+
+    def rotated(angle: float) -> np.ndarray:
+        if not angle:
+            return images
+        return np.clip(ndimage.rotate(images.astype(np.float32), angle, axes=(2, 1), reshape=False, order=1),
+                       0, 255).round().astype(np.uint8)
+
+    def shifted(pixels: int) -> np.ndarray:
+        return ndimage.shift(images, (0, pixels, pixels), order=0, mode="constant", cval=0)
+
+    def noisy(sigma: float) -> np.ndarray:
+        noise = rng.normal(0, sigma * 255, images.shape)
+        return np.clip(images + noise, 0, 255).round().astype(np.uint8)
+
+    return {
+        "rotation_degrees": {str(a): accuracy(rotated(a)) for a in ROTATIONS},
+        "shift_pixels": {str(s): accuracy(shifted(s)) for s in SHIFTS},
+        "noise_sigma": {str(n): accuracy(noisy(n)) for n in NOISE},
+    }
+
+
+def read_metrics(evaluate_dir: Path) -> dict:
+    return json.loads((evaluate_dir / "metrics.json").read_text())

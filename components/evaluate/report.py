@@ -1,0 +1,123 @@
+"""The evaluate stage's pictures and its one-page report (report.html: self-contained, opens offline)."""
+
+from __future__ import annotations
+
+import base64
+import html as html_escape
+import os
+from pathlib import Path
+
+import numpy as np
+
+from schemas import examples as ex
+from schemas.dataset import N_CLASSES
+
+GALLERY = 36  # misclassified digits shown in errors.png
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    fig.savefig(partial, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    os.replace(partial, path)
+
+
+def confusion_png(confusion: np.ndarray, path: Path) -> None:
+    """The 10x10 confusion matrix: counts in each cell, rows true class, columns predicted."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    shown = np.log1p(confusion)
+    ax.imshow(shown, cmap="Blues")
+    for true in range(N_CLASSES):
+        for predicted in range(N_CLASSES):
+            count = int(confusion[true, predicted])
+            if count:
+                ax.text(predicted, true, str(count), ha="center", va="center", fontsize=8,
+                        color="white" if shown[true, predicted] > shown.max() * 0.6 else "black")
+    ax.set_xticks(range(N_CLASSES))
+    ax.set_yticks(range(N_CLASSES))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    accuracy = np.trace(confusion) / max(1, confusion.sum())
+    ax.set_title(f"confusion on the validation split (accuracy {accuracy:.2%})")
+    _save(fig, path)
+
+
+def errors_png(val: ex.Arrays, probabilities: np.ndarray, path: Path) -> None:
+    """The most confidently wrong validation digits: true class, predicted class and both probabilities."""
+    plt = _pyplot()
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != val.labels)
+    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:GALLERY]
+    columns = 6
+    rows = max(1, int(np.ceil(len(wrong) / columns)))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), wrong):
+        ax.imshow(val.images[i], cmap="gray_r", vmin=0, vmax=255)
+        true, guess = int(val.labels[i]), int(predicted[i])
+        ax.set_title(f"id {int(val.ids[i])}\ntrue {true} ({probabilities[i, true]:.2f})\n"
+                     f"pred {guess} ({probabilities[i, guess]:.2f})", fontsize=7)
+    fig.suptitle(f"{len(np.flatnonzero(predicted != val.labels))} misclassified of {len(val.labels)} "
+                 f"validation digits (most confident first)" if len(wrong) else "no misclassified validation digits",
+                 fontsize=9)
+    _save(fig, path)
+
+
+def robustness_png(robustness: dict, path: Path) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), sharey=True)
+    for ax, (key, label) in zip(axes, (("rotation_degrees", "rotation (degrees)"), ("shift_pixels", "shift (pixels, diagonal)"),
+                                       ("noise_sigma", "Gaussian noise (sigma / full ink)"))):
+        levels = [float(k) for k in robustness[key]]
+        ax.plot(levels, [100 * v for v in robustness[key].values()], marker="o")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy (%)")
+    fig.suptitle("robustness of the model on the validation split")
+    _save(fig, path)
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{path.stem}" src="data:image/png;base64,{data}">'
+
+
+def html(metrics: dict, robustness: dict, path: Path) -> None:
+    """One self-contained page: the gate's decision, the metrics table and the three pictures."""
+    gate = metrics["gate"]
+    rows = "".join(
+        f"<tr><td>{c}</td><td>{m['precision']:.4f}</td><td>{m['recall']:.4f}</td><td>{m['f1']:.4f}</td>"
+        f"<td>{m['support']}</td></tr>" for c, m in metrics["per_class"].items())
+    sweep = "".join(
+        f"<tr><th>{html_escape.escape(key)}</th>" + "".join(f"<td>{level}: {100 * v:.2f}%</td>" for level, v in values.items())
+        + "</tr>" for key, values in robustness.items())
+    out = path.parent
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>digits evaluation: {html_escape.escape(metrics['model'])}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} .passed{{color:#1a7f37}} .refused{{color:#cf222e}}
+img{{max-width:100%;display:block;margin:1em 0}}</style></head><body>
+<h1>Evaluation of <code>{html_escape.escape(metrics['model'])}</code></h1>
+<p>Validation accuracy <b>{100 * metrics['val_accuracy']:.2f}%</b> on {metrics['val_rows']:,} validation digits.</p>
+<p class="{'passed' if gate['passed'] else 'refused'}"><b>Gate {'passed' if gate['passed'] else 'refused'}</b>:
+{html_escape.escape(gate['reason'])}</p>
+<h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>
+<h2>Confusion</h2>{_img(out / 'confusion.png')}
+<h2>Misclassified digits</h2>{_img(out / 'errors.png')}
+<h2>Robustness</h2>{_img(out / 'robustness.png')}<table>{sweep}</table>
+</body></html>
+"""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(page)
+    os.replace(partial, path)

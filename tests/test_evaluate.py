@@ -1,0 +1,205 @@
+"""The evaluate stage and the registry: gate, champion, rollback, racing promotions, a real mlflow server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import datagen
+from components.registry import CHAMPION, Registry
+from components.tracking import tracking_uri
+from flows import stages
+from runs import validated_kaggle_run
+
+
+@pytest.fixture(scope="module")
+def kaggle_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("kaggle")
+    datagen.write_kaggle(folder, n_train=1000, n_test=20)
+    return folder
+
+
+def _trained_run(data: Path, *overrides: str):
+    folder, config = validated_kaggle_run(data, "evaluate.threshold=0.2", *overrides)
+    stages.convert(folder, config)
+    stages.train(folder, config)
+    return folder, config
+
+
+def _evaluate_and_register(folder, config):
+    evaluation = stages.evaluate(folder, config)
+    version, promoted = stages.register(folder, config, evaluation)
+    return evaluation, version, promoted
+
+
+STRONG = ("train.model=baseline", "train.epochs=3", "train.augment=false")
+WEAK = ("train.model=baseline", "train.epochs=1", "train.learning_rate=1e-7", "train.augment=false")
+
+
+def test_a_weaker_model_never_replaces_the_champion_and_rollback_restores_it(home, kaggle_data, cli):
+    strong, config = _trained_run(kaggle_data, *STRONG)
+    first, version, promoted = _evaluate_and_register(strong, config)
+    assert first.passed and (version, promoted) == ("1", True)
+    metrics = json.loads((strong.stage_dir("evaluate") / "metrics.json").read_text())
+    assert metrics["gate"] == {"passed": True, "threshold": 0.2, "champion_version": None,
+                               "champion_val_accuracy": None, "reason": first.reason}
+    assert np.array(metrics["confusion"]).sum() == 100 and set(metrics["per_class"]) == {str(c) for c in range(10)}
+    for name in ("confusion.png", "errors.png", "robustness.png", "report.html"):
+        assert (strong.stage_dir("evaluate") / name).stat().st_size > 1000, name
+    assert "Gate passed" in (strong.stage_dir("evaluate") / "report.html").read_text()
+    record = strong.load()
+    assert (record.registry_version, record.promoted) == (1, True)
+
+    weak, config = _trained_run(kaggle_data, *WEAK)
+    second, version, promoted = _evaluate_and_register(weak, config)
+    assert not second.passed and (version, promoted) == (None, False)
+    assert second.champion_version == "1" and second.champion_val_accuracy == pytest.approx(first.val_accuracy)
+    assert f"{second.val_accuracy:.4%}" in second.reason and f"{first.val_accuracy:.4%}" in second.reason
+    assert weak.load().promoted is False and "below champion version 1" in weak.load().promotion_reason
+    assert not (weak.stage_dir("evaluate") / "report.html").read_text().count("Gate passed")
+
+    again, config = _trained_run(kaggle_data, *STRONG)  # as good as the champion: promoted (>=)
+    third, version, promoted = _evaluate_and_register(again, config)
+    assert third.passed and (version, promoted) == ("2", True)
+    reg = stages.registry()
+    assert [(v.version, v.aliases) for v in reg.versions("digits-kaggle")] == [("1", []), ("2", [CHAMPION])]
+
+    result = cli("registry", "rollback", "digits-kaggle")
+    assert result.code == 0, result.err
+    assert reg.champion("digits-kaggle").version == "1" and len(reg.versions("digits-kaggle")) == 2
+    result = cli("registry", "show", "digits-kaggle")
+    assert result.code == 0 and again.run_id in result.out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+RACE = """
+import sys, time
+from pathlib import Path
+from components.registry import Registry
+registry = Registry(sys.argv[1], Path(sys.argv[2]))
+while time.time() < float(sys.argv[5]):
+    time.sleep(0.001)
+version, promoted = registry.register("digits-race", sys.argv[3], Path(sys.argv[4]), {}, lambda current: True)
+print(version.version, promoted)
+"""
+
+
+def test_two_racing_promotions_leave_one_champion_and_every_version(home, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(home)
+    home.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("race", artifact_location=(home / "mlartifacts").as_uri())
+    runs = [client.create_run(experiment).info.run_id for _ in range(2)]
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"weights")
+    start = str(time.time() + 8)
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, uri, str(home), run_id, str(model), start],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for run_id in runs]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
+    versions = Registry(uri, home).versions("digits-race")
+    assert sorted(v.version for v in versions) == ["1", "2"]
+    assert sum(v.champion for v in versions) == 1
+    last = max(versions, key=lambda v: int(v.version))
+    assert last.champion and last.tags.get("digits.previous_champion") == "1"  # serialised: 1 then 2
+
+
+def test_registry_against_a_real_mlflow_server(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         (tmp_path / "artifacts").as_uri(), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        from mlflow.tracking import MlflowClient
+
+        client = None
+        while client is None:
+            try:
+                client = MlflowClient(uri)
+                experiment = client.create_experiment("digits-server-test")
+            except Exception:
+                client = None
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+        registry = Registry(uri, tmp_path / "locks")
+        model = tmp_path / "model.keras"
+        for content in (b"first", b"second"):
+            model.write_bytes(content)
+            run_id = client.create_run(experiment).info.run_id
+            registry.register("digits-served", run_id, model, {"digits.run_id": run_id}, lambda current: True)
+        assert registry.champion("digits-served").version == "2"
+        assert registry.rollback("digits-served").version == "1"
+        assert registry.download(registry.champion("digits-served"), tmp_path / "dl").read_bytes() == b"first"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert server.poll() is not None
+
+
+def test_require_promotion_exits_3_when_the_gate_refuses(cli, home, kaggle_data):
+    result = cli("run", "train-kaggle", "--data", kaggle_data, "--set", "validate.min_rows=10",
+                 "--set", "train.epochs=1", "--set", "train.model=baseline", "--set", "evaluate.threshold=1.0",
+                 "--require-promotion")
+    assert result.code == 3
+    (message,) = result.err.strip().splitlines()
+    assert "not promoted" in message and "is below the threshold 100.00%" in message
+    (run,) = (home / "runs").iterdir()
+    record = json.loads((run / "run.json").read_text())
+    assert record["promoted"] is False and record["stages"]["evaluate"]["status"] == "completed"
+    assert stages.registry().champion("digits-kaggle") is None
+
+
+def test_scoring_a_model_file_runs_no_code_from_it(tmp_path):
+    """Keras safe mode: a model with a Lambda layer (arbitrary Python) is refused, not executed."""
+    import keras
+
+    from components.evaluate import load_predict
+
+    inputs = keras.Input((28, 28, 1))
+    outputs = keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(keras.layers.Lambda(lambda x: x * 2)(inputs)))
+    keras.Model(inputs, outputs).save(tmp_path / "lambda.keras")
+    with pytest.raises(ValueError, match="safe_mode"):
+        load_predict(tmp_path / "lambda.keras")
+
+
+@pytest.mark.parametrize("accuracy, champion_accuracy, passed, words", [
+    (0.985, None, False, "val_accuracy 98.5000% is below the threshold 99.00%; no champion yet"),
+    (0.995, None, True, "val_accuracy 99.5000% >= the threshold 99.00%; no champion yet"),
+    (0.995, 0.996, False, "99.5000% >= the threshold 99.00%; below champion version 4's 99.6000%"),
+    (0.985, 0.980, False, "98.5000% is below the threshold 99.00%; >= champion version 4's 98.0000%"),
+    (0.996, 0.996, True, ">= champion version 4's 99.6000% on the same validation data"),
+])
+def test_the_gate_needs_the_threshold_and_the_champion(accuracy, champion_accuracy, passed, words):
+    from components.evaluate import Champion, decide
+
+    champion = Champion("4", Path("unused")) if champion_accuracy is not None else None
+    gate = decide(accuracy, 0.99, champion, champion_accuracy)
+    assert gate["passed"] is passed and words in gate["reason"]
+    assert gate["champion_version"] == (champion.version if champion else None)
