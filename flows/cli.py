@@ -89,8 +89,7 @@ def validate(run_id: Annotated[Optional[str], typer.Option("--run", help="run id
     """Validate a run's ingested data with its Great Expectations suites; stop (exit 2) on failures."""
     from flows import stages
 
-    folder = RunFolder.open(run_id)
-    config = apply_overrides(stages.config_of(folder), list(overrides or []))
+    folder, config = _open_run(run_id, overrides)
     examples = stages.examples_of(folder)
     with console.status("validate") as status:
         validation = stages.validate(folder, config, examples, progress=lambda m: status.update(f"validate: {m}"))
@@ -105,8 +104,7 @@ def convert(run_id: Annotated[Optional[str], typer.Option("--run", help="run id 
     """Convert a run's validated data into sharded TFRecords (train/val split + test) with Apache Beam."""
     from flows import stages
 
-    folder = RunFolder.open(run_id)
-    config = apply_overrides(stages.config_of(folder), list(overrides or []))
+    folder, config = _open_run(run_id, overrides)
     with console.status("convert") as status:
         converted = stages.convert(folder, config, progress=lambda m: status.update(f"convert: {m}"))
     stages.finish_run(folder)
@@ -122,8 +120,7 @@ def train(run_id: Annotated[Optional[str], typer.Option("--run", help="run id (d
     """Train the configured model on a run's TFRecords; an interrupted training resumes where it stopped."""
     from flows import stages
 
-    folder = RunFolder.open(run_id)
-    config = apply_overrides(stages.config_of(folder), list(overrides or []))
+    folder, config = _open_run(run_id, overrides)
     trained = stages.train(folder, config, progress=lambda m: console.print(f"train: {m}"))
     stages.finish_run(folder)
     console.print(f"[green]trained[/] {trained.model}: val_accuracy {trained.val_accuracy:.2%} "
@@ -136,8 +133,7 @@ def evaluate(run_id: Annotated[Optional[str], typer.Option("--run", help="run id
     """Evaluate a run's model on its validation split, gate it, and register it when it passes."""
     from flows import stages
 
-    folder = RunFolder.open(run_id)
-    config = apply_overrides(stages.config_of(folder), list(overrides or []))
+    folder, config = _open_run(run_id, overrides)
     with console.status("evaluate") as status:
         evaluation = stages.evaluate(folder, config, progress=lambda m: status.update(f"evaluate: {m}"))
         version, promoted = stages.register(folder, config, evaluation, progress=lambda m: status.update(m))
@@ -219,6 +215,14 @@ def reports(run_id: Annotated[Optional[str], typer.Argument(help="a run id (defa
         if path.exists():
             console.print(f"{label}: {path}")
     console.print(f"run.json: {folder.path}")
+
+
+def _open_run(run_id: str | None, overrides: list[str] | None):
+    """A run (default: the newest) and its recorded config with this command's --set overrides applied."""
+    from flows import stages
+
+    folder = RunFolder.open(run_id)
+    return folder, apply_overrides(stages.config_of(folder), list(overrides or []))
 
 
 def _print_rows(columns: list[Column], rows: list[tuple[str, ...]]) -> None:

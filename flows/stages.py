@@ -21,6 +21,7 @@ from components.tracking import Tracking, tracking_uri
 from schemas.artifacts import Artifact, Converted, Evaluation, Examples, Trained, Validation
 from schemas.config import FailOn, PipelineConfig
 from schemas.errors import DigitsInputError, ValidationFailed
+from schemas.examples import MANIFEST
 from schemas.runs import RunFolder, RunRecord, StageRecord, digits_home, list_runs, utc_now
 
 A = TypeVar("A", bound=Artifact)
@@ -177,7 +178,7 @@ def _completed_convert(folder: RunFolder) -> Converted | None:
         converted = converted_of(folder)
     except (DigitsInputError, OSError, ValueError):
         return None
-    return converted if (converted.dir / "manifest.json").is_file() else None
+    return converted if (converted.dir / MANIFEST).is_file() else None
 
 
 def converted_of(folder: RunFolder) -> Converted:
@@ -224,19 +225,18 @@ def evaluate(folder: RunFolder, config: PipelineConfig, progress: Progress = lam
 
     trained, converted = trained_of(folder), converted_of(folder)
     name = model_name(config.source.value)
-    current = registry().champion(name)
+    reg = registry()
+    current = reg.champion(name)
     with tempfile.TemporaryDirectory(prefix="digits-champion-") as scratch:
         champion = None
         if current is not None:
             progress(f"fetching the champion, {name} version {current.version}")
-            champion = evaluate_component.Champion(current.version, registry().download(current, Path(scratch)))
+            champion = evaluate_component.Champion(current.version, reg.download(current, Path(scratch)))
         evaluation = execute(folder, "evaluate", lambda out: evaluate_component.run(
             trained, converted, out, threshold=config.threshold, champion=champion, progress=progress))
 
-    def record(run: RunRecord) -> None:
-        run.metrics.update({"val_accuracy": evaluation.val_accuracy, "gate_passed": evaluation.passed})
-        run.promotion_reason = evaluation.reason
-    folder.update(record)
+    folder.update(lambda run: run.metrics.update({"val_accuracy": evaluation.val_accuracy,
+                                                  "gate_passed": evaluation.passed}))
     return evaluation
 
 
@@ -272,12 +272,11 @@ def register(folder: RunFolder, config: PipelineConfig, evaluation: Evaluation,
         nonlocal reason
         if current is None or current.version == evaluation.champion_version:
             return True
-        with tempfile.TemporaryDirectory(prefix="digits-champion-") as scratch:
-            predict = evaluate_component.load_predict(reg.download(current, Path(scratch)))
-            from schemas import examples as ex
+        from schemas import examples as ex
 
-            val = ex.load(converted.files("val"))
-            accuracy = float((predict(val.images).argmax(axis=1) == val.labels).mean())
+        with tempfile.TemporaryDirectory(prefix="digits-champion-") as scratch:
+            accuracy = evaluate_component.accuracy_on(reg.download(current, Path(scratch)),
+                                                      ex.load(converted.files("val")))
         decision = evaluate_component.decide(evaluation.val_accuracy, config.threshold,
                                              evaluate_component.Champion(current.version, Path()), accuracy)
         reason = decision["reason"] + " (champion replaced during this run)"

@@ -136,14 +136,6 @@ def load(files: Sequence[Path | str]) -> Arrays:
     return Arrays(np.concatenate(ids), np.concatenate(labels), np.concatenate(images))
 
 
-@dataclass(frozen=True)
-class Shard:
-    file: str
-    count: int
-    sha256: str  # of the shard's serialized examples (each length-prefixed), not of the gzip bytes
-    label_counts: dict[str, int]
-
-
 def read_manifest(convert_dir: Path) -> dict[str, Any]:
     return json.loads((convert_dir / MANIFEST).read_text())
 

@@ -53,6 +53,11 @@ def load_predict(model_file: Path) -> Predict:
     return lambda images: np.asarray(model.predict(images[..., None], batch_size=1024, verbose=0))
 
 
+def accuracy_on(model_file: Path, val: ex.Arrays) -> float:
+    """The accuracy of a saved model on these images: how a champion is re-measured on a run's val split."""
+    return float((load_predict(model_file)(val.images).argmax(axis=1) == val.labels).mean())
+
+
 def _one_hot(labels: np.ndarray) -> np.ndarray:
     out = np.zeros((len(labels), N_CLASSES), np.float32)
     out[np.arange(len(labels)), labels.astype(int)] = 1.0
@@ -74,7 +79,7 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
     champion_accuracy = None
     if champion is not None:
         progress(f"re-measuring the champion (version {champion.version}) on the same images")
-        champion_accuracy = float((load_predict(champion.model_file)(val.images).argmax(axis=1) == val.labels).mean())
+        champion_accuracy = accuracy_on(champion.model_file, val)
     gate = decide(metrics["val_accuracy"], threshold, champion, champion_accuracy)
     metrics = {**metrics, "gate": gate, "model": trained.model, "val_rows": len(val.ids),
                "data_fingerprint": converted.fingerprint}

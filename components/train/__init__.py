@@ -47,7 +47,7 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
     progress("loading the train and val splits")
     train, val = ex.load(converted.files("train")), ex.load(converted.files("val"))
     if config.model is ModelName.pca_svm:
-        return _fit_svm(train, val, config, seed, work_dir, signature, tracking, progress)
+        return _fit_svm(train, val, config, seed, work_dir, tracking, progress)
     return _fit_keras(train, val, config, seed, work_dir, signature, resume, tracking, progress)
 
 
@@ -166,8 +166,8 @@ def _params(config: TrainConfig, seed: int, train: ex.Arrays, val: ex.Arrays, mo
             **hardware}
 
 
-def _fit_svm(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, work_dir: Path, signature: dict,
-             tracking, progress: Progress) -> Trained:
+def _fit_svm(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, work_dir: Path, tracking,
+             progress: Progress) -> Trained:
     """PCA (50 whitened components) + RBF SVC on the first config.svm_rows train rows, the notebooks' reference."""
     import joblib
     from sklearn.decomposition import PCA
