@@ -112,7 +112,12 @@ class Registry:
     def promote(self, name: str, version: str) -> Version:
         client = self._client()
         with self._lock(name):
-            target = client.get_model_version(name, version)
+            try:
+                target = client.get_model_version(name, version)
+            except Exception as exc:  # MLflow's RestException/MlflowException for an unknown model or version
+                if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+                    raise DigitsInputError(f"{name} has no version {version} (see `digits registry show {name}`)") from None
+                raise
             self._move_champion(client, name, str(target.version), self.champion(name))
         return self._version(client.get_model_version(name, version), self._aliases(client, name))
 

@@ -78,6 +78,10 @@ def test_a_weaker_model_never_replaces_the_champion_and_rollback_restores_it(hom
     assert reg.champion("digits-kaggle").version == "1" and len(reg.versions("digits-kaggle")) == 2
     result = cli("registry", "show", "digits-kaggle")
     assert result.code == 0 and again.run_id in result.out
+    result = cli("registry", "promote", "digits-kaggle", "9")
+    assert result.code == 2
+    (message,) = result.err.strip().splitlines()
+    assert "digits-kaggle has no version 9" in message
 
 
 def _free_port() -> int:
