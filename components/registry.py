@@ -28,6 +28,22 @@ def model_name(source: str) -> str:
     return f"digits-{source}"
 
 
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """(name, alias, version) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`."""
+    rest = uri.removeprefix("models:/")
+    if rest == uri or not rest:
+        raise DigitsInputError(f"'{uri}' is not a registry URI: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    if "@" in rest:
+        name, _, alias = rest.partition("@")
+        if name and alias and "/" not in name:
+            return name, alias, None
+    else:
+        name, _, number = rest.partition("/")
+        if name and number.isdigit():
+            return name, None, number
+    raise DigitsInputError(f"'{uri}' is not a registry URI: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
 @dataclass(frozen=True)
 class Version:
     name: str
@@ -76,6 +92,20 @@ class Registry:
         except Exception as exc:  # MLflow raises RestException for an unknown model or alias
             if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
                 return None
+            raise
+        return self._version(found, self._aliases(client, name))
+
+    def resolve(self, uri: str) -> Version:
+        """The version a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI names; one clear error if none."""
+        name, alias, number = parse_model_uri(uri)
+        client = self._client()
+        try:
+            found = (client.get_model_version_by_alias(name, alias) if alias
+                     else client.get_model_version(name, number))
+        except Exception as exc:  # MLflow's RestException/MlflowException for an unknown model, alias or version
+            if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+                what = f"no alias '{alias}'" if alias else f"no version {number}"
+                raise DigitsInputError(f"{uri}: the registry ({self.uri}) has {what} of model {name}") from None
             raise
         return self._version(found, self._aliases(client, name))
 

@@ -145,6 +145,42 @@ def evaluate(run_id: Annotated[Optional[str], typer.Option("--run", help="run id
     console.print(f"[bold]report[/] {evaluation.report}")
 
 
+@app.command()
+def export(run_id: Annotated[Optional[str], typer.Option("--run", help="run id (default: the newest run)")] = None,
+           overrides: SetOption = None) -> None:
+    """Write a run's submission.csv and export its model (SavedModel + .keras), checked in a fresh process."""
+    from flows import stages
+
+    folder, config = _open_run(run_id, overrides)
+    with console.status("export") as status:
+        exported = stages.export(folder, config, progress=lambda m: status.update(f"export: {m}"))
+    stages.finish_run(folder)
+    console.print(f"[green]exported[/] {exported.test_rows:,} test rows; {exported.model} agreed with the in-flow "
+                  f"predictions on {exported.infra_rows} rows in a fresh process\n"
+                  f"[bold]submission[/] {exported.submission_path}\n[bold]model[/] {exported.dir / exported.model}")
+
+
+@app.command()
+def predict(
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, a .keras file or an "
+                                                  "exported saved_model folder")],
+    images: Annotated[list[Path], typer.Argument(help="PNG/JPEG files of one handwritten digit each")],
+) -> None:
+    """Classify images of handwritten digits: label and probability per image.
+
+    Each image is prepared the way MNIST was made: grayscale, light ink on dark (inverted when the
+    background is light), cropped to the ink, fitted in 20x20 and centred by centre of mass in 28x28.
+    """
+    from components import predict as predict_component
+    from flows import stages
+
+    batch = predict_component.prepare_files(images)  # bad images fail before the model is loaded
+    model = predict_component.load(model_uri, stages.registry)
+    rows = [(str(path), str(label), f"{probability:.4f}")
+            for path, (label, probability) in zip(images, predict_component.classify(model, batch))]
+    _print_rows([Column("image", overflow="fold"), Column("label"), Column("probability")], rows)
+
+
 registry_app = typer.Typer(help="the MLflow model registry: digits-kaggle, digits-mnist, digits-noisy",
                            no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
@@ -211,7 +247,11 @@ def reports(run_id: Annotated[Optional[str], typer.Argument(help="a run id (defa
                         ("convert manifest", folder.stage_dir("convert") / "manifest.json"),
                         ("model", folder.stage_dir("train") / "model.keras"),
                         ("TensorBoard logs", folder.stage_dir("train") / "logs"),
-                        ("evaluation report", folder.stage_dir("evaluate") / "report.html")):
+                        ("fine-tuned model", folder.stage_dir("transfer") / "model.keras"),
+                        ("TensorBoard logs", folder.stage_dir("transfer") / "logs"),
+                        ("evaluation report", folder.stage_dir("evaluate") / "report.html"),
+                        ("submission", folder.stage_dir("export") / "submission.csv"),
+                        ("SavedModel", folder.stage_dir("export") / "saved_model")):
         if path.exists():
             console.print(f"{label}: {path}")
     console.print(f"run.json: {folder.path}")

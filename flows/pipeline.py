@@ -22,7 +22,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows import stages  # noqa: E402
-from schemas.artifacts import Converted, Evaluation, Examples, Trained, Validation  # noqa: E402
+from schemas.artifacts import Converted, Evaluation, Examples, Exported, Trained, Validation  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
 from schemas.errors import DigitsInputError  # noqa: E402
 from schemas.runs import RunFolder, digits_home  # noqa: E402
@@ -61,6 +61,23 @@ def train_task(run_id: str, config: PipelineConfig, converted: Converted) -> Tra
     """Keras training with per-epoch checkpoints; a re-run of a killed flow resumes at the next epoch."""
     logger = get_run_logger()
     return stages.train(_folder(run_id), config, progress=logger.info)
+
+
+@task(name="transfer", cache_policy=NO_CACHE)
+def transfer_task(run_id: str, config: PipelineConfig, converted: Converted) -> Trained:
+    """Fine-tune transfer.base (train-noisy: the clean-MNIST champion) with per-epoch checkpoints."""
+    logger = get_run_logger()
+    return stages.transfer(_folder(run_id), config, progress=logger.info)
+
+
+@task(name="export", cache_policy=NO_CACHE)
+def export_task(run_id: str, config: PipelineConfig, trained: Trained) -> Exported:
+    """Submission CSV, SavedModel + .keras, infra-validated in a fresh process; links the submission."""
+    logger = get_run_logger()
+    exported = stages.export(_folder(run_id), config, progress=logger.info)
+    create_link_artifact(key="submission", link=exported.submission_path.as_uri(), link_text="submission.csv",
+                         description=f"{exported.test_rows:,} test rows, ImageId,Label (run {run_id})")
+    return exported
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -119,13 +136,19 @@ def digits(config: PipelineConfig, run_id: str | None = None) -> str:
     logger.info("validation %s: %s", "passed" if validation.passed else "failed (warn)", validation.report)
     converted = convert_task(folder.run_id, config, validation)
     logger.info("converted %s into %s", ", ".join(f"{s} {n:,}" for s, n in converted.counts.items()), converted.dir)
-    trained = train_task(folder.run_id, config, converted)
-    logger.info("trained %s: val_accuracy %.2f%% (%s)", trained.model, 100 * trained.val_accuracy, trained.path)
+    model_task = transfer_task if stages.model_stage(config) == "transfer" else train_task
+    trained = model_task(folder.run_id, config, converted)
+    logger.info("trained %s%s: val_accuracy %.2f%% (%s)", trained.model,
+                f" from {trained.base} ({trained.transfer_mode})" if trained.base else "",
+                100 * trained.val_accuracy, trained.path)
     evaluation = evaluate_task(folder.run_id, config, trained)
     version, promoted = register_task(folder.run_id, config, evaluation)
     logger.info("gate %s: %s", "passed" if evaluation.passed else "refused", evaluation.reason)
     if version:
         logger.info("registered digits-%s version %s%s", config.source.value, version, " (champion)" if promoted else "")
+    exported = export_task(folder.run_id, config, trained)
+    logger.info("exported %s (%s test rows) and %s", exported.submission_path, f"{exported.test_rows:,}",
+                exported.dir / exported.model)
     stages.finish_run(folder)
     return folder.run_id
 

@@ -18,8 +18,8 @@ from components import convert as convert_component
 from components import ingest as ingest_component
 from components import validate as validate_component
 from components.tracking import Tracking, tracking_uri
-from schemas.artifacts import Artifact, Converted, Evaluation, Examples, Trained, Validation
-from schemas.config import FailOn, PipelineConfig
+from schemas.artifacts import Artifact, Converted, Evaluation, Examples, Exported, Trained, Validation
+from schemas.config import CHAMPION_OF_MNIST, SCRATCH, FailOn, PipelineConfig
 from schemas.errors import DigitsInputError, ValidationFailed
 from schemas.examples import MANIFEST
 from schemas.runs import RunFolder, RunRecord, StageRecord, digits_home, list_runs, utc_now
@@ -186,26 +186,80 @@ def converted_of(folder: RunFolder) -> Converted:
     return _output_of(folder, "convert", Converted, "completed convert")
 
 
+def model_stage(config: PipelineConfig) -> str:
+    """The stage that makes a run's model: `train` from scratch, or `transfer` from transfer.base."""
+    return "train" if config.transfer.base == SCRATCH else "transfer"
+
+
 def train(folder: RunFolder, config: PipelineConfig, progress: Progress = lambda _: None) -> Trained:
-    """The train stage, resumable: an attempt killed after epoch k continues at epoch k + 1 when run again
-    (same data, seed and train config); its MLflow run continues too."""
+    """The model stage, resumable: an attempt killed after epoch k continues at epoch k + 1 when run again
+    (same data, seed and config); its MLflow run continues too. With transfer.base set (train-noisy's
+    default) this is the transfer stage."""
+    if model_stage(config) == "transfer":
+        return transfer(folder, config, progress)
     from components import train as train_component
 
     converted = converted_of(folder)
-    home = digits_home()
-    record = folder.load()
-    tracking = Tracking(tracking_uri(home), f"digits-{config.source.value}", folder.run_id,
-                        tags={"digits.run_id": folder.run_id, "digits.pipeline": config.pipeline.value,
-                              "digits.stage": "train", "digits.code_version": record.code_version,
-                              "digits.data_fingerprint": converted.fingerprint},
-                        artifact_root=home / "mlartifacts")
+    tracking = _tracking(folder, config, converted, "train")
     return execute(folder, "train", lambda out: train_component.run(
         converted, config.train, config.seed, out, tracking=tracking, progress=progress), resumable=True)
 
 
+def transfer(folder: RunFolder, config: PipelineConfig, progress: Progress = lambda _: None) -> Trained:
+    """The transfer stage: fine-tune transfer.base (default for train-noisy: the clean-MNIST champion)
+    on this run's train split; resumable like train."""
+    import tempfile
+
+    from components import transfer as transfer_component
+
+    converted = converted_of(folder)
+    tracking = _tracking(folder, config, converted, "transfer")
+    with tempfile.TemporaryDirectory(prefix="digits-base-") as scratch:
+        base_file, base_ref = _base_model(config.transfer.base, Path(scratch), progress)
+        return execute(folder, "transfer", lambda out: transfer_component.run(
+            converted, config.train, config.transfer, base_file, base_ref, config.seed, out, tracking=tracking,
+            progress=progress), resumable=True)
+
+
+def _base_model(base: str, scratch: Path, progress: Progress) -> tuple[Path, str]:
+    """(local .keras file, pinned reference) of transfer.base: a registry URI resolved to its version now."""
+    if base.startswith("models:/"):
+        reg = registry()
+        try:
+            version = reg.resolve(base)
+        except DigitsInputError as exc:
+            hint = ("run `digits run train-mnist` first" if base == CHAMPION_OF_MNIST
+                    else "register one or name another model")
+            raise DigitsInputError(f"no model to fine-tune: {exc}; {hint}, or set --set transfer.base=scratch "
+                                   "to train from random weights") from None
+        progress(f"fetching {base}: {version.name} version {version.version}")
+        model_file = reg.download(version, scratch)
+        if model_file.suffix != ".keras":
+            raise DigitsInputError(f"{base} is a {model_file.suffix} model; only Keras models can be fine-tuned")
+        return model_file, f"models:/{version.name}/{version.version}"
+    path = Path(base).expanduser()
+    if path.suffix != ".keras" or not path.is_file():
+        raise DigitsInputError(f"transfer.base '{base}': no such .keras file (expected 'scratch', "
+                               "models:/NAME@ALIAS, models:/NAME/VERSION or a .keras file)")
+    return path, str(path.resolve())
+
+
+def _tracking(folder: RunFolder, config: PipelineConfig, converted: Converted, stage: str) -> Tracking:
+    home = digits_home()
+    record = folder.load()
+    return Tracking(tracking_uri(home), f"digits-{config.source.value}", folder.run_id,
+                    tags={"digits.run_id": folder.run_id, "digits.pipeline": config.pipeline.value,
+                          "digits.stage": stage, "digits.code_version": record.code_version,
+                          "digits.data_fingerprint": converted.fingerprint},
+                    artifact_root=home / "mlartifacts")
+
+
 def trained_of(folder: RunFolder) -> Trained:
-    """The completed model of a run; never an interrupted training's checkpoints."""
-    return _output_of(folder, "train", Trained, "completed train")
+    """The completed model of a run (train or transfer stage); never an interrupted training's checkpoints."""
+    stages = folder.load().stages
+    done = [name for name in ("train", "transfer") if name in stages and stages[name].status == "completed"]
+    stage = done[0] if len(done) == 1 else model_stage(config_of(folder))
+    return _output_of(folder, stage, Trained, f"completed {stage}")
 
 
 def registry() -> "Registry":
@@ -288,6 +342,7 @@ def register(folder: RunFolder, config: PipelineConfig, evaluation: Evaluation,
             "digits.val_accuracy": f"{evaluation.val_accuracy:.6f}", "digits.model": trained.model,
             "digits.evaluation_report": str(evaluation.report),
             "digits.validation_report": str(folder.stage_dir("validate") / "index.html"),
+            **({"digits.base": trained.base, "digits.transfer_mode": trained.transfer_mode} if trained.base else {}),
             **{f"digits.input.{Path(k).name}": v for k, v in record.data_fingerprints.items()}}
     version, promoted = reg.register(name, trained.mlflow_run_id, trained.path, tags, gate)
     progress(f"registered {name} version {version.version}" + (" as champion" if promoted else ", not champion"))
@@ -300,3 +355,17 @@ def _record_promotion(folder: RunFolder, version: str | None, promoted: bool, re
         run.registry_version = int(version) if version else None
         run.promoted, run.promotion_reason = promoted, reason
     folder.update(record)
+
+
+def export(folder: RunFolder, config: PipelineConfig, progress: Progress = lambda _: None) -> Exported:
+    """The export stage: submission.csv for the test split, SavedModel + .keras, infra-validated in a
+    fresh process before the stage folder appears."""
+    from components import export as export_component
+
+    trained, converted = trained_of(folder), converted_of(folder)
+    return execute(folder, "export", lambda out: export_component.run(
+        trained, converted, out, seed=config.seed, progress=progress))
+
+
+def exported_of(folder: RunFolder) -> Exported:
+    return _output_of(folder, "export", Exported, "completed export")

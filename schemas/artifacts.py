@@ -110,10 +110,29 @@ class Trained(Artifact):
     seconds_per_epoch: float | None = None  # median over every epoch run
     device: str = "CPU"
     mlflow_run_id: str | None = None
+    base: str | None = None  # transfer: the model it started from (e.g. models:/digits-mnist/3); None: scratch
+    transfer_mode: str | None = None  # transfer: full | frozen | gradual
 
     @property
     def path(self) -> Path:
         return self.dir / self.file
+
+
+@dataclass(frozen=True)
+class Exported(Artifact):
+    """The export stage: submission.csv, saved_model/ (serving_default), model.keras, infra_validation.json."""
+
+    submission: str = "submission.csv"
+    test_rows: int = 0
+    model: str = "saved_model"  # what infra-validation loaded in a fresh process
+    infra_rows: int = 0  # test rows predicted there, every label equal to the in-flow prediction
+    max_probability_diff: float = 0.0
+    predict_seconds: float = 0.0  # in-flow prediction of every test row
+    label_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def submission_path(self) -> Path:
+        return self.dir / self.submission
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from schemas.dataset import Source
 from schemas.errors import ConfigError
@@ -97,8 +97,33 @@ class TrainConfig(_Model):
     rotation_degrees: float = Field(10.0, ge=0, le=180)
     shift: float = Field(0.1, ge=0, lt=1, description="largest shift, as a fraction of the image side")
     zoom: float = Field(0.1, ge=0, lt=1, description="largest zoom in or out, as a fraction")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="share of each target spread evenly over all "
+                                                                 "classes (a softer target, less over-confidence)")
     svm_rows: PositiveInt = Field(10_000, description="pca-svm: train rows it fits on (an RBF SVC is quadratic)")
     mixed_precision: bool = Field(True, description="float16 compute on a GPU (ignored on CPU)")
+
+
+class TransferMode(StrEnum):
+    full = "full"  # fine-tune every weight of the base model
+    frozen = "frozen"  # train a new head on the base's frozen feature extractor (BatchNorm in inference mode)
+    gradual = "gradual"  # new head first on the frozen extractor, then unfreeze all but BatchNorm at a low rate
+
+
+SCRATCH = "scratch"
+CHAMPION_OF_MNIST = "models:/digits-mnist@champion"
+
+
+class TransferConfig(_Model):
+    """Where the model stage starts: random weights (the train stage) or a trained model (the transfer stage)."""
+
+    base: str = Field(SCRATCH, description="'scratch' (train.model from random weights), a registry URI "
+                                           "(models:/NAME@ALIAS, models:/NAME/VERSION) or a .keras file to "
+                                           "fine-tune; train-noisy's default is models:/digits-mnist@champion")
+    mode: TransferMode = TransferMode.full
+    head_epochs: PositiveInt = Field(2, description="gradual: epochs of the new head alone, within train.epochs")
+    learning_rate: float = Field(1e-3, gt=0, description="peak learning rate of the base model's weights "
+                                                         "(full; gradual after unfreezing); a new head uses "
+                                                         "train.learning_rate")
 
 
 class EvaluateConfig(_Model):
@@ -109,6 +134,11 @@ class EvaluateConfig(_Model):
                                                                   "(kaggle 0.99, mnist 0.99, noisy 0.97)")
 
 
+# train-noisy fine-tunes the clean-MNIST champion; its noise backgrounds make rotation/shift/zoom's black
+# fill a give-away, so augmentation is off there.
+PIPELINE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "train-noisy": {"transfer": {"base": CHAMPION_OF_MNIST}, "train": {"augment": False}},
+}
 DEFAULT_THRESHOLDS = {"train-kaggle": 0.99, "train-mnist": 0.99, "train-noisy": 0.97}
 
 
@@ -121,7 +151,21 @@ class PipelineConfig(_Model):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     convert: ConvertConfig = ConvertConfig()
     train: TrainConfig = TrainConfig()
+    transfer: TransferConfig = TransferConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pipeline_defaults(cls, data: Any) -> Any:
+        """Fill what the pipeline sets differently from the field defaults; given values win."""
+        if not isinstance(data, dict):
+            return data
+        defaults = PIPELINE_DEFAULTS.get(str(data.get("pipeline", "")), {})
+
+        def given(section: str) -> dict:
+            value = data.get(section) or {}
+            return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        return {**data, **{section: {**values, **given(section)} for section, values in defaults.items()}}
 
     @property
     def source(self) -> Source:

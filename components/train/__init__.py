@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ from components.tracking import Tracking
 from schemas import examples as ex
 from schemas.artifacts import Converted, Trained
 from schemas.config import ModelName, TrainConfig
+from schemas.dataset import N_CLASSES
 
 Progress = Callable[[str], None]
 CHECKPOINTS = "checkpoints"
@@ -40,15 +42,22 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
     data, seed and config, and cleared otherwise.
     """
     signature = {"data": converted.fingerprint, "seed": seed, "config": config.model_dump(mode="json")}
-    resume = _resumable(work_dir, signature)
-    if resume is None and work_dir.exists():
-        shutil.rmtree(work_dir)
-    (work_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    resume = prepare_work_dir(work_dir, signature)
     progress("loading the train and val splits")
     train, val = ex.load(converted.files("train")), ex.load(converted.files("val"))
     if config.model is ModelName.pca_svm:
         return _fit_svm(train, val, config, seed, work_dir, tracking, progress)
     return _fit_keras(train, val, config, seed, work_dir, signature, resume, tracking, progress)
+
+
+def prepare_work_dir(work_dir: Path, signature: dict) -> dict | None:
+    """The checkpoint state to resume from when work_dir holds an attempt with this signature (same
+    data, seed, config); otherwise work_dir is cleared for a fresh start and None returned."""
+    resume = _resumable(work_dir, signature)
+    if resume is None and work_dir.exists():
+        shutil.rmtree(work_dir)
+    (work_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    return resume
 
 
 def _resumable(work_dir: Path, signature: dict) -> dict | None:
@@ -66,13 +75,51 @@ def device_summary(tf) -> dict[str, Any]:
     return {"gpus": len(gpus), "device": "GPU" if gpus else "CPU", "cpus": os.cpu_count()}
 
 
+@dataclass(frozen=True)
+class Segment:
+    """The epochs from the previous segment's end up to `end` (an epoch count), trained with one compiled set-up.
+
+    enter(model, steps_per_epoch) prepares the model for the segment (e.g. unfreezes layers) and
+    compiles it. It runs when training reaches the segment's first epoch; an attempt resumed inside
+    a segment loads a checkpoint that already holds that set-up (trainable flags, optimizer state).
+    """
+
+    end: int
+    enter: Callable[[Any, int], None]
+
+
+def keras_segment(config: TrainConfig) -> Segment:
+    """Training from scratch: one segment, cosine schedule with warm-up over all epochs."""
+    return Segment(config.epochs, lambda model, steps: compile_model(
+        model, optimizer(config.learning_rate, config.epochs, steps, config.warmup_epochs), config))
+
+
+def compile_model(model, optimizer_, config: TrainConfig) -> None:
+    import keras
+
+    model.compile(optimizer=optimizer_, loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+                  metrics=["accuracy"])
+
+
 def _fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, work_dir: Path,
                signature: dict, resume: dict | None, tracking, progress: Progress) -> Trained:
+    from components.train import models
+
+    return fit_keras(train, val, config, seed, work_dir, signature, resume, tracking, progress,
+                     build=lambda keras: models.build(config, keras), segments=[keras_segment(config)],
+                     name=config.model.value)
+
+
+def fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, work_dir: Path,
+              signature: dict, resume: dict | None, tracking, progress: Progress, *,
+              build: Callable[[Any], Any], segments: list[Segment], name: str,
+              extra_params: dict[str, Any] | None = None, **trained_fields: Any) -> Trained:
+    """Fit the model build(keras) makes through its segments, checkpointing every epoch; resume from
+    `resume` (a checkpoint state) when given. Shared by training from scratch and transfer learning."""
     tf = import_tensorflow()
     import keras
 
     from components.train import callbacks as cb
-    from components.train import models
 
     keras.utils.set_random_seed(seed)
     hardware = device_summary(tf)
@@ -80,18 +127,16 @@ def _fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int,
         keras.mixed_precision.set_global_policy("mixed_float16")
     strategy = tf.distribute.MirroredStrategy() if hardware["gpus"] > 1 else tf.distribute.get_strategy()
     steps_per_epoch = int(np.ceil(len(train.ids) / config.batch_size))
+    epochs = segments[-1].end
     with strategy.scope():
         if resume is not None:
             model = keras.models.load_model(work_dir / CHECKPOINTS / resume["checkpoint"], safe_mode=True)
             initial_epoch = resume["epoch"]
-            progress(f"resuming at epoch {initial_epoch + 1} of {config.epochs} from {resume['checkpoint']}")
+            progress(f"resuming at epoch {initial_epoch + 1} of {epochs} from {resume['checkpoint']}")
         else:
-            model = models.build(config, keras)
-            model.compile(optimizer=_optimizer(config, steps_per_epoch, keras),
-                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-            initial_epoch = 0
-    run_id = tracking.start(resume.get("mlflow_run_id") if resume else None, _params(config, seed, train, val, model,
-                                                                                       hardware)) if tracking else None
+            model, initial_epoch = build(keras), 0
+    params = {**_params(config, seed, train, val, model, hardware), **(extra_params or {})}
+    run_id = tracking.start(resume.get("mlflow_run_id") if resume else None, params) if tracking else None
     train_ds = _dataset(tf, train, config.batch_size, shuffle_seed=seed)
     val_ds = _dataset(tf, val, 1024)
     if resume is not None:  # rows of epochs after the checkpoint (killed before it was written) are redone
@@ -100,38 +145,47 @@ def _fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int,
         cb.EpochTimer(),
         keras.callbacks.CSVLogger(str(work_dir / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(work_dir / "logs"), write_graph=False, profile_batch=0),
-        cb.EpochReport(config.epochs, progress, tracking),
+        cb.EpochReport(epochs, progress, tracking),
         cb.EpochCheckpoint(work_dir / CHECKPOINTS, {"signature": signature, "mlflow_run_id": run_id}),
     ]
-    progress(f"training {config.model.value} ({model.count_params():,} parameters) on {len(train.ids):,} images, "
-             f"{hardware['device']}, {config.epochs} epochs")
-    started = time.perf_counter()
-    model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
-              callbacks=callbacks, shuffle=False, verbose=0)  # shuffled by tf.data, seeded
+    progress(f"training {name} ({model.count_params():,} parameters) on {len(train.ids):,} images, "
+             f"{hardware['device']}, {epochs} epochs")
+    started, start = time.perf_counter(), 0
+    for segment in segments:
+        if initial_epoch < segment.end:
+            if initial_epoch <= start:  # entering the segment at its first epoch
+                with strategy.scope():
+                    segment.enter(model, steps_per_epoch)
+            model.fit(train_ds, validation_data=val_ds, epochs=segment.end, initial_epoch=max(initial_epoch, start),
+                      callbacks=callbacks, shuffle=False, verbose=0)  # shuffled by tf.data, seeded
+        start = segment.end
     seconds = time.perf_counter() - started
     val_accuracy = float(model.evaluate(val_ds, verbose=0, return_dict=True)["accuracy"])
     cb.save_atomic(model, work_dir / MODEL)
     history = _history(work_dir / "history.csv")
     if tracking:
-        tracking.finish({"final_val_accuracy": val_accuracy}, step=config.epochs)
-    return Trained(dir=work_dir, model=config.model.value, file=MODEL, epochs=config.epochs,
+        tracking.finish({"final_val_accuracy": val_accuracy}, step=epochs)
+    return Trained(dir=work_dir, model=name, file=MODEL, epochs=epochs,
                    resumed_at_epoch=initial_epoch + 1 if initial_epoch else None, val_accuracy=val_accuracy,
                    train_rows=len(train.ids), val_rows=len(val.ids), parameters=int(model.count_params()),
                    seconds=round(seconds, 2), seconds_per_epoch=_seconds_per_epoch(history),
-                   device=hardware["device"], mlflow_run_id=run_id)
+                   device=hardware["device"], mlflow_run_id=run_id, **trained_fields)
 
 
-def _optimizer(config: TrainConfig, steps_per_epoch: int, keras):
-    total = config.epochs * steps_per_epoch
-    warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
+def optimizer(learning_rate: float, epochs: int, steps_per_epoch: int, warmup_epochs: float):
+    """Adam with a linear warm-up to learning_rate, then cosine decay to 0 at the last step."""
+    import keras
+
+    total = epochs * steps_per_epoch
+    warmup = min(int(warmup_epochs * steps_per_epoch), total - 1)
     schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=config.learning_rate / 20, decay_steps=max(1, total - warmup), alpha=0.0,
-        warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup)
+        initial_learning_rate=learning_rate / 20, decay_steps=max(1, total - warmup), alpha=0.0,
+        warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
     return keras.optimizers.Adam(schedule)
 
 
 def _dataset(tf, arrays: ex.Arrays, batch_size: int, shuffle_seed: int | None = None):
-    ds = tf.data.Dataset.from_tensor_slices((arrays.images[..., None], arrays.labels))
+    ds = tf.data.Dataset.from_tensor_slices((arrays.images[..., None], tf.one_hot(arrays.labels, N_CLASSES)))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(arrays.ids), seed=shuffle_seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

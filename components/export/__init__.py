@@ -1,0 +1,132 @@
+"""The export stage: the Kaggle submission for the test split, the model as a TF SavedModel with a
+serving signature and as `.keras`, and an infra-validation (TFX's InfraValidator in small).
+
+export/
+  submission.csv     `ImageId,Label`, one row per test row, ImageId 1..N in test order
+  saved_model/       TF SavedModel; signature `serving_default`: images uint8 [N, 28, 28] (canonical:
+                     upright, 0 background, 255 ink) -> label int64 [N], probabilities float32 [N, 10]
+  model.keras        the Keras model (or model.joblib for pca-svm, which has no SavedModel)
+  infra_validation.json   what the fresh process predicted against the in-flow predictions
+
+Before the stage completes, a fresh Python process loads the exported model from disk — the
+SavedModel through TensorFlow alone, no Keras or digits code — predicts a sample of test rows and
+must agree with the in-flow predictions on every label (probabilities within 1e-4); otherwise the
+stage fails and no export/ folder appears.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from schemas import examples as ex
+from schemas.artifacts import Converted, Exported, Trained
+from schemas.dataset import IMAGE_SIDE
+from schemas.errors import DigitsInputError
+
+Progress = Callable[[str], None]
+SUBMISSION = "submission.csv"
+SAVED_MODEL = "saved_model"
+INFRA = "infra_validation.json"
+SIGNATURE = "serving_default"
+TOLERANCE = 1e-4
+
+
+def run(trained: Trained, converted: Converted, out_dir: Path, *, sample: int = 512, seed: int = 0,
+        progress: Progress = lambda _: None) -> Exported:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress("loading the test split")
+    test = ex.load(converted.files("test"))
+    order = np.argsort(test.ids, kind="stable")
+    ids, images = test.ids[order], test.images[order]
+    if not np.array_equal(ids, np.arange(1, len(ids) + 1)):
+        raise DigitsInputError(f"{converted.dir}: test ids are not 1..{len(ids)}; cannot number a submission")
+    progress(f"predicting {len(ids):,} test rows")
+    started = time.perf_counter()
+    probabilities = predict_file(trained.path)(images)
+    predict_seconds = time.perf_counter() - started
+    labels = probabilities.argmax(axis=1)
+    write_submission(out_dir / SUBMISSION, ids, labels)
+
+    if trained.path.suffix == ".keras":
+        progress("exporting the SavedModel")
+        shutil.copyfile(trained.path, out_dir / "model.keras")
+        export_saved_model(trained.path, out_dir / SAVED_MODEL)
+        served = out_dir / SAVED_MODEL
+    else:
+        shutil.copyfile(trained.path, out_dir / trained.path.name)
+        served = out_dir / trained.path.name
+    rows = np.sort(np.random.default_rng(seed).choice(len(ids), size=min(sample, len(ids)), replace=False))
+    progress(f"infra-validating {served.name} in a fresh process on {len(rows)} test rows")
+    check = infra_validate(served, images[rows], probabilities[rows], out_dir)
+    (out_dir / INFRA).write_text(json.dumps({"model": served.name, "rows": len(rows), **check}, indent=2))
+    return Exported(dir=out_dir, submission=SUBMISSION, test_rows=len(ids), model=served.name,
+                    infra_rows=len(rows), max_probability_diff=check["max_probability_diff"],
+                    predict_seconds=round(predict_seconds, 3),
+                    label_counts={str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))})
+
+
+def predict_file(model_file: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """Probabilities [N, 10] from canonical images [N, 28, 28] uint8, for a .keras (safe mode) or .joblib model."""
+    from components.evaluate import load_predict
+
+    return load_predict(model_file)
+
+
+def write_submission(path: Path, ids: np.ndarray, labels: np.ndarray) -> None:
+    """Kaggle's `ImageId,Label` CSV, written under a temporary name and renamed."""
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("w", newline="") as fh:
+        fh.write("ImageId,Label\n")
+        fh.writelines(f"{i},{label}\n" for i, label in zip(ids.tolist(), labels.tolist()))
+    os.replace(partial, path)
+
+
+def export_saved_model(model_file: Path, target: Path) -> None:
+    """A TF SavedModel whose `serving_default` takes canonical uint8 images and returns label + probabilities."""
+    from components.tensorflow_runtime import import_tensorflow
+
+    tf = import_tensorflow()
+    import keras
+
+    model = keras.models.load_model(model_file, safe_mode=True)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def serve(images):
+        probabilities = model(tf.cast(images, tf.float32)[..., None], training=False)
+        return {"label": tf.argmax(probabilities, axis=1), "probabilities": probabilities}
+
+    archive.add_endpoint(name=SIGNATURE, fn=serve,
+                         input_signature=[tf.TensorSpec([None, IMAGE_SIDE, IMAGE_SIDE], tf.uint8, name="images")])
+    archive.write_out(str(target), verbose=False)
+
+
+def infra_validate(served: Path, images: np.ndarray, expected: np.ndarray, scratch: Path) -> dict:
+    """Load `served` in a new interpreter (components.export.serve_check), predict `images`, compare."""
+    sample = scratch / ".infra-sample.npy"
+    np.save(sample, images)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "components.export.serve_check", str(served), str(sample)],
+                              capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2])
+    finally:
+        sample.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"infra-validation: the exported model did not load and predict in a fresh process: {last}")
+    served_probabilities = np.asarray(json.loads(proc.stdout.strip().splitlines()[-1])["probabilities"])
+    disagree = int((served_probabilities.argmax(axis=1) != expected.argmax(axis=1)).sum())
+    diff = float(np.abs(served_probabilities - expected).max()) if len(expected) else 0.0
+    if disagree or diff > TOLERANCE:
+        raise RuntimeError(f"infra-validation failed: the exported model disagrees with the in-flow predictions "
+                           f"on {disagree} of {len(expected)} labels (largest probability difference {diff:.2e})")
+    return {"disagreements": disagree, "max_probability_diff": diff}

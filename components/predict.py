@@ -1,0 +1,118 @@
+"""Prediction on a person's own images: `digits predict MODEL_URI IMAGE...`.
+
+An image of any size becomes a canonical digit the way MNIST's were made (LeCun et al.): grayscale;
+light ink on a dark background (inverted when the background is light); cropped to the ink's
+bounding box; scaled, keeping its aspect ratio with anti-aliasing, to fit a 20x20 box; placed in a
+28x28 field so that its centre of mass sits at the centre.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from schemas.dataset import IMAGE_SIDE
+from schemas.errors import DigitsInputError
+
+Model = Callable[[np.ndarray], np.ndarray]  # canonical uint8 [N, 28, 28] -> probabilities [N, 10]
+BOX = 20  # MNIST's digits fit a 20x20 box inside the 28x28 field
+INK = 0.25  # share of the darkest-to-lightest range above which a pixel counts as ink, for cropping
+
+
+def load(uri: str, registry: Callable[[], object]) -> Model:
+    """A scoring function for a registry URI (models:/NAME@ALIAS or models:/NAME/VERSION), a .keras or
+    .joblib file, or an exported SavedModel folder. Keras models load in safe mode."""
+    import tempfile
+
+    from components.evaluate import load_predict
+
+    if uri.startswith("models:/"):
+        reg = registry()
+        version = reg.resolve(uri)
+        with tempfile.TemporaryDirectory(prefix="digits-predict-") as scratch:
+            return load_predict(reg.download(version, Path(scratch)))  # the model is in memory after this
+    path = Path(uri).expanduser()
+    try:
+        if path.is_dir() and (path / "saved_model.pb").is_file():
+            return _saved_model(path)
+        if path.is_file() and path.suffix in (".keras", ".joblib"):
+            return load_predict(path)
+    except (ValueError, OSError, EOFError) as exc:  # what Keras, TensorFlow and joblib raise for a bad file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DigitsInputError(f"{uri}: not a loadable model: {first}") from None
+    raise DigitsInputError(f"{uri}: not a model (expected models:/NAME@ALIAS, models:/NAME/VERSION, a .keras "
+                           "file or a saved_model folder)")
+
+
+def _saved_model(path: Path) -> Model:
+    from components.tensorflow_runtime import import_tensorflow
+
+    tf = import_tensorflow()
+    serving = tf.saved_model.load(str(path)).signatures["serving_default"]
+    return lambda images: serving(images=tf.constant(images, dtype=tf.uint8))["probabilities"].numpy()
+
+
+def prepare_files(images: Sequence[Path]) -> np.ndarray:
+    """Canonical digits [N, 28, 28] uint8 from image files; the first bad file is one clear error."""
+    return np.stack([prepare(read(path), str(path)) for path in images])
+
+
+def classify(model: Model, batch: np.ndarray) -> list[tuple[int, float]]:
+    """(label, probability) per canonical image."""
+    probabilities = model(batch)
+    return [(int(p.argmax()), float(p.max())) for p in probabilities]
+
+
+def read(path: Path) -> np.ndarray:
+    """The image as grayscale float in [0, 1]; transparent areas count as white paper."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(paper, image.convert("RGBA"))
+            gray = image.convert("L")
+    except FileNotFoundError:
+        raise DigitsInputError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DigitsInputError(f"{path}: not a readable image (PNG or JPEG expected): {exc}") from None
+    return np.asarray(gray, dtype=np.float32) / 255.0
+
+
+def prepare(gray: np.ndarray, name: str = "image") -> np.ndarray:
+    """A canonical 28x28 uint8 digit (0 background, 255 ink) from a grayscale [0, 1] image of any size."""
+    from PIL import Image
+
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    ink = 1.0 - gray if np.median(border) > 0.5 else gray.copy()  # MNIST: light ink on dark
+    ink -= np.median(np.concatenate([ink[0], ink[-1], ink[:, 0], ink[:, -1]]))  # background to 0
+    ink = np.clip(ink, 0, None)
+    peak = float(ink.max())
+    if peak < 0.1:
+        raise DigitsInputError(f"{name}: no digit found (the image is blank or has no contrast)")
+    ink /= peak
+    rows, cols = np.nonzero(ink > INK)
+    crop = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    height, width = crop.shape
+    scale = BOX / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    boxed = np.asarray(Image.fromarray((crop * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS),
+                       dtype=np.float32)
+    field = np.zeros((IMAGE_SIDE, IMAGE_SIDE), np.float32)
+    top, left = _centre_of_mass_offset(boxed)
+    field[top:top + boxed.shape[0], left:left + boxed.shape[1]] = boxed
+    return np.clip(field, 0, 255).round().astype(np.uint8)
+
+
+def _centre_of_mass_offset(boxed: np.ndarray) -> tuple[int, int]:
+    """Top-left corner that puts the box's centre of mass at the field's centre, kept inside the field."""
+    mass = boxed.sum()
+    ys, xs = np.indices(boxed.shape)
+    cy, cx = (ys * boxed).sum() / mass, (xs * boxed).sum() / mass
+    top = int(round(IMAGE_SIDE / 2 - 0.5 - cy))
+    left = int(round(IMAGE_SIDE / 2 - 0.5 - cx))
+    return (min(max(top, 0), IMAGE_SIDE - boxed.shape[0]), min(max(left, 0), IMAGE_SIDE - boxed.shape[1]))

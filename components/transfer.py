@@ -1,0 +1,153 @@
+"""The transfer stage: fine-tune a trained digits model (by default the clean-MNIST champion) on a
+run's train split, e.g. the noisy set, checkpointed and resumable like the train stage.
+
+Modes (TransferConfig.mode):
+- `full`: every weight of the base model trains, at transfer.learning_rate.
+- `frozen`: the base's feature extractor is frozen (BatchNorm in inference mode) and a new 10-way head
+  trains on top, at train.learning_rate.
+- `gradual` (the keras-io fine-tuning recipe): the `frozen` set-up for transfer.head_epochs, then
+  every layer but BatchNorm is unfrozen and trained at transfer.learning_rate for the rest of
+  train.epochs (BatchNorm stays in inference mode, so its clean-data statistics are not wrecked by
+  the first large updates).
+
+Preprocessing: a digits model takes the canonical images (28x28x1 uint8, upright, 0 background,
+255 ink) and scales them itself (its `scale` layer, x / 255). Every source's ingest produces that
+canonical form (the noisy set is transposed back and its [0, 1] floats mapped to 0..255), so the new
+data reaches the base layers exactly as its training data did; a base model that does not take
+canonical images is refused. The base's own augmentation layers are replaced by this run's (train.augment).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from components.train import Segment, compile_model, fit_keras, optimizer, prepare_work_dir
+from components.tracking import Tracking
+from schemas import examples as ex
+from schemas.artifacts import Converted, Trained
+from schemas.config import TrainConfig, TransferConfig, TransferMode
+from schemas.dataset import IMAGE_SIDE, N_CLASSES
+from schemas.errors import ConfigError, DigitsInputError
+
+Progress = Callable[[str], None]
+BASE = "base.keras"  # the base model, kept in the stage folder for lineage
+
+
+def run(converted: Converted, config: TrainConfig, transfer: TransferConfig, base_model: Path, base_ref: str,
+        seed: int, work_dir: Path, *, tracking: Tracking | None = None,
+        progress: Progress = lambda _: None) -> Trained:
+    """Fine-tune base_model (a .keras file; base_ref says where it came from, e.g. models:/digits-mnist/3)
+    on converted's train split for config.epochs epochs in transfer.mode, validating on its val split."""
+    if transfer.mode is TransferMode.gradual and transfer.head_epochs >= config.epochs:
+        raise ConfigError(f"transfer.head_epochs ({transfer.head_epochs}) must be less than train.epochs "
+                          f"({config.epochs}) in gradual mode: the unfrozen phase needs at least one epoch")
+    base_sha = _sha256(base_model)
+    signature = {"data": converted.fingerprint, "seed": seed, "config": config.model_dump(mode="json"),
+                 "transfer": transfer.model_dump(mode="json"), "base_sha256": base_sha}
+    resume = prepare_work_dir(work_dir, signature)
+    if not (work_dir / BASE).is_file():
+        shutil.copyfile(base_model, work_dir / BASE)
+    progress("loading the train and val splits")
+    train, val = ex.load(converted.files("train")), ex.load(converted.files("val"))
+    base_name = _base_name(work_dir / BASE)
+    progress(f"fine-tuning {base_ref} ({base_name}), mode {transfer.mode.value}")
+    return fit_keras(
+        train, val, config, seed, work_dir, signature, resume, tracking, progress,
+        build=lambda keras: transferred(keras.models.load_model(work_dir / BASE, safe_mode=True), config,
+                                        transfer.mode, keras),
+        segments=segments(config, transfer), name=base_name,
+        extra_params={"transfer.base": base_ref, "transfer.base_sha256": base_sha,
+                      **{f"transfer.{k}": v for k, v in transfer.model_dump(mode="json").items() if k != "base"}},
+        base=base_ref, transfer_mode=transfer.mode.value)
+
+
+def segments(config: TrainConfig, transfer: TransferConfig) -> list[Segment]:
+    """The training phases of a mode, within config.epochs epochs in all."""
+    epochs, warmup = config.epochs, config.warmup_epochs
+    if transfer.mode is TransferMode.full:
+        return [Segment(epochs, lambda model, steps: compile_model(
+            model, optimizer(transfer.learning_rate, epochs, steps, warmup), config))]
+    head = Segment(transfer.head_epochs if transfer.mode is TransferMode.gradual else epochs,
+                   lambda model, steps: compile_model(
+                       model, optimizer(config.learning_rate, head.end, steps, warmup), config))
+    if transfer.mode is TransferMode.frozen:
+        return [head]
+
+    def unfreeze(model, steps: int) -> None:
+        import keras
+
+        for layer in model.layers:
+            layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+        compile_model(model, optimizer(transfer.learning_rate, epochs - head.end, steps, warmup), config)
+    return [head, Segment(epochs, unfreeze)]
+
+
+def transferred(base, config: TrainConfig, mode: TransferMode, keras) -> Any:
+    """The model to fine-tune, built from the base's layers (they carry its weights).
+
+    `full` keeps the base's head; `frozen` and `gradual` put a new head on the frozen extractor.
+    """
+    scale, features, head = _chain(base, keras)
+    inputs = keras.Input((IMAGE_SIDE, IMAGE_SIDE, 1), name="image")
+    x = scale(inputs)
+    if config.augment:
+        from components.train.models import augmentation
+
+        x = augmentation(config, keras)(x)
+    for layer in features:
+        x = layer(x)
+    if mode is TransferMode.full:
+        return keras.Model(inputs, head(x), name=base.name)
+    for layer in features:
+        layer.trainable = False  # BatchNormalization then runs in inference mode (Keras 3)
+    outputs = keras.layers.Dense(N_CLASSES, activation="softmax", dtype="float32", name="new_probabilities")(x)
+    return keras.Model(inputs, outputs, name=base.name)
+
+
+def _chain(base, keras) -> tuple[Any, list[Any], Any]:
+    """(scale layer, feature layers, head) of a digits model whose layers form one chain; refuses others."""
+    shape = tuple(base.inputs[0].shape[1:]) if base.inputs else None
+    layers = [layer for layer in base.layers if not isinstance(layer, keras.layers.InputLayer)]
+    scale = layers[0] if layers else None
+    takes_canonical = (shape == (IMAGE_SIDE, IMAGE_SIDE, 1) and isinstance(scale, keras.layers.Rescaling)
+                       and np.isclose(float(scale.scale), 1 / 255) and float(scale.offset) == 0.0)
+    if not takes_canonical or len(layers) < 3:
+        raise DigitsInputError(f"base model '{base.name}' does not take canonical digit images (input "
+                               f"{IMAGE_SIDE}x{IMAGE_SIDE}x1 uint8, first layer Rescaling(1/255)); got input {shape}")
+    body = [layer for layer in layers[1:] if layer.name != "augment"]
+    head = body[-1]
+    output_units = tuple(head.output.shape[1:]) if hasattr(head, "output") else None
+    if output_units != (N_CLASSES,):
+        raise DigitsInputError(f"base model '{base.name}' does not end in {N_CLASSES} class probabilities "
+                               f"(last layer output {output_units})")
+    # the same layers applied in order must be the base model: otherwise its graph is not a chain
+    probe = np.random.default_rng(0).integers(0, 256, (8, IMAGE_SIDE, IMAGE_SIDE, 1)).astype("float32")
+    x = scale(probe)
+    for layer in body:
+        x = layer(x, training=False)
+    if not np.allclose(np.asarray(x), np.asarray(base(probe, training=False)), atol=1e-5):
+        raise DigitsInputError(f"base model '{base.name}' is not a single chain of layers; transfer supports "
+                               "the digits model zoo's layout (scale, [augment], layers..., head)")
+    return scale, body[:-1], head
+
+
+def _base_name(model_file: Path) -> str:
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(model_file) as archive:
+        return json.loads(archive.read("config.json"))["config"].get("name", "model")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+

@@ -1,0 +1,82 @@
+"""`digits predict`: a person's own images, prepared the way MNIST's digits were, then classified."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import datagen
+from components.predict import prepare, read
+from flows import stages
+from schemas.config import apply_overrides, default_config
+from schemas.errors import DigitsInputError
+from strokes import draw_digit
+
+# where each digit's 60x80 box starts in its 100x100 image: none of them centred
+OFFSETS = [(8, 6), (30, 14), (4, 18), (36, 4), (20, 10), (2, 2), (34, 16), (12, 20), (26, 8), (6, 12)]
+
+
+def _centre_of_mass(image: np.ndarray) -> tuple[float, float]:
+    ys, xs = np.indices(image.shape)
+    return float((ys * image).sum() / image.sum()), float((xs * image).sum() / image.sum())
+
+
+def test_an_image_is_prepared_as_mnist_was(tmp_path):
+    """Light paper inverted, cropped to the ink, fitted in 20x20, centre of mass at the centre."""
+    path = draw_digit(7, tmp_path / "seven.png", size=300, offset=(200, 10), width=9)
+    canonical = prepare(read(path))
+    assert canonical.shape == (28, 28) and canonical.dtype == np.uint8
+    assert canonical[0].max() == 0 and canonical[:, 0].max() == 0 and canonical.max() == 255  # ink light, paper 0
+    rows, cols = np.nonzero(canonical > 0)
+    assert max(np.ptp(rows), np.ptp(cols)) + 1 <= 21  # the 20x20 box (plus anti-aliasing's fringe)
+    assert np.allclose(_centre_of_mass(canonical), (13.5, 13.5), atol=0.75)
+    # the same digit drawn light-on-dark comes out the same
+    inverted = tmp_path / "inverted.png"
+    Image.fromarray(255 - np.asarray(Image.open(path).convert("L"))).save(inverted)
+    assert np.abs(prepare(read(inverted)).astype(int) - canonical).max() <= 1
+
+
+def test_bad_images_are_one_line_errors(cli, tmp_path):
+    blank = tmp_path / "blank.png"
+    Image.new("L", (50, 50), 255).save(blank)
+    with pytest.raises(DigitsInputError, match="no digit found"):
+        prepare(read(blank), str(blank))
+    (tmp_path / "notes.png").write_text("not an image")
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"")
+    result = cli("predict", str(model), str(tmp_path / "notes.png"))
+    assert result.code == 2 and "notes.png: not a readable image" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    digit = draw_digit(3, tmp_path / "three.png")
+    result = cli("predict", str(model), str(digit))  # an empty model file
+    assert result.code == 2 and "not a loadable model" in result.err and len(result.err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def mnist_model(tmp_path_factory) -> Path:
+    """digits-net (width 0.5, augmentation on) trained 2 epochs on MNIST-train from ../shared/data."""
+    data = datagen.shared_data("mnist")
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIGITS_HOME", str(home))
+        config = apply_overrides(default_config("train-mnist"), [
+            f"ingest.data={data}", "train.width=0.5", "train.epochs=2"])
+        folder = stages.start_run(config)
+        stages.validate(folder, config, stages.ingest(folder, config))
+        stages.convert(folder, config)
+        yield stages.train(folder, config).path
+
+
+def test_drawn_digits_off_centre_on_white_are_recognised(cli, tmp_path, mnist_model):
+    images = [draw_digit(d, tmp_path / f"digit-{d}.png", offset=OFFSETS[d]) for d in range(10)]
+    result = cli("predict", str(mnist_model), *map(str, images))
+    assert result.code == 0, result.err
+    lines = [line.split("\t") for line in result.out.strip().splitlines()]
+    assert [Path(line[0]).name for line in lines] == [p.name for p in images]
+    predicted = [int(line[1]) for line in lines]
+    assert all(0 < float(line[2]) <= 1 for line in lines)
+    correct = sum(p == d for d, p in enumerate(predicted))
+    assert correct >= 9, f"predicted {predicted} for 0..9"
