@@ -47,10 +47,28 @@ def run(
 ) -> None:
     """Run a whole pipeline through the Prefect flow `digits` (ephemeral API), in this process."""
     config = _config(pipeline, data, overrides)
-    from flows import pipeline as prefect_pipeline
     from flows.stages import start_run
 
-    folder = start_run(config)
+    _run_flow(start_run(config), config, require_promotion)
+
+
+@app.command()
+def resume(
+    run_id: Annotated[Optional[str], typer.Argument(help="the run to resume (default: the newest run)")] = None,
+    require_promotion: Annotated[bool, typer.Option(
+        "--require-promotion", help="exit 3 when the evaluation gate refuses to promote the model")] = False,
+) -> None:
+    """Run a failed or interrupted run's flow again in its own folder, with its recorded config: stages
+    it completed are skipped, the failed one runs again (training continues from its last checkpoint)."""
+    from flows import stages
+
+    folder = RunFolder.open(run_id)
+    _run_flow(folder, stages.config_of(folder), require_promotion)
+
+
+def _run_flow(folder: RunFolder, config: PipelineConfig, require_promotion: bool) -> None:
+    from flows import pipeline as prefect_pipeline
+
     console.print(f"[bold]run[/] {folder.run_id}\n[bold]folder[/] {folder.root}")
     prefect_pipeline.console_logs_to_stdout()
     try:
@@ -179,6 +197,19 @@ def predict(
     rows = [(str(path), str(label), f"{probability:.4f}")
             for path, (label, probability) in zip(images, predict_component.classify(model, batch))]
     _print_rows([Column("image", overflow="fold"), Column("label"), Column("probability")], rows)
+
+
+@app.command()
+def serve() -> None:
+    """Serve the deployments train-kaggle, train-mnist and train-noisy (schedules and parameters from
+    infra/prefect.yaml) from this process, for users without a work pool and worker; Ctrl-C stops."""
+    from flows import deployments
+
+    deployments.definitions()  # a broken file is one line, before Prefect starts
+    from flows.pipeline import console_logs_to_stdout
+
+    console_logs_to_stdout()
+    deployments.serve()
 
 
 registry_app = typer.Typer(help="the MLflow model registry: digits-kaggle, digits-mnist, digits-noisy",

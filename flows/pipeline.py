@@ -32,28 +32,58 @@ def _folder(run_id: str) -> RunFolder:
     return RunFolder.open(run_id, digits_home())
 
 
-@task(name="ingest", cache_policy=NO_CACHE)
-def ingest_task(run_id: str, config: PipelineConfig) -> Examples:
+def _by_cache_key(context, parameters: dict) -> str | None:
+    """Cache key of ingest, validate and convert: the `cache_key` argument (see stages.cache_keys)."""
+    return parameters.get("cache_key")
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry only what may pass on a second try: not bad input, which fails the same way again."""
+    try:
+        state.result()
+    except DigitsInputError:
+        return False
+    except Exception:  # a network share, a download, a registry server: may recover
+        return True
+    return False
+
+
+@task(name="ingest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
+def ingest_task(run_id: str, config: PipelineConfig, cache_key: str | None) -> Examples:
+    """Read the source into canonical Parquet (+ EDA). Cached by the input data's content fingerprint."""
     logger = get_run_logger()
     return stages.ingest(_folder(run_id), config, progress=logger.info)
 
 
 @task(name="validate", cache_policy=NO_CACHE)
-def validate_task(run_id: str, config: PipelineConfig, examples: Examples) -> Validation:
-    """Validate, publishing a table of expectation results and a link to the Data Docs, then gate."""
+def validate_task(run_id: str, config: PipelineConfig, examples: Examples, cache_key: str | None) -> Validation:
+    """Great Expectations suites, Data Docs, then the gate. Cached by input fingerprint + settings."""
     logger = get_run_logger()
-    folder = _folder(run_id)
-    try:
-        return stages.validate(folder, config, examples, progress=logger.info)
-    finally:
-        _publish_validation(folder)
+    return stages.validate(_folder(run_id), config, examples, progress=logger.info)
 
 
 @task(name="convert", cache_policy=NO_CACHE)
-def convert_task(run_id: str, config: PipelineConfig, validation: Validation) -> Converted:
-    """Beam: stratified train/val split + test, sharded gzip TFRecords with a manifest."""
+def convert_task(run_id: str, config: PipelineConfig, validation: Validation, cache_key: str | None) -> Converted:
+    """Beam: stratified train/val split + test, sharded gzip TFRecords with a manifest. Cached likewise."""
     logger = get_run_logger()
     return stages.convert(_folder(run_id), config, progress=logger.info)
+
+
+def _cached_stage(task_, stage: str, kind, folder: RunFolder, key: str | None, *args):
+    """Run a cacheable stage's task: a run that already completed the stage skips it; otherwise the
+    task runs with the cache key, and an output cached by another run (Prefect state Cached) is
+    adopted into this run (hard links). Results persist under $DIGITS_HOME/prefect-results."""
+    logger = get_run_logger()
+    done = _skip_if_done(folder, stage, kind)
+    if done is not None:
+        return done
+    cached = task_.with_options(cache_key_fn=_by_cache_key, persist_result=True,
+                                result_storage=digits_home() / "prefect-results")
+    try:
+        return stages.adopt(folder, stage, cached(folder.run_id, *args, key))
+    except stages.StaleCache as gone:
+        logger.info("%s: the cached output's folder is gone (%s); running it again", stage, gone)
+        return stages.adopt(folder, stage, cached.with_options(refresh_cache=True)(folder.run_id, *args, key))
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -125,32 +155,58 @@ def digits(config: PipelineConfig, run_id: str | None = None) -> str:
     """Run the pipeline `config.pipeline` end to end; returns the run id.
 
     run_id names a run folder already created for this run (the CLI creates it to print its path
-    first); None creates one.
+    first, `digits resume` passes an earlier one); None: the folder of this Prefect flow run (a retried
+    flow run resumes in the folder of its first attempt), or a new one.
+
+    Stages this run already completed are skipped, so a failed run re-run after its cause is fixed
+    resumes at the failed stage (training at its last checkpoint). Ingest, validate and convert are
+    also cached across runs by the input data's content fingerprint and their settings.
     """
-    folder = _folder(run_id) if run_id else stages.start_run(config)
+    from prefect.runtime import flow_run
+
+    folder = _folder(run_id) if run_id else stages.run_for_flow_run(config, flow_run.id)
+    if folder.load().prefect_flow_run_id is None and flow_run.id:
+        folder.update(lambda record: setattr(record, "prefect_flow_run_id", flow_run.id))
     logger = get_run_logger()
     logger.info("run %s in %s", folder.run_id, folder.root)
-    examples = ingest_task(folder.run_id, config)
+    keys = stages.cache_keys(config)
+    examples = _cached_stage(ingest_task, "ingest", Examples, folder, keys["ingest"], config)
     logger.info("ingested %s", ", ".join(f"{split} {n:,} rows" for split, n in examples.counts.items()))
-    validation = validate_task(folder.run_id, config, examples)
+    try:
+        validation = _cached_stage(validate_task, "validate", Validation, folder, keys["validate"], config, examples)
+    finally:
+        _publish_validation(folder)
     logger.info("validation %s: %s", "passed" if validation.passed else "failed (warn)", validation.report)
-    converted = convert_task(folder.run_id, config, validation)
+    converted = _cached_stage(convert_task, "convert", Converted, folder, keys["convert"], config, validation)
     logger.info("converted %s into %s", ", ".join(f"{s} {n:,}" for s, n in converted.counts.items()), converted.dir)
-    model_task = transfer_task if stages.model_stage(config) == "transfer" else train_task
-    trained = model_task(folder.run_id, config, converted)
+
+    stage = stages.model_stage(config)
+    trained = _skip_if_done(folder, stage, Trained) or (transfer_task if stage == "transfer" else train_task)(
+        folder.run_id, config, converted)
     logger.info("trained %s%s: val_accuracy %.2f%% (%s)", trained.model,
                 f" from {trained.base} ({trained.transfer_mode})" if trained.base else "",
                 100 * trained.val_accuracy, trained.path)
-    evaluation = evaluate_task(folder.run_id, config, trained)
-    version, promoted = register_task(folder.run_id, config, evaluation)
+    evaluation = _skip_if_done(folder, "evaluate", Evaluation) or evaluate_task(folder.run_id, config, trained)
+    record = folder.load()
+    if record.promotion_reason is not None:
+        version, promoted = (str(record.registry_version) if record.registry_version else None), bool(record.promoted)
+    else:
+        version, promoted = register_task(folder.run_id, config, evaluation)
     logger.info("gate %s: %s", "passed" if evaluation.passed else "refused", evaluation.reason)
     if version:
         logger.info("registered digits-%s version %s%s", config.source.value, version, " (champion)" if promoted else "")
-    exported = export_task(folder.run_id, config, trained)
+    exported = _skip_if_done(folder, "export", Exported) or export_task(folder.run_id, config, trained)
     logger.info("exported %s (%s test rows) and %s", exported.submission_path, f"{exported.test_rows:,}",
                 exported.dir / exported.model)
     stages.finish_run(folder)
     return folder.run_id
+
+
+def _skip_if_done(folder: RunFolder, stage: str, kind):
+    done = stages.completed(folder, stage, kind)
+    if done is not None:
+        get_run_logger().info("%s: already completed in this run, skipped", stage)
+    return done
 
 
 class _NoInputErrorTraceback(logging.Filter):

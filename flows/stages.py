@@ -43,13 +43,7 @@ def execute(folder: RunFolder, stage: str, body: Callable[[Path], A], *, resumab
     started = time.perf_counter()
     try:
         artifact = body(tmp)
-        if final.exists():  # a re-run replaces the old output: move it aside, then swap
-            old = folder.root / f".{stage}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        _swap_into_place(tmp, final)
     except BaseException as exc:
         if not resumable:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -76,6 +70,17 @@ def execute(folder: RunFolder, stage: str, body: Callable[[Path], A], *, resumab
 
     folder.update(completed)
     return artifact
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename tmp to final; an existing final (a re-run's old output) is moved aside first, then removed."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def _mark(record: RunRecord, stage: str, stage_record: StageRecord) -> None:
@@ -369,3 +374,93 @@ def export(folder: RunFolder, config: PipelineConfig, progress: Progress = lambd
 
 def exported_of(folder: RunFolder) -> Exported:
     return _output_of(folder, "export", Exported, "completed export")
+
+
+# --- re-runs: cache keys across runs, completed stages within a run -------------------------------
+
+CACHE_FORMAT = 1  # bump when a cached stage's output changes meaning, so old cache entries stop matching
+
+
+def cache_keys(config: PipelineConfig) -> dict[str, str | None]:
+    """Keys of ingest, validate and convert for this config: equal keys, equal outputs.
+
+    They chain from the input data's content fingerprint (not its path), so a re-run on the same
+    data with the same settings finds the earlier run's outputs; None (no caching) when the input is
+    a download whose content is unknown beforehand.
+    """
+    import hashlib
+    import json
+
+    def key(*parts) -> str:
+        return hashlib.sha256(json.dumps([CACHE_FORMAT, *parts], sort_keys=True, default=str).encode()).hexdigest()
+
+    data = ingest_component.source_fingerprint(config.source, config.ingest)
+    if data is None:
+        return {"ingest": None, "validate": None, "convert": None}
+    ingest_key = key("ingest", config.source.value, data,
+                     config.ingest.model_dump(mode="json", exclude={"data", "tfds_data_dir"}))
+    validate_key = key("validate", ingest_key, config.validate_.model_dump(mode="json"))
+    convert_key = key("convert", validate_key, config.seed, config.convert.val_fraction, config.convert.rows_per_shard)
+    return {"ingest": ingest_key, "validate": validate_key, "convert": convert_key}
+
+
+class StaleCache(Exception):
+    """A cached stage output whose folder is gone (its run was deleted): the stage must run again."""
+
+
+def adopt(folder: RunFolder, stage: str, artifact: A) -> A:
+    """Make a stage output computed by another run (a cache hit) this run's own: its folder is
+    hard-linked into this run (no copy of the data) and the stage recorded as completed, with
+    `cached_from`. An output already in this run is returned as it is."""
+    final = folder.stage_dir(stage)
+    if artifact.dir.resolve() == final.resolve():
+        return artifact
+    if not artifact.dir.is_dir():
+        raise StaleCache(f"{artifact.dir} is gone")
+    started = time.perf_counter()
+    tmp = folder.root / f".{stage}.tmp-{uuid.uuid4().hex[:8]}"
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another file system: copy
+            shutil.copy2(src, dst)
+
+    shutil.copytree(artifact.dir, tmp, copy_function=link)
+    _swap_into_place(tmp, final)
+    adopted = artifact.moved_to(final)
+    now = utc_now()
+
+    def record(run: RunRecord) -> None:
+        run.stages[stage] = StageRecord(status="completed", started_at=now, finished_at=now,
+                                        seconds=round(time.perf_counter() - started, 3),
+                                        outputs={**adopted.summary(), "cached_from": str(artifact.dir)})
+        if isinstance(adopted, Examples):
+            run.data_fingerprints.update(adopted.fingerprints)
+        if isinstance(adopted, Validation) and not adopted.passed:  # let through with validate.fail_on=warn
+            run.warnings.extend(f"validate: {f}" for f in adopted.failures)
+        run.status = "running"
+
+    folder.update(record)
+    return adopted
+
+
+def completed(folder: RunFolder, stage: str, kind: type[A]) -> A | None:
+    """The stage's output when this run already completed it (a resumed run skips it), else None."""
+    try:
+        return _output_of(folder, stage, kind, f"completed {stage}")
+    except DigitsInputError:
+        return None
+
+
+def run_for_flow_run(config: PipelineConfig, flow_run_id: str | None) -> RunFolder:
+    """The run folder of a Prefect flow run: the one it made in an earlier attempt (a retried flow
+    run resumes there), else a new one recording the flow run id."""
+    if flow_run_id:
+        for folder in reversed(list_runs()):
+            if folder.load().prefect_flow_run_id == flow_run_id:
+                return folder
+    folder = start_run(config)
+    if flow_run_id:
+        folder.update(lambda record: setattr(record, "prefect_flow_run_id", flow_run_id))
+    return folder

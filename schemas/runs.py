@@ -58,6 +58,7 @@ class RunRecord(BaseModel):
     registry_version: int | None = None
     promoted: bool | None = None
     promotion_reason: str | None = None
+    prefect_flow_run_id: str | None = None  # the Prefect flow run that made this run folder, if any
 
 
 def utc_now() -> str:

@@ -116,3 +116,35 @@ def test_console_script_prints_one_line_and_no_traceback(tmp_path, command):
     assert proc.stderr.strip().splitlines() == [
         f"digits: error: {path}, line 7, column 100: pixel 2 out of range; expected pixel in 0..1"]
     assert "Traceback" not in proc.stdout
+
+
+def test_a_failed_run_resumes_at_the_failed_stage(cli, home, tmp_path, monkeypatch):
+    """The tracking server is down during training: the run fails at train. Once it is back,
+    `digits resume` skips ingest, validate and convert and finishes the run in the same folder."""
+    import socket
+
+    datagen.write_kaggle(tmp_path / "kaggle", n_train=200, n_test=10)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # nothing listens there once the socket is closed
+    with monkeypatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{dead}")
+        patch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        with pytest.raises(Exception):
+            cli("run", "train-kaggle", "--data", tmp_path / "kaggle", "--set", "validate.min_rows=10",
+                "--set", "train.epochs=1", "--set", "evaluate.threshold=0")
+    (run,) = _runs(home)
+    before = json.loads((run / "run.json").read_text())
+    assert before["status"] == "failed" and before["stages"]["train"]["status"] == "failed"
+    assert not (run / "train").exists()
+
+    result = cli("resume", run.name)
+    assert result.code == 0, result.err
+    for stage in ("ingest", "validate", "convert"):
+        assert f"{stage}: already completed in this run, skipped" in result.out
+    after = json.loads((run / "run.json").read_text())
+    assert after["status"] == "completed" and _runs(home) == [run]
+    for stage in ("ingest", "validate", "convert"):
+        assert after["stages"][stage] == before["stages"][stage]  # not run again
+    assert [after["stages"][s]["status"] for s in ("train", "evaluate", "export")] == ["completed"] * 3
+    assert after["promoted"] is True

@@ -114,12 +114,22 @@ def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+@pytest.fixture(scope="module")
+def noisy_converted(tmp_path_factory, noisy_data):
+    """A train-noisy run ingested, validated and converted (in a home of its own), for the mode tests."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIGITS_HOME", str(tmp_path_factory.mktemp("noisy-home")))
+        folder, config = _noisy_run(noisy_data)
+    return folder, config
+
+
 @pytest.mark.parametrize("mode", ["full", "frozen", "gradual"])
-def test_each_mode_trains_what_it_promises(home, noisy_data, base_model, mode):
+def test_each_mode_trains_what_it_promises(home, noisy_converted, base_model, mode):
     import keras
 
-    folder, config = _noisy_run(noisy_data, f"transfer.base={base_model}", f"transfer.mode={mode}",
-                                "train.epochs=2", "transfer.head_epochs=1")
+    folder, config = noisy_converted
+    config = apply_overrides(config, [f"transfer.base={base_model}", f"transfer.mode={mode}", "train.epochs=2",
+                                      "transfer.head_epochs=1"])
     trained = stages.train(folder, config)  # the model stage: transfer, since transfer.base is set
     assert (trained.base, trained.transfer_mode, trained.epochs) == (str(base_model.resolve()), mode, 2)
     base = _weights(keras.models.load_model(base_model, safe_mode=True), keras)

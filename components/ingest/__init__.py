@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +17,25 @@ from schemas.dataset import N_PIXELS, ROW_GROUP_ROWS, Source, Split, to_table
 from schemas.errors import DigitsInputError
 
 REJECTED_CSV = "rejected.csv"
+
+
+def source_fingerprint(source: Source, config: IngestConfig) -> str | None:
+    """sha256 over the bytes ingest would read (a file, or every file under a folder, with their
+    relative names), so equal fingerprints mean equal input whatever the path. None when the source
+    is a download (mnist without --data): what it would fetch is unknown until it is fetched."""
+    if not config.data:
+        return None
+    data = Path(config.data).expanduser()
+    files = [data] if data.is_file() else sorted(p for p in data.rglob("*") if p.is_file()) if data.is_dir() else []
+    if not files:
+        return None  # ingest itself reports the missing input, with its own message
+    digest = hashlib.sha256(source.value.encode())
+    for path in files:
+        digest.update(str(path.relative_to(data) if path != data else path.name).encode())
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def run(source: Source, config: IngestConfig, out_dir: Path, *, tfds_dir: Path,

@@ -198,11 +198,84 @@ def train(home: str, run_id: str, *overrides: str) -> dict:
             "test_accuracy": float((predicted == test.labels).mean()), "settings": list(overrides)}
 
 
+def predict(home: str, run_id: str) -> dict:
+    """Predicting a run's whole test split with its trained model, as the export stage does: read the
+    shards, load the model (safe mode), predict; each timed, median of 3 predictions."""
+    import os
+    import statistics
+
+    os.environ["DIGITS_HOME"] = home
+    from components.tensorflow_runtime import import_tensorflow
+
+    import_tensorflow()
+    import keras  # noqa: F401  (imported before the clock, like every other job)
+
+    from components.evaluate import load_predict
+    from flows import stages
+    from schemas import examples as ex
+    from schemas.runs import RunFolder
+
+    folder = RunFolder.open(run_id)
+    start = time.perf_counter()
+    test = ex.load(stages.converted_of(folder).files("test"))
+    read_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    model = load_predict(stages.trained_of(folder).path)
+    load_seconds = time.perf_counter() - start
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        labels = model(test.images).argmax(axis=1)
+        times.append(time.perf_counter() - start)
+    return {"rows": len(test.ids), "read_shards_s": round(read_seconds, 2), "load_model_s": round(load_seconds, 2),
+            "predict_median_s": round(statistics.median(times), 2), "predict_runs_s": [round(t, 2) for t in times],
+            "seconds": read_seconds + load_seconds + statistics.median(times), "labels": int(len(set(labels.tolist())))}
+
+
+def pipeline(mode: str, home: str, data: str, *overrides: str) -> dict:
+    """The default train-mnist pipeline, either through the Prefect flow `digits` (ephemeral API, its
+    start-up included) or by calling the same stages directly, in that order; TensorFlow is imported
+    before the clock in both, Prefect only by the flow (importing it is part of its cost)."""
+    import os
+
+    os.environ["DIGITS_HOME"] = home
+    from components.tensorflow_runtime import import_tensorflow
+
+    import_tensorflow()
+    import keras  # noqa: F401
+
+    from schemas.config import apply_overrides, default_config
+
+    config = apply_overrides(default_config("train-mnist"), [f"ingest.data={data}", *overrides])
+    start = time.perf_counter()
+    if mode == "flow":
+        from flows.pipeline import digits
+
+        digits(config)
+    else:
+        from flows import stages
+
+        folder = stages.start_run(config)
+        examples = stages.ingest(folder, config)
+        stages.validate(folder, config, examples)
+        stages.convert(folder, config)
+        stages.train(folder, config)
+        stages.register(folder, config, stages.evaluate(folder, config))
+        stages.export(folder, config)
+        stages.finish_run(folder)
+    seconds = time.perf_counter() - start
+    from schemas.runs import list_runs
+
+    record = list_runs()[-1].load()
+    return {"seconds": seconds, "mode": mode, "status": record.status,
+            "stages_s": {name: stage.seconds for name, stage in record.stages.items()}}
+
+
 if __name__ == "__main__":
     job, *args = sys.argv[1:]
     jobs = {"ours": ours, "ours_read": ours_read, "validate": validate, "pandas_kaggle": pandas_kaggle,
             "pandas_noisy": pandas_noisy, "convert_cold": convert_cold, "convert_vs_plain": convert_vs_plain,
-            "train": train}
+            "train": train, "predict": predict, "pipeline": pipeline}
     result = jobs[job](*args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
