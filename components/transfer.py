@@ -6,7 +6,7 @@ Modes (TransferConfig.mode):
 - `frozen`: the base's feature extractor is frozen (BatchNorm in inference mode) and a new 10-way head
   trains on top, at train.learning_rate.
 - `gradual` (the keras-io fine-tuning recipe): the `frozen` set-up for transfer.head_epochs, then
-  every layer but BatchNorm is unfrozen and trained at transfer.learning_rate for the rest of
+  every layer but BatchNorm is unfrozen and trained at transfer.fine_tune_learning_rate for the rest of
   train.epochs (BatchNorm stays in inference mode, so its clean-data statistics are not wrecked by
   the first large updates).
 
@@ -83,7 +83,7 @@ def segments(config: TrainConfig, transfer: TransferConfig) -> list[Segment]:
 
         for layer in model.layers:
             layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
-        compile_model(model, optimizer(transfer.learning_rate, epochs - head.end, steps, warmup), config)
+        compile_model(model, optimizer(transfer.fine_tune_learning_rate, epochs - head.end, steps, warmup), config)
     return [head, Segment(epochs, unfreeze)]
 
 

@@ -121,9 +121,10 @@ class TransferConfig(_Model):
                                            "fine-tune; train-noisy's default is models:/digits-mnist@champion")
     mode: TransferMode = TransferMode.full
     head_epochs: PositiveInt = Field(2, description="gradual: epochs of the new head alone, within train.epochs")
-    learning_rate: float = Field(1e-3, gt=0, description="peak learning rate of the base model's weights "
-                                                         "(full; gradual after unfreezing); a new head uses "
-                                                         "train.learning_rate")
+    learning_rate: float = Field(3e-3, gt=0, description="full: peak learning rate of every weight (a new head, "
+                                                         "frozen or gradual's first phase, uses train.learning_rate)")
+    fine_tune_learning_rate: float = Field(3e-4, gt=0, description="gradual: peak learning rate once the base's "
+                                                                   "layers are unfrozen (low, as in keras-io's recipe)")
 
 
 class EvaluateConfig(_Model):
@@ -137,7 +138,7 @@ class EvaluateConfig(_Model):
 # train-noisy fine-tunes the clean-MNIST champion; its noise backgrounds make rotation/shift/zoom's black
 # fill a give-away, so augmentation is off there.
 PIPELINE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "train-noisy": {"transfer": {"base": CHAMPION_OF_MNIST}, "train": {"augment": False}},
+    "train-noisy": {"transfer": {"base": CHAMPION_OF_MNIST}, "train": {"augment": False, "epochs": 20}},
 }
 DEFAULT_THRESHOLDS = {"train-kaggle": 0.99, "train-mnist": 0.99, "train-noisy": 0.97}
 
