@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from components.train import Segment, compile_model, fit_keras, optimizer, prepare_work_dir
+from components.train import Segment, fit_keras, phase, prepare_work_dir
 from components.tracking import Tracking
 from schemas import examples as ex
 from schemas.artifacts import Converted, Trained
@@ -68,23 +68,21 @@ def run(converted: Converted, config: TrainConfig, transfer: TransferConfig, bas
 
 def segments(config: TrainConfig, transfer: TransferConfig) -> list[Segment]:
     """The training phases of a mode, within config.epochs epochs in all."""
-    epochs, warmup = config.epochs, config.warmup_epochs
+    epochs = config.epochs
     if transfer.mode is TransferMode.full:
-        return [Segment(epochs, lambda model, steps: compile_model(
-            model, optimizer(transfer.learning_rate, epochs, steps, warmup), config))]
-    head = Segment(transfer.head_epochs if transfer.mode is TransferMode.gradual else epochs,
-                   lambda model, steps: compile_model(
-                       model, optimizer(config.learning_rate, head.end, steps, warmup), config))
+        return [phase(0, epochs, transfer.learning_rate, config)]
     if transfer.mode is TransferMode.frozen:
-        return [head]
+        return [phase(0, epochs, config.learning_rate, config)]
+    head = transfer.head_epochs
+    return [phase(0, head, config.learning_rate, config),
+            phase(head, epochs, transfer.fine_tune_learning_rate, config, prepare=_unfreeze_all_but_batchnorm)]
 
-    def unfreeze(model, steps: int) -> None:
-        import keras
 
-        for layer in model.layers:
-            layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
-        compile_model(model, optimizer(transfer.fine_tune_learning_rate, epochs - head.end, steps, warmup), config)
-    return [head, Segment(epochs, unfreeze)]
+def _unfreeze_all_but_batchnorm(model) -> None:
+    import keras
+
+    for layer in model.layers:
+        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
 
 
 def transferred(base, config: TrainConfig, mode: TransferMode, keras) -> Any:

@@ -22,7 +22,7 @@ from schemas.artifacts import Artifact, Converted, Evaluation, Examples, Exporte
 from schemas.config import CHAMPION_OF_MNIST, SCRATCH, FailOn, PipelineConfig
 from schemas.errors import DigitsInputError, ValidationFailed
 from schemas.examples import MANIFEST
-from schemas.runs import RunFolder, RunRecord, StageRecord, digits_home, list_runs, utc_now
+from schemas.runs import RunFolder, RunRecord, StageRecord, digits_home, link_or_copy, list_runs, utc_now
 
 A = TypeVar("A", bound=Artifact)
 Progress = Callable[[str], None]
@@ -43,7 +43,13 @@ def execute(folder: RunFolder, stage: str, body: Callable[[Path], A], *, resumab
     started = time.perf_counter()
     try:
         artifact = body(tmp)
-        _swap_into_place(tmp, final)
+        if final.exists():  # a re-run replaces the old output: move it aside, then swap
+            old = folder.root / f".{stage}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     except BaseException as exc:
         if not resumable:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -70,17 +76,6 @@ def execute(folder: RunFolder, stage: str, body: Callable[[Path], A], *, resumab
 
     folder.update(completed)
     return artifact
-
-
-def _swap_into_place(tmp: Path, final: Path) -> None:
-    """Rename tmp to final; an existing final (a re-run's old output) is moved aside first, then removed."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def _mark(record: RunRecord, stage: str, stage_record: StageRecord) -> None:
@@ -412,36 +407,23 @@ def adopt(folder: RunFolder, stage: str, artifact: A) -> A:
     """Make a stage output computed by another run (a cache hit) this run's own: its folder is
     hard-linked into this run (no copy of the data) and the stage recorded as completed, with
     `cached_from`. An output already in this run is returned as it is."""
-    final = folder.stage_dir(stage)
-    if artifact.dir.resolve() == final.resolve():
+    if artifact.dir.resolve() == folder.stage_dir(stage).resolve():
         return artifact
     if not artifact.dir.is_dir():
         raise StaleCache(f"{artifact.dir} is gone")
-    started = time.perf_counter()
-    tmp = folder.root / f".{stage}.tmp-{uuid.uuid4().hex[:8]}"
 
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:  # another file system: copy
-            shutil.copy2(src, dst)
+    def link(out: Path) -> A:
+        shutil.copytree(artifact.dir, out, copy_function=link_or_copy)
+        return artifact.moved_to(out)
 
-    shutil.copytree(artifact.dir, tmp, copy_function=link)
-    _swap_into_place(tmp, final)
-    adopted = artifact.moved_to(final)
-    now = utc_now()
+    adopted = execute(folder, stage, link)
 
-    def record(run: RunRecord) -> None:
-        run.stages[stage] = StageRecord(status="completed", started_at=now, finished_at=now,
-                                        seconds=round(time.perf_counter() - started, 3),
-                                        outputs={**adopted.summary(), "cached_from": str(artifact.dir)})
-        if isinstance(adopted, Examples):
-            run.data_fingerprints.update(adopted.fingerprints)
+    def note(run: RunRecord) -> None:
+        run.stages[stage].outputs["cached_from"] = str(artifact.dir)
         if isinstance(adopted, Validation) and not adopted.passed:  # let through with validate.fail_on=warn
             run.warnings.extend(f"validate: {f}" for f in adopted.failures)
-        run.status = "running"
 
-    folder.update(record)
+    folder.update(note)
     return adopted
 
 
@@ -455,12 +437,9 @@ def completed(folder: RunFolder, stage: str, kind: type[A]) -> A | None:
 
 def run_for_flow_run(config: PipelineConfig, flow_run_id: str | None) -> RunFolder:
     """The run folder of a Prefect flow run: the one it made in an earlier attempt (a retried flow
-    run resumes there), else a new one recording the flow run id."""
+    run resumes there; the flow records its id in run.json), else a new one."""
     if flow_run_id:
         for folder in reversed(list_runs()):
             if folder.load().prefect_flow_run_id == flow_run_id:
                 return folder
-    folder = start_run(config)
-    if flow_run_id:
-        folder.update(lambda record: setattr(record, "prefect_flow_run_id", flow_run_id))
-    return folder
+    return start_run(config)

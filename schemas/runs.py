@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import uuid
@@ -94,6 +95,15 @@ def _version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """Hard-link src at dst (no second copy of the bytes); copy when a link is impossible (another
+    file system). Usable as shutil.copytree's copy_function."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shlex
 import shutil
 import threading
@@ -26,6 +25,7 @@ from components.convert import plan as split_plan
 from schemas import examples as ex
 from schemas.artifacts import Converted, Examples
 from schemas.config import ConvertConfig
+from schemas.runs import link_or_copy
 from schemas.dataset import ID, LABEL, N_PIXELS, PIXELS, Split, labels_of, pixels_of
 from schemas.errors import ConfigError, DigitsInputError
 from schemas.runs import write_json_atomic
@@ -93,10 +93,7 @@ def reuse(source: Converted, out_dir: Path, progress: Progress = lambda _: None)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.dir.iterdir()):
         if path.is_file():
-            try:
-                os.link(path, out_dir / path.name)
-            except OSError:
-                shutil.copy2(path, out_dir / path.name)
+            link_or_copy(path, out_dir / path.name)
     return Converted.load(out_dir, {**source.summary(), "reused_from": str(source.dir)})
 
 

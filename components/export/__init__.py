@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from components.evaluate import load_predict
 from schemas import examples as ex
 from schemas.artifacts import Converted, Exported, Trained
 from schemas.dataset import IMAGE_SIDE
@@ -51,7 +52,7 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, sample: int = 
         raise DigitsInputError(f"{converted.dir}: test ids are not 1..{len(ids)}; cannot number a submission")
     progress(f"predicting {len(ids):,} test rows")
     started = time.perf_counter()
-    probabilities = predict_file(trained.path)(images)
+    probabilities = load_predict(trained.path)(images)
     predict_seconds = time.perf_counter() - started
     labels = probabilities.argmax(axis=1)
     write_submission(out_dir / SUBMISSION, ids, labels)
@@ -72,13 +73,6 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, sample: int = 
                     infra_rows=len(rows), max_probability_diff=check["max_probability_diff"],
                     predict_seconds=round(predict_seconds, 3),
                     label_counts={str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))})
-
-
-def predict_file(model_file: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """Probabilities [N, 10] from canonical images [N, 28, 28] uint8, for a .keras (safe mode) or .joblib model."""
-    from components.evaluate import load_predict
-
-    return load_predict(model_file)
 
 
 def write_submission(path: Path, ids: np.ndarray, labels: np.ndarray) -> None:

@@ -88,17 +88,19 @@ class Segment:
     enter: Callable[[Any, int], None]
 
 
-def keras_segment(config: TrainConfig) -> Segment:
-    """Training from scratch: one segment, cosine schedule with warm-up over all epochs."""
-    return Segment(config.epochs, lambda model, steps: compile_model(
-        model, optimizer(config.learning_rate, config.epochs, steps, config.warmup_epochs), config))
+def phase(start: int, end: int, learning_rate: float, config: TrainConfig,
+          prepare: Callable[[Any], None] | None = None) -> Segment:
+    """Epochs start..end with a fresh Adam whose warm-up + cosine schedule spans exactly those epochs;
+    prepare(model), e.g. unfreezing layers, runs before the model is compiled for them."""
+    def enter(model, steps_per_epoch: int) -> None:
+        import keras
 
-
-def compile_model(model, optimizer_, config: TrainConfig) -> None:
-    import keras
-
-    model.compile(optimizer=optimizer_, loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-                  metrics=["accuracy"])
+        if prepare is not None:
+            prepare(model)
+        model.compile(optimizer=_optimizer(learning_rate, end - start, steps_per_epoch, config.warmup_epochs),
+                      loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+                      metrics=["accuracy"])
+    return Segment(end, enter)
 
 
 def _fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, work_dir: Path,
@@ -106,7 +108,7 @@ def _fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int,
     from components.train import models
 
     return fit_keras(train, val, config, seed, work_dir, signature, resume, tracking, progress,
-                     build=lambda keras: models.build(config, keras), segments=[keras_segment(config)],
+                     build=lambda keras: models.build(config, keras), segments=[phase(0, config.epochs, config.learning_rate, config)],
                      name=config.model.value)
 
 
@@ -172,7 +174,7 @@ def fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, 
                    device=hardware["device"], mlflow_run_id=run_id, **trained_fields)
 
 
-def optimizer(learning_rate: float, epochs: int, steps_per_epoch: int, warmup_epochs: float):
+def _optimizer(learning_rate: float, epochs: int, steps_per_epoch: int, warmup_epochs: float):
     """Adam with a linear warm-up to learning_rate, then cosine decay to 0 at the last step."""
     import keras
 
