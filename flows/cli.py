@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -26,6 +26,7 @@ console = Console(highlight=False, soft_wrap=True)  # paths and run ids are neve
 
 SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", metavar="KEY=VALUE", help="override a config field, e.g. --set ingest.limit=500 (repeatable)")]
+RunOption = Annotated[Optional[str], typer.Option("--run", help="run id (default: the newest run)")]
 DataOption = Annotated[Optional[Path], typer.Option(
     "--data", help="input data: a file or folder (see `digits run --help`)")]
 
@@ -102,30 +103,22 @@ def ingest(
 
 
 @app.command()
-def validate(run_id: Annotated[Optional[str], typer.Option("--run", help="run id (default: the newest run)")] = None,
-             overrides: SetOption = None) -> None:
+def validate(run_id: RunOption = None, overrides: SetOption = None) -> None:
     """Validate a run's ingested data with its Great Expectations suites; stop (exit 2) on failures."""
     from flows import stages
 
-    folder, config = _open_run(run_id, overrides)
-    examples = stages.examples_of(folder)
-    with console.status("validate") as status:
-        validation = stages.validate(folder, config, examples, progress=lambda m: status.update(f"validate: {m}"))
-    stages.finish_run(folder)
+    validation = _on_run("validate", run_id, overrides, lambda folder, config, progress: stages.validate(
+        folder, config, stages.examples_of(folder), progress=progress))
     state = "[green]passed[/]" if validation.passed else "[yellow]failed, recorded as warnings[/]"
     console.print(f"validation {state}: {validation.evaluated} expectations\n[bold]report[/] {validation.report}")
 
 
 @app.command()
-def convert(run_id: Annotated[Optional[str], typer.Option("--run", help="run id (default: the newest run)")] = None,
-            overrides: SetOption = None) -> None:
+def convert(run_id: RunOption = None, overrides: SetOption = None) -> None:
     """Convert a run's validated data into sharded TFRecords (train/val split + test) with Apache Beam."""
     from flows import stages
 
-    folder, config = _open_run(run_id, overrides)
-    with console.status("convert") as status:
-        converted = stages.convert(folder, config, progress=lambda m: status.update(f"convert: {m}"))
-    stages.finish_run(folder)
+    converted = _on_run("convert", run_id, overrides, stages.convert)
     rows = ", ".join(f"{split} {n:,} ({converted.shards[split]} shards)" for split, n in converted.counts.items())
     how = f"reused from {converted.reused_from}" if converted.reused_from else f"on {converted.runner}"
     console.print(f"[green]converted[/] {rows} {how}\n[bold]fingerprint[/] {converted.fingerprint}\n"
@@ -133,29 +126,25 @@ def convert(run_id: Annotated[Optional[str], typer.Option("--run", help="run id 
 
 
 @app.command()
-def train(run_id: Annotated[Optional[str], typer.Option("--run", help="run id (default: the newest run)")] = None,
-          overrides: SetOption = None) -> None:
+def train(run_id: RunOption = None, overrides: SetOption = None) -> None:
     """Train the configured model on a run's TFRecords; an interrupted training resumes where it stopped."""
     from flows import stages
 
-    folder, config = _open_run(run_id, overrides)
-    trained = stages.train(folder, config, progress=lambda m: console.print(f"train: {m}"))
-    stages.finish_run(folder)
+    trained = _on_run("train", run_id, overrides, stages.train, spinner=False)  # epoch lines stay on screen
     console.print(f"[green]trained[/] {trained.model}: val_accuracy {trained.val_accuracy:.2%} "
                   f"({trained.epochs} epochs, {trained.seconds:.1f} s this attempt)\n[bold]model[/] {trained.path}")
 
 
 @app.command()
-def evaluate(run_id: Annotated[Optional[str], typer.Option("--run", help="run id (default: the newest run)")] = None,
-             overrides: SetOption = None) -> None:
+def evaluate(run_id: RunOption = None, overrides: SetOption = None) -> None:
     """Evaluate a run's model on its validation split, gate it, and register it when it passes."""
     from flows import stages
 
-    folder, config = _open_run(run_id, overrides)
-    with console.status("evaluate") as status:
-        evaluation = stages.evaluate(folder, config, progress=lambda m: status.update(f"evaluate: {m}"))
-        version, promoted = stages.register(folder, config, evaluation, progress=lambda m: status.update(m))
-    stages.finish_run(folder)
+    def evaluate_and_register(folder, config, progress):
+        evaluation = stages.evaluate(folder, config, progress=progress)
+        return evaluation, *stages.register(folder, config, evaluation, progress=progress)
+
+    evaluation, version, promoted = _on_run("evaluate", run_id, overrides, evaluate_and_register)
     state = "[green]passed[/]" if evaluation.passed else "[yellow]refused[/]"
     console.print(f"val_accuracy {evaluation.val_accuracy:.2%}; gate {state}: {evaluation.reason}")
     if version:
@@ -164,18 +153,29 @@ def evaluate(run_id: Annotated[Optional[str], typer.Option("--run", help="run id
 
 
 @app.command()
-def export(run_id: Annotated[Optional[str], typer.Option("--run", help="run id (default: the newest run)")] = None,
-           overrides: SetOption = None) -> None:
+def export(run_id: RunOption = None, overrides: SetOption = None) -> None:
     """Write a run's submission.csv and export its model (SavedModel + .keras), checked in a fresh process."""
     from flows import stages
 
-    folder, config = _open_run(run_id, overrides)
-    with console.status("export") as status:
-        exported = stages.export(folder, config, progress=lambda m: status.update(f"export: {m}"))
-    stages.finish_run(folder)
+    exported = _on_run("export", run_id, overrides, stages.export)
     console.print(f"[green]exported[/] {exported.test_rows:,} test rows; {exported.model} agreed with the in-flow "
                   f"predictions on {exported.infra_rows} rows in a fresh process\n"
                   f"[bold]submission[/] {exported.submission_path}\n[bold]model[/] {exported.dir / exported.model}")
+
+
+def _on_run(stage: str, run_id: str | None, overrides: list[str] | None, call: Callable, *, spinner: bool = True):
+    """One stage command: open the run (default: the newest) with this command's --set overrides, run
+    call(folder, config, progress) under a spinner (or printing each progress line), mark the run done."""
+    from flows import stages
+
+    folder, config = _open_run(run_id, overrides)
+    if spinner:
+        with console.status(stage) as status:
+            result = call(folder, config, lambda message: status.update(f"{stage}: {message}"))
+    else:
+        result = call(folder, config, lambda message: console.print(f"{stage}: {message}"))
+    stages.finish_run(folder)
+    return result
 
 
 @app.command()
