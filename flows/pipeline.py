@@ -19,7 +19,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.cache_policies import NO_CACHE, CachePolicy  # noqa: E402
 
 from flows import stages  # noqa: E402
 from schemas.artifacts import Converted, Evaluation, Examples, Exported, Trained, Validation  # noqa: E402
@@ -35,6 +35,9 @@ def _folder(run_id: str) -> RunFolder:
 def _by_cache_key(context, parameters: dict) -> str | None:
     """Cache key of ingest, validate and convert: the `cache_key` argument (see stages.cache_keys)."""
     return parameters.get("cache_key")
+
+
+_BY_CACHE_KEY = CachePolicy.from_cache_key_fn(_by_cache_key)
 
 
 def _transient(task, task_run, state) -> bool:
@@ -77,7 +80,7 @@ def _cached_stage(task_, stage: str, kind, folder: RunFolder, key: str | None, *
     done = _skip_if_done(folder, stage, kind)
     if done is not None:
         return done
-    cached = task_.with_options(cache_key_fn=_by_cache_key, persist_result=True,
+    cached = task_.with_options(cache_policy=_BY_CACHE_KEY, persist_result=True,
                                 result_storage=digits_home() / "prefect-results")
     try:
         return stages.adopt(folder, stage, cached(folder.run_id, *args, key))

@@ -40,6 +40,18 @@ from absl import logging as _absl_logging  # noqa: E402
 
 _absl_logging.get_absl_handler().python_handler.stream = _CurrentStderr()
 
+@pytest.fixture(scope="session")
+def prepared_tfds(tmp_path_factory) -> tuple[Path, dict]:
+    """TFDS mnist prepared once from the shared idx files (about 15 s), and its splits as read."""
+    import datagen
+    from components.ingest import mnist as reader
+
+    mnist = datagen.shared_data("mnist")
+    tfds_dir = tmp_path_factory.mktemp("tfds")
+    splits, _ = reader.read(mnist, tfds_dir, limit=None)
+    return tfds_dir, splits
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """A fresh $DIGITS_HOME for one test."""

@@ -78,14 +78,6 @@ def _seconds(run_or_task: dict) -> float:
 
 
 def test_train_noisy_deployment_runs_on_a_worker_and_caches_its_data_stages(home, tmp_path):
-    # a champion to fine-tune: a tiny train-kaggle run, registered in this DIGITS_HOME
-    datagen.write_kaggle(tmp_path / "kaggle", n_train=300, n_test=10)
-    folder, config = validated_kaggle_run(tmp_path / "kaggle", "train.epochs=1", "evaluate.threshold=0")
-    stages.convert(folder, config)
-    stages.train(folder, config)
-    assert stages.register(folder, config, stages.evaluate(folder, config))[1]
-    datagen.write_noisy(tmp_path / "noisy", n_train=300, n_test=20)
-
     port = _free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
@@ -97,6 +89,15 @@ def test_train_noisy_deployment_runs_on_a_worker_and_caches_its_data_stages(home
         proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         started.append((proc, signal.SIGTERM))
+
+        # while the server starts: a champion to fine-tune, a tiny train-kaggle run registered in this DIGITS_HOME
+        datagen.write_kaggle(tmp_path / "kaggle", n_train=300, n_test=10)
+        folder, config = validated_kaggle_run(tmp_path / "kaggle", "train.epochs=1", "evaluate.threshold=0")
+        stages.convert(folder, config)
+        stages.train(folder, config)
+        assert stages.register(folder, config, stages.evaluate(folder, config))[1]
+        datagen.write_noisy(tmp_path / "noisy", n_train=300, n_test=20)
+
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -107,20 +108,13 @@ def test_train_noisy_deployment_runs_on_a_worker_and_caches_its_data_stages(home
                 time.sleep(0.5)
 
         assert server.prefect("work-pool", "create", "digits-process", "--type", "process").returncode == 0
-        deployed = server.prefect("deploy", "--all", "--prefect-file", "infra/prefect.yaml")
-        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-        inspected = server.prefect("deployment", "inspect", "digits/train-noisy")
-        assert inspected.returncode == 0 and "0 4 * * 1" in inspected.stdout  # the schedule is there
-
-        wrong = server.prefect("deployment", "run", "digits/train-noisy", "--params",
-                               json.dumps({"config": {"pipeline": "train-noisy", "train": {"epochs": "many"}}}))
-        assert wrong.returncode != 0 and "epochs" in (wrong.stdout + wrong.stderr)
-
         worker_log = (tmp_path / "worker.log").open("w")
         worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "digits-process", "--type", "process"],
                                   cwd=ROOT, env=env, stdout=worker_log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
         started.append((worker, signal.SIGINT))  # stopped before the server (reversed order below)
+        deployed = server.prefect("deploy", "--all", "--prefect-file", "infra/prefect.yaml")
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
         params = {"config": {"pipeline": "train-noisy", "ingest": {"data": str(tmp_path / "noisy")},
                              "validate": {"min_rows": 10}, "train": {"epochs": 1}, "evaluate": {"threshold": 0},
@@ -130,6 +124,12 @@ def test_train_noisy_deployment_runs_on_a_worker_and_caches_its_data_stages(home
             triggered = server.prefect("deployment", "run", "digits/train-noisy", "--params", json.dumps(params))
             assert triggered.returncode == 0, triggered.stdout + triggered.stderr
             flow_run_id = next(line.split()[-1] for line in triggered.stdout.splitlines() if "UUID" in line)
+            if attempt == 0:  # while the worker runs it: the schedule is there, a wrong type is refused
+                inspected = server.prefect("deployment", "inspect", "digits/train-noisy")
+                assert inspected.returncode == 0 and "0 4 * * 1" in inspected.stdout
+                wrong = server.prefect("deployment", "run", "digits/train-noisy", "--params",
+                                       json.dumps({"config": {"pipeline": "train-noisy", "train": {"epochs": "many"}}}))
+                assert wrong.returncode != 0 and "epochs" in (wrong.stdout + wrong.stderr)
             run = server.wait_for_final_state(flow_run_id)
             assert run["state"]["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
             runs.append((run, server.task_states(flow_run_id)))

@@ -74,17 +74,6 @@ def test_tfds_refuses_files_that_are_not_the_published_mnist(cli, home, idx_fold
     assert not list(home.rglob("*.parquet"))
 
 
-@pytest.fixture(scope="session")
-def prepared_tfds(tmp_path_factory) -> Path:
-    """TFDS mnist prepared once from the shared idx files (about 20 s)."""
-    mnist = datagen.shared_data("mnist")
-    from components.ingest import mnist as reader
-
-    tfds_dir = tmp_path_factory.mktemp("tfds")
-    splits, _ = reader.read(mnist, tfds_dir, limit=None)
-    return tfds_dir, splits
-
-
 def test_real_mnist_counts_per_class(prepared_tfds):
     _, splits = prepared_tfds
     train, test = splits["train"], splits["test"]

@@ -71,7 +71,7 @@ def test_one_short_epoch_writes_model_checkpoints_logs_and_mlflow_metrics(home, 
 
 def test_killed_training_resumes_at_the_next_epoch(home, tmp_path):
     """kill -9 after the first epoch's checkpoint: no train/ folder; the re-run resumes at epoch 2 of 3."""
-    datagen.write_kaggle(tmp_path / "kaggle", n_train=3000, n_test=20)
+    datagen.write_kaggle(tmp_path / "kaggle", n_train=1500, n_test=20)
     folder, _ = _converted_run(tmp_path / "kaggle")
     command = [str(Path(sys.executable).with_name("digits")), "train", "--run", folder.run_id,
                "--set", "train.epochs=3"]
