@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from schemas.errors import ServiceUnavailable
+
 
 def tracking_uri(home: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home.resolve() / 'mlflow.db'}"
@@ -23,7 +25,49 @@ def mlflow_client(uri: str):
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return _Reachable(MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
+
+
+class _Reachable:
+    """An MlflowClient whose calls raise ServiceUnavailable (one line) when the server cannot be
+    reached, instead of MLflow's exception wrapping a connection error's traceback."""
+
+    def __init__(self, client, uri: str) -> None:
+        self._client, self._uri = client, uri
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except Exception as exc:
+                reason = _connection_failure(exc)
+                if reason is None:
+                    raise
+                raise ServiceUnavailable(
+                    f"MLflow tracking server {self._uri} unreachable ({reason}): start it, or unset "
+                    "MLFLOW_TRACKING_URI to track in SQLite under $DIGITS_HOME") from None
+        return call
+
+
+def _connection_failure(exc: BaseException) -> str | None:
+    """What failed, when exc is (or wraps) a failure to reach a server; None for any other error.
+    (MLflow talks HTTP through requests: its ConnectionError or Timeout, matched by name, not imported.)"""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if any(c.__module__.startswith("requests") and c.__name__ in ("ConnectionError", "Timeout")
+               for c in type(exc).__mro__):
+            text = str(exc)
+            for words in ("Connection refused", "Name or service not known", "timed out", "No route to host"):
+                if words in text:
+                    return words.lower()
+            return type(exc).__name__
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class Tracking:

@@ -17,7 +17,7 @@ from rich.table import Column, Table
 
 from schemas.config import PipelineConfig, Pipeline, apply_overrides, default_config
 from schemas.dataset import Source
-from schemas.errors import DigitsInputError
+from schemas.errors import DigitsInputError, ServiceUnavailable
 from schemas.runs import RunFolder, list_runs
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -74,6 +74,8 @@ def _run_flow(folder: RunFolder, config: PipelineConfig, require_promotion: bool
     prefect_pipeline.console_logs_to_stdout()
     try:
         prefect_pipeline.digits(config, run_id=folder.run_id)
+    except ServiceUnavailable as exc:
+        raise ServiceUnavailable(f"{exc}; then `digits resume {folder.run_id}`") from None
     finally:
         _print_stages(folder)
     record = folder.load()
@@ -325,6 +327,9 @@ def main() -> None:
     except DigitsInputError as exc:
         print(f"digits: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except ServiceUnavailable as exc:
+        print(f"digits: error: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

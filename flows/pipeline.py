@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE, CachePolicy  # noqa: E402
 from flows import stages  # noqa: E402
 from schemas.artifacts import Converted, Evaluation, Examples, Exported, Trained, Validation  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
-from schemas.errors import DigitsInputError  # noqa: E402
+from schemas.errors import DigitsInputError, ServiceUnavailable  # noqa: E402
 from schemas.runs import RunFolder, digits_home  # noqa: E402
 
 
@@ -213,10 +213,11 @@ def _skip_if_done(folder: RunFolder, stage: str, kind):
 
 
 class _NoInputErrorTraceback(logging.Filter):
-    """A DigitsInputError is the user's to fix: log its message, not a traceback."""
+    """A DigitsInputError is the user's to fix, a ServiceUnavailable names the server: log the message,
+    not a traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], DigitsInputError):
+        if record.exc_info and isinstance(record.exc_info[1], (DigitsInputError, ServiceUnavailable)):
             record.exc_info, record.exc_text = None, None
         return True
 

@@ -1,4 +1,5 @@
-"""Errors a user can cause. The CLI renders each as one line and exits 2; anything else is a bug."""
+"""Errors a user can cause or fix. The CLI renders each as one line: DigitsInputError exits 2,
+ServiceUnavailable exits 1 (design: 1 for anything that is not bad input); anything else is a bug."""
 
 from __future__ import annotations
 
@@ -29,3 +30,8 @@ class ConfigError(DigitsInputError):
 
 class ValidationFailed(DigitsInputError):
     """The data failed its expectation suites: the run stops before conversion."""
+
+
+class ServiceUnavailable(Exception):
+    """A server the pipeline talks to (an MLflow tracking server) cannot be reached. Not bad input: it
+    may pass on a later try (Prefect retries it; `digits resume` continues the run once it is back)."""

@@ -130,10 +130,13 @@ def test_a_failed_run_resumes_at_the_failed_stage(cli, home, tmp_path, monkeypat
     with monkeypatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{dead}")
         patch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        with pytest.raises(Exception):
-            cli("run", "train-kaggle", "--data", tmp_path / "kaggle", "--set", "validate.min_rows=10",
-                "--set", "train.epochs=1", "--set", "evaluate.threshold=0")
+        failed = cli("run", "train-kaggle", "--data", tmp_path / "kaggle", "--set", "validate.min_rows=10",
+                     "--set", "train.epochs=1", "--set", "evaluate.threshold=0")
     (run,) = _runs(home)
+    assert failed.code == 1 and failed.err.strip().splitlines() == [
+        f"digits: error: MLflow tracking server http://127.0.0.1:{dead} unreachable (connection refused): start "
+        f"it, or unset MLFLOW_TRACKING_URI to track in SQLite under $DIGITS_HOME; then `digits resume {run.name}`"]
+    assert "Traceback" not in failed.out
     before = json.loads((run / "run.json").read_text())
     assert before["status"] == "failed" and before["stages"]["train"]["status"] == "failed"
     assert not (run / "train").exists()

@@ -18,9 +18,15 @@ from pathlib import Path
 
 
 def in_fresh_process(*args: str) -> dict:
-    """Run one job of this script in a new interpreter; its JSON result (peak_rss_mb included)."""
+    """Run one job of this script in a new interpreter; its JSON result (peak_rss_mb included), plus
+    tree_cpu_s: the CPU seconds (user + system) of that interpreter and every process it waited for,
+    start-up included (a cross-check on wall times that other tenants of the machine can stretch)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["tree_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return result
 
 
 def ours(source: str, data: str) -> dict:
