@@ -1,5 +1,6 @@
 """Deployments for real: `prefect server start`, `prefect deploy` from infra/prefect.yaml, a process
-worker, and `prefect deployment run digits/train-noisy` — every process started here stopped by PID."""
+worker, `prefect deployment run digits/train-noisy`, then `digits serve` instead of the worker — every
+process started here stopped by PID."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import datagen
-from flows import stages
+from flows import deployments, stages
 from runs import validated_kaggle_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +159,33 @@ def test_train_noisy_deployment_runs_on_a_worker_and_caches_its_data_stages(home
         versions = stages.registry().versions("digits-noisy")
         assert sorted(v.tags["digits.run_id"] for v in versions) == sorted([first_record.run_id, second_record.run_id])
         assert sum(v.champion for v in versions) == 1
+
+        # no worker: `digits serve` registers the same three deployments (schedules from infra/prefect.yaml,
+        # no work pool) and runs a triggered flow run itself
+        _stop(worker, signal.SIGINT)
+        for deployment in server.post("/deployments/filter", {}):  # a user has one or the other
+            urllib.request.urlopen(urllib.request.Request(f"{server.api}/deployments/{deployment['id']}",
+                                                          method="DELETE"), timeout=10).close()
+        serve_log = (tmp_path / "serve.log").open("w")
+        served = subprocess.Popen([str(Path(sys.executable).with_name("digits")), "serve"], cwd=ROOT,
+                                  env={**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}, stdout=serve_log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        started.append((served, signal.SIGINT))
+        expected = {spec["name"]: [s["cron"] for s in spec["schedules"]] for spec in deployments.definitions()}
+        deadline = time.monotonic() + 120
+        while True:
+            found = {d["name"]: d for d in server.post("/deployments/filter", {})}
+            if all(name in found for name in expected):
+                break
+            assert served.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        assert {name: [s["schedule"]["cron"] for s in found[name]["schedules"]] for name in expected} == expected
+        assert all(found[name]["work_pool_name"] is None for name in expected)
+        triggered = server.prefect("deployment", "run", "digits/train-noisy", "--params", json.dumps(params))
+        assert triggered.returncode == 0, triggered.stdout + triggered.stderr
+        run = server.wait_for_final_state(next(line.split()[-1] for line in triggered.stdout.splitlines() if "UUID" in line))
+        assert run["state"]["type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
+        assert run["work_pool_name"] is None and len(stages.registry().versions("digits-noisy")) == 3
     finally:
         for proc, sig in reversed(started):
             _stop(proc, sig)
