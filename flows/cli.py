@@ -291,11 +291,15 @@ def reports(run_id: Annotated[Optional[str], typer.Argument(help="a run id (defa
 
 
 def _open_run(run_id: str | None, overrides: list[str] | None):
-    """A run (default: the newest) and its recorded config with this command's --set overrides applied."""
+    """A run (default: the newest) and its recorded config with this command's --set overrides applied
+    (and recorded)."""
     from flows import stages
 
     folder = RunFolder.open(run_id)
-    return folder, apply_overrides(stages.config_of(folder), list(overrides or []))
+    config = apply_overrides(stages.config_of(folder), list(overrides or []))
+    if overrides:  # run.json records the config the run's stages were last run with (`digits resume` uses it)
+        folder.update(lambda record: setattr(record, "config", config.model_dump(mode="json")))
+    return folder, config
 
 
 def _print_rows(columns: list[Column], rows: list[tuple[str, ...]]) -> None:
@@ -319,17 +323,34 @@ def _print_stages(folder: RunFolder) -> None:
 
 
 def main() -> None:
-    """Console-script entry point: render user-caused errors as one line and exit 2."""
+    """Console-script entry point: bad input and usage errors are one line and exit 2; an unreachable
+    tracking server is one line and exits 1; --require-promotion refused exits 3."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # typer (pinned) vendors click as typer._click: its usage errors come here, to be one line as well
+    from typer import Abort
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="digits")
+    except NoArgsIsHelpError:
+        sys.exit(2)  # `digits` alone: the help was printed
+    except UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "digits"
+        message = " ".join(exc.format_message().replace("Value error, ", "").split())
+        print(f"digits: error: {message} (see `{command} --help`)", file=sys.stderr)
+        sys.exit(2)
+    except Abort:
+        print("digits: aborted", file=sys.stderr)
+        sys.exit(130)
     except DigitsInputError as exc:
         print(f"digits: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except ServiceUnavailable as exc:
         print(f"digits: error: {exc}", file=sys.stderr)
         sys.exit(1)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from schemas.artifacts import Artifact, Converted, Evaluation, Examples, Exporte
 from schemas.config import CHAMPION_OF_MNIST, SCRATCH, FailOn, PipelineConfig
 from schemas.errors import DigitsInputError, ValidationFailed
 from schemas.examples import MANIFEST
-from schemas.runs import RunFolder, RunRecord, StageRecord, digits_home, link_or_copy, list_runs, utc_now
+from schemas.runs import STAGES, RunFolder, RunRecord, StageRecord, digits_home, link_or_copy, list_runs, utc_now
 
 A = TypeVar("A", bound=Artifact)
 Progress = Callable[[str], None]
@@ -73,9 +73,21 @@ def execute(folder: RunFolder, stage: str, body: Callable[[Path], A], *, resumab
         stage_record.outputs = artifact.summary()
         if isinstance(artifact, Examples):
             record.data_fingerprints.update(artifact.fingerprints)
+        _stale_after(record, stage)
 
     folder.update(completed)
     return artifact
+
+
+def _stale_after(record: RunRecord, stage: str) -> None:
+    """A stage run again makes the completed stages after it stale: they were made from its old output.
+    Their folders stay (nothing is lost) but no later stage reads them, and a resumed run re-runs them."""
+    for later in STAGES[STAGES.index(stage) + 1:]:
+        later_record = record.stages.get(later)
+        if later_record is not None and later_record.status == "completed":
+            later_record.status, later_record.error = "stale", f"{stage} was run again after it"
+            if later == "evaluate":  # its gate decision no longer stands: a resumed run decides again
+                record.registry_version = record.promoted = record.promotion_reason = None
 
 
 def _mark(record: RunRecord, stage: str, stage_record: StageRecord) -> None:
@@ -114,6 +126,10 @@ def examples_of(folder: RunFolder) -> Examples:
 def _output_of(folder: RunFolder, stage: str, kind: type[A], what: str) -> A:
     """A completed stage's artifact, for a later stage: never one that failed or is half-written."""
     record = folder.load().stages.get(stage)
+    if record is not None and record.status == "stale":
+        command = "train" if stage == "transfer" else stage  # `digits train` runs transfer too
+        raise DigitsInputError(f"run {folder.run_id}'s {stage} stage is stale ({record.error}): run "
+                               f"`digits {command} --run {folder.run_id}`, or `digits resume {folder.run_id}`")
     if record is None or record.status != "completed" or not folder.stage_dir(stage).is_dir():
         raise DigitsInputError(f"run {folder.run_id} has no {what} stage")
     return kind.load(folder.stage_dir(stage), record.outputs)

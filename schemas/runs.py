@@ -26,7 +26,8 @@ RUN_JSON = "run.json"
 TRACKED_PACKAGES = ("digits", "tensorflow-cpu", "keras", "apache-beam", "prefect", "tensorflow-datasets",
                     "pyarrow", "pandas", "numpy", "great-expectations", "scikit-learn", "mlflow")
 
-StageStatus = Literal["running", "completed", "failed", "skipped"]
+# stale: completed, but a stage before it was run again afterwards (its inputs changed); re-run it
+StageStatus = Literal["running", "completed", "failed", "skipped", "stale"]
 RunStatus = Literal["running", "completed", "failed", "completed_with_warnings"]
 
 

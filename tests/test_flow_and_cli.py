@@ -74,6 +74,11 @@ def test_run_with_bad_data_fails_in_one_line_and_marks_the_run(cli, home, tmp_pa
     (["ingest", "--source", "kaggle", "--data", ".", "--set", "limit"], "--set expects key=value"),
     (["ingest", "--source", "noisy"], "needs --data"),
     (["reports", "no-such-run"], "no run 'no-such-run'"),
+    # click's own usage errors too (typer draws them in a box over several lines by default)
+    (["run"], "Missing argument 'pipeline'. Choose from: train-kaggle, train-mnist, train-noisy (see `digits run --help`)"),
+    (["run", "train-everything"], "'train-everything' is not one of 'train-kaggle', 'train-mnist', 'train-noisy'"),
+    (["run", "train-mnist", "--epochs", "3"], "No such option: --epochs"),
+    (["frobnicate"], "No such command 'frobnicate'. (see `digits --help`)"),
 ])
 def test_usage_errors_are_one_line_with_exit_2(cli, home, args, words):
     result = cli(*args)

@@ -61,6 +61,30 @@ def test_rerun_replaces_the_output_whole_and_stale_temp_folders_go(home):
     assert not stale.exists()
 
 
+def test_a_stage_run_again_makes_the_completed_stages_after_it_stale(home):
+    """`digits convert --run X` after X trained: the model was made from the old split, so train and
+    evaluate go stale (kept, but not read; `digits resume` runs them again) and the gate decision is void."""
+    from schemas.errors import DigitsInputError
+
+    folder = stages.start_run(default_config("train-kaggle"))
+    for stage in ("ingest", "validate", "convert", "train", "evaluate"):
+        stages.execute(folder, stage, _write_note(stage))
+    folder.update(lambda r: setattr(r, "promotion_reason", "passed") or setattr(r, "registry_version", 1))
+    stages.execute(folder, "convert", _write_note("convert, other split"))
+    record = folder.load()
+    assert {name: s.status for name, s in record.stages.items()} == {
+        "ingest": "completed", "validate": "completed", "convert": "completed", "train": "stale", "evaluate": "stale"}
+    assert record.stages["train"].error == "convert was run again after it"
+    assert (record.registry_version, record.promotion_reason) == (None, None)
+    assert (folder.stage_dir("train") / "note.txt").read_text() == "train"  # nothing is lost
+    assert stages.completed(folder, "train", Note) is None and stages.completed(folder, "evaluate", Note) is None
+    with pytest.raises(DigitsInputError, match=rf"run {folder.run_id}'s train stage is stale \(convert was run "
+                                               rf"again after it\): run `digits train --run {folder.run_id}`"):
+        stages.trained_of(folder)
+    stages.execute(folder, "train", _write_note("train again"))
+    assert folder.load().stages["train"].status == "completed" and folder.load().stages["evaluate"].status == "stale"
+
+
 def test_ingest_killed_midway_leaves_nothing_a_later_stage_could_read(tmp_path):
     """kill -9 while the stage is writing: no ingest/ folder, later stages refuse the run, a new run works."""
     import os
