@@ -34,4 +34,5 @@ class ValidationFailed(DigitsInputError):
 
 class ServiceUnavailable(Exception):
     """A server the pipeline talks to (an MLflow tracking server) cannot be reached. Not bad input: it
-    may pass on a later try (Prefect retries it; `digits resume` continues the run once it is back)."""
+    may pass on a later try (`digits resume` continues the run once it is back; the ingest task's
+    Prefect retries count it as transient, like every error that is not bad input)."""
