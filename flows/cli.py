@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
+from components.tensorflow_runtime import import_tensorflow
+from flows.local_api import LocalAPI
 from schemas.config import PipelineConfig, Pipeline, apply_overrides, default_config
 from schemas.dataset import Source
 from schemas.errors import DigitsInputError, ServiceUnavailable
@@ -48,9 +50,10 @@ def run(
 ) -> None:
     """Run a whole pipeline through the Prefect flow `digits` (ephemeral API), in this process."""
     config = _config(pipeline, data, overrides)
+    api = LocalAPI.launch()  # boots while TensorFlow and Prefect are imported
     from flows.stages import start_run
 
-    _run_flow(start_run(config), config, require_promotion)
+    _run_flow(start_run(config), config, require_promotion, api)
 
 
 @app.command()
@@ -64,13 +67,16 @@ def resume(
     from flows import stages
 
     folder = RunFolder.open(run_id)
-    _run_flow(folder, stages.config_of(folder), require_promotion)
+    _run_flow(folder, stages.config_of(folder), require_promotion, LocalAPI.launch())
 
 
-def _run_flow(folder: RunFolder, config: PipelineConfig, require_promotion: bool) -> None:
+def _run_flow(folder: RunFolder, config: PipelineConfig, require_promotion: bool, api: LocalAPI | None) -> None:
+    console.print(f"[bold]run[/] {folder.run_id}\n[bold]folder[/] {folder.root}")
+    import_tensorflow()  # every pipeline needs it (convert, train); imported while the API server boots
     from flows import pipeline as prefect_pipeline
 
-    console.print(f"[bold]run[/] {folder.run_id}\n[bold]folder[/] {folder.root}")
+    if api is not None:
+        api.connect()
     prefect_pipeline.console_logs_to_stdout()
     try:
         prefect_pipeline.digits(config, run_id=folder.run_id)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -27,6 +29,7 @@ def test_run_chains_the_stages_through_prefect(cli, home, tmp_path):
     (run,) = _runs(home)
     assert run.name in result.out and str(run) in result.out
     assert "Flow run" in result.out  # Prefect's progress lines
+    assert "Starting temporary server" not in result.out  # the API `digits run` launched first, not Prefect's own
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "completed" and record["pipeline"] == "train-kaggle"
     assert record["config"]["ingest"]["limit"] == 30
@@ -95,6 +98,71 @@ def test_reports_lists_runs_and_points_at_their_files(cli, home, tmp_path):
     assert listing.code == 0 and run.name in listing.out and "ingest:completed" in listing.out
     detail = cli("reports", run.name)
     assert str(run / "ingest" / "eda") in detail.out and str(run / "run.json") in detail.out
+
+
+_LOCAL_API = """
+import os, sys, time
+from flows.local_api import LocalAPI
+api = LocalAPI.launch()
+print(api.process.pid, flush=True)
+api.connect()
+print(os.environ.get("PREFECT_API_URL"), api.process and api.process.pid, flush=True)
+if sys.argv[1] == "hang":
+    time.sleep(600)
+"""
+
+
+def _local_api(mode: str, tmp_path: Path, **env: str) -> subprocess.Popen:
+    """A process that launches and connects digits' local Prefect API the way `digits run` does."""
+    env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
+           "PREFECT_HOME": str(tmp_path / "prefect-home"), **env}
+    return subprocess.Popen([sys.executable, "-c", _LOCAL_API, mode], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _gone(pid: int, within: float = 20) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # exited but not reaped by its (dead) parent yet: a zombie is gone too
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_the_local_prefect_api_serves_the_process_and_stops_with_it(tmp_path):
+    """`digits run`'s API server answers, is stopped when the command ends, and dies with a killed command."""
+    ended = _local_api("exit", tmp_path)
+    server = int(ended.stdout.readline())
+    url, _ = ended.stdout.readline().split()
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/api")
+    assert ended.wait(timeout=60) == 0
+    assert _gone(server, within=1)  # stopped at exit, not left behind
+
+    killed = _local_api("hang", tmp_path)
+    server = int(killed.stdout.readline())
+    try:
+        killed.stdout.readline()  # connected: the server answered
+        killed.kill()  # SIGKILL: no atexit runs
+        killed.wait()
+        assert _gone(server), "the API server outlived the killed digits process"
+    finally:
+        if not _gone(server, within=0):
+            os.kill(server, signal.SIGKILL)
+
+
+def test_a_prefect_server_named_by_the_users_profile_is_used_instead(tmp_path):
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text('active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://127.0.0.1:4200/api"\n')
+    proc = _local_api("exit", tmp_path, PREFECT_PROFILES_PATH=str(profiles))
+    server = int(proc.stdout.readline())
+    assert proc.stdout.readline().split() == ["None", "None"]  # not pointed at ours, which was stopped
+    assert proc.wait(timeout=60) == 0 and _gone(server, within=1)
 
 
 def _console_script(*args: str, home: Path) -> subprocess.CompletedProcess:
