@@ -77,8 +77,7 @@ class LocalAPI:
 
         settings = get_current_settings()
         if settings.api.url:
-            if settings.api.url != os.environ.get("PREFECT_API_URL"):
-                self.stop()
+            self.stop()
             return
         self._wait(settings.server.ephemeral.startup_timeout_seconds)
         os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{self.port}/api"
@@ -133,7 +132,8 @@ def _serve(parent: int, uvicorn_args: list[str]) -> None:
         sys.exit(1)
     # Bookkeeping yields to the pipeline: idle, the server still wakes ~190 times a second (docket's
     # polling, its in-memory Redis) for ~3 % of one core, which a 2-core machine would take from training.
-    os.nice(10)
+    if hasattr(os, "nice"):
+        os.nice(10)
     sys.argv = ["uvicorn", *uvicorn_args]
     runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
 
