@@ -5,10 +5,10 @@ its client first imports Prefect's whole server package (~2 s) and then waits fo
 (~3.5 s), in series with everything else. `digits run` instead launches the very same server (the
 uvicorn command of Prefect's ephemeral mode: UI off, the database under PREFECT_HOME) as its first act,
 so the boot overlaps the imports of TensorFlow and Prefect; the flow then runs against it, and it stops
-when the command ends. A server configured by the user (PREFECT_API_URL, in the environment or the
-active Prefect profile) is used as is.
+when the command ends. A server configured by the user (PREFECT_API_URL in the environment, or in
+Prefect's settings: the active profile, prefect.toml, .env) is used as is.
 
-This module imports no Prefect until `wait` (it must run before Prefect is imported to gain anything).
+This module imports no Prefect until `connect` (it must run before Prefect is imported to gain anything).
 """
 
 from __future__ import annotations
