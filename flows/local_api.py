@@ -57,7 +57,7 @@ class LocalAPI:
         return cls._current
 
     def _start(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         prefect_dir = Path(importlib.util.find_spec("prefect").origin).parent
         env = {**os.environ, **_SERVER_ENV}
         env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -116,7 +116,8 @@ class LocalAPI:
             LocalAPI._current = None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,16 +18,11 @@ import pytest
 
 import datagen
 from flows import deployments, stages
+from flows.local_api import free_port
 from runs import validated_kaggle_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -79,7 +73,7 @@ def _seconds(run_or_task: dict) -> float:
 
 
 def test_train_noisy_deployment_runs_on_a_worker_and_caches_its_data_stages(home, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
            "DIGITS_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}

@@ -18,6 +18,7 @@ import datagen
 from components.registry import CHAMPION, Registry
 from components.tracking import tracking_uri
 from flows import stages
+from flows.local_api import free_port
 from runs import validated_kaggle_run
 
 
@@ -84,12 +85,6 @@ def test_a_weaker_model_never_replaces_the_champion_and_rollback_restores_it(hom
     assert "digits-kaggle has no version 9" in message
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 RACE = """
 import sys, time
 from pathlib import Path
@@ -125,7 +120,7 @@ def test_two_racing_promotions_leave_one_champion_and_every_version(home, tmp_pa
 
 
 def test_registry_against_a_real_mlflow_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
