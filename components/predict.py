@@ -19,6 +19,7 @@ from schemas.errors import DigitsInputError
 Model = Callable[[np.ndarray], np.ndarray]  # canonical uint8 [N, 28, 28] -> probabilities [N, 10]
 BOX = 20  # MNIST's digits fit a 20x20 box inside the 28x28 field
 INK = 0.25  # share of the darkest-to-lightest range above which a pixel counts as ink, for cropping
+MAX_PIXELS = 40_000_000  # larger images are refused before they are decoded (a 12-megapixel photo is fine)
 
 
 def load(uri: str, registry: Callable[[], object]) -> Model:
@@ -65,12 +66,19 @@ def classify(model: Model, batch: np.ndarray) -> list[tuple[int, float]]:
     return [(int(p.argmax()), float(p.max())) for p in probabilities]
 
 
-def read(path: Path) -> np.ndarray:
-    """The image as grayscale float in [0, 1]; transparent areas count as white paper."""
+def read(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The image as grayscale float in [0, 1]; transparent areas count as white paper.
+
+    Raises DigitsInputError naming the file when it is missing, not a readable PNG/JPEG, truncated, or
+    larger than max_pixels (checked from its header, before any pixel is decoded)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise DigitsInputError(f"{path}: image too large ({width} x {height} pixels; at most {max_pixels:,} "
+                                       "pixels are read)")
             image.load()
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                 paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -78,7 +86,9 @@ def read(path: Path) -> np.ndarray:
             gray = image.convert("L")
     except FileNotFoundError:
         raise DigitsInputError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise DigitsInputError(f"{path}: image too large ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # PIL's errors for a broken file
         raise DigitsInputError(f"{path}: not a readable image (PNG or JPEG expected): {exc}") from None
     return np.asarray(gray, dtype=np.float32) / 255.0
 

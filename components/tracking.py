@@ -53,6 +53,22 @@ class _Reachable:
         return call
 
 
+def is_missing(exc: BaseException) -> bool:
+    """Whether an MLflow error says the model, version, alias or run asked for does not exist: the one
+    place its error codes are matched (MlflowException and RestException carry `error_code`). MLflow
+    reports an unknown model or version as RESOURCE_DOES_NOT_EXIST, but an unknown alias of a known
+    model as INVALID_PARAMETER_VALUE ("Registered model alias NAME not found.")."""
+    code = getattr(exc, "error_code", None)
+    text = str(exc)
+    return code == "RESOURCE_DOES_NOT_EXIST" or (
+        code == "INVALID_PARAMETER_VALUE" and "Registered model alias " in text and "not found" in text)
+
+
+def log_model_file(uri: str, run_id: str, model_file: Path) -> None:
+    """A model's file as artifacts `model/` of its MLflow run (registered or not)."""
+    mlflow_client(uri).log_artifact(run_id, str(model_file), artifact_path="model")
+
+
 def _connection_failure(exc: BaseException) -> str | None:
     """What failed, when exc is (or wraps) a failure to reach a server; None for any other error.
     (MLflow talks HTTP through requests: its ConnectionError or Timeout, matched by name, not imported.)"""

@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from components.train import Segment, fit_keras, phase, prepare_work_dir
+from components import records
 from components.tracking import Tracking
-from schemas import examples as ex
+from components.train import Segment, fit_keras, phase, prepare_work_dir
 from schemas.artifacts import Converted, Trained
 from schemas.config import TrainConfig, TransferConfig, TransferMode
 from schemas.dataset import IMAGE_SIDE, N_CLASSES
@@ -53,7 +53,7 @@ def run(converted: Converted, config: TrainConfig, transfer: TransferConfig, bas
     if not (work_dir / BASE).is_file():
         shutil.copyfile(base_model, work_dir / BASE)
     progress("loading the train and val splits")
-    train, val = ex.load(converted.files("train")), ex.load(converted.files("val"))
+    train, val = records.load(converted.files("train")), records.load(converted.files("val"))
     base_name = _base_name(work_dir / BASE)
     progress(f"fine-tuning {base_ref} ({base_name}), mode {transfer.mode.value}")
     return fit_keras(

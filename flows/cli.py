@@ -1,7 +1,8 @@
 """The `digits` command line: `digits run` (the Prefect flow in-process) and one command per stage.
 
-Per-stage commands call the stages directly, without Prefect's start-up cost. Exit codes: 0 done,
-2 bad input or usage (one line on stderr), 1 anything else (a bug: traceback).
+The per-stage commands are made from the stage graph (schemas.stages.GRAPH) when the command line is
+built: each runs its stages through the stage runner directly, without Prefect's start-up cost. Exit
+codes: 0 done, 2 bad input or usage (one line on stderr), 1 anything else (a bug: traceback).
 """
 
 from __future__ import annotations
@@ -9,28 +10,29 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Column, Table
 
+import schemas.stages
 from components.tensorflow_runtime import import_tensorflow
 from flows.local_api import LocalAPI
-from schemas.config import PipelineConfig, Pipeline, apply_overrides, default_config
-from schemas.dataset import Source
+from schemas.config import Pipeline, PipelineConfig, apply_overrides, default_config
 from schemas.errors import DigitsInputError, ServiceUnavailable
 from schemas.runs import RunFolder, list_runs
+from schemas.sources import SOURCES, Source
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="digits: a TFX-style, Prefect-orchestrated pipeline for handwritten digits.")
 console = Console(highlight=False, soft_wrap=True)  # paths and run ids are never broken across lines
 
 SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", metavar="KEY=VALUE", help="override a config field, e.g. --set ingest.limit=500 (repeatable)")]
 RunOption = Annotated[Optional[str], typer.Option("--run", help="run id (default: the newest run)")]
 DataOption = Annotated[Optional[Path], typer.Option(
-    "--data", help="input data: a file or folder (see `digits run --help`)")]
+    "--data", help="input data, a file or folder: " + "; ".join(f"{s.name}: {s.data_help}" for s in SOURCES))]
+PipelineArgument = Annotated[Pipeline, typer.Argument(
+    help=" | ".join(f"{s.pipeline} ({s.title})" for s in SOURCES))]
 
 
 def _config(pipeline: Pipeline | str, data: Path | None, overrides: list[str] | None) -> PipelineConfig:
@@ -40,9 +42,8 @@ def _config(pipeline: Pipeline | str, data: Path | None, overrides: list[str] | 
     return apply_overrides(default_config(pipeline), pairs)
 
 
-@app.command()
 def run(
-    pipeline: Annotated[Pipeline, typer.Argument(help="train-kaggle | train-mnist | train-noisy")],
+    pipeline: PipelineArgument,
     data: DataOption = None,
     overrides: SetOption = None,
     require_promotion: Annotated[bool, typer.Option(
@@ -56,14 +57,13 @@ def run(
     _run_flow(start_run(config), config, require_promotion, api)
 
 
-@app.command()
 def resume(
     run_id: Annotated[Optional[str], typer.Argument(help="the run to resume (default: the newest run)")] = None,
     require_promotion: Annotated[bool, typer.Option(
         "--require-promotion", help="exit 3 when the evaluation gate refuses to promote the model")] = False,
 ) -> None:
     """Run a failed or interrupted run's flow again in its own folder, with its recorded config: stages
-    it completed are skipped, the failed one runs again (training continues from its last checkpoint)."""
+    it completed are skipped, stale and failed ones run again (training continues from its last checkpoint)."""
     from flows import stages
 
     folder = RunFolder.open(run_id)
@@ -90,9 +90,8 @@ def _run_flow(folder: RunFolder, config: PipelineConfig, require_promotion: bool
         sys.exit(3)
 
 
-@app.command()
 def ingest(
-    source: Annotated[Source, typer.Option("--source", help="kaggle | mnist | noisy")],
+    source: Annotated[Source, typer.Option("--source", help=" | ".join(s.name for s in SOURCES))],
     data: DataOption = None,
     overrides: SetOption = None,
 ) -> None:
@@ -102,91 +101,42 @@ def ingest(
     config = _config(Pipeline.for_source(source), data, overrides)
     folder = stages.start_run(config)
     console.print(f"[bold]run[/] {folder.run_id}")
-    with console.status("ingest") as status:
-        examples = stages.ingest(folder, config, progress=lambda msg: status.update(f"ingest: {msg}"))
-    stages.finish_run(folder)
-    rows = ", ".join(f"{split} {n:,}" + (f" ({examples.rejected[split]:,} rejected)" if examples.rejected[split] else "")
-                     for split, n in examples.counts.items())
-    console.print(f"[green]ingested[/] {rows}\n[bold]folder[/] {examples.dir}")
+    _run_stages(folder, config, [schemas.stages.GRAPH.stage("ingest")])
+    console.print(f"[bold]folder[/] {folder.stage_dir('ingest')}")
 
 
-@app.command()
-def validate(run_id: RunOption = None, overrides: SetOption = None) -> None:
-    """Validate a run's ingested data with its Great Expectations suites; stop (exit 2) on failures."""
-    from flows import stages
+def _stage_command(name: str, stages_: list):
+    """The per-stage command `digits NAME [--run RUN] [--set K=V]`: runs the stages of the graph whose
+    command is NAME (those that apply to the run's pipeline) on the run's upstream artifacts."""
+    def command(run_id: RunOption = None, overrides: SetOption = None) -> None:
+        folder, config = _open_run(run_id, overrides)
+        _run_stages(folder, config, [s for s in stages_ if s.applies_to(config)])
 
-    validation = _on_run("validate", run_id, overrides, lambda folder, config, progress: stages.validate(
-        folder, config, stages.examples_of(folder), progress=progress))
-    state = "[green]passed[/]" if validation.passed else "[yellow]failed, recorded as warnings[/]"
-    console.print(f"validation {state}: {validation.evaluated} expectations\n[bold]report[/] {validation.report}")
-
-
-@app.command()
-def convert(run_id: RunOption = None, overrides: SetOption = None) -> None:
-    """Convert a run's validated data into sharded TFRecords (train/val split + test) with Apache Beam."""
-    from flows import stages
-
-    converted = _on_run("convert", run_id, overrides, stages.convert)
-    rows = ", ".join(f"{split} {n:,} ({converted.shards[split]} shards)" for split, n in converted.counts.items())
-    how = f"reused from {converted.reused_from}" if converted.reused_from else f"on {converted.runner}"
-    console.print(f"[green]converted[/] {rows} {how}\n[bold]fingerprint[/] {converted.fingerprint}\n"
-                  f"[bold]folder[/] {converted.dir}")
+    command.__doc__ = " ".join(dict.fromkeys(s.help for s in stages_))
+    command.__name__ = name
+    return command
 
 
-@app.command()
-def train(run_id: RunOption = None, overrides: SetOption = None) -> None:
-    """Train the configured model on a run's TFRecords; an interrupted training resumes where it stopped."""
-    from flows import stages
+def _run_stages(folder: RunFolder, config: PipelineConfig, stages_: list) -> None:
+    """Run stages of a run one after the other through the stage runner, showing progress (a spinner, or
+    every line for stages that print per epoch), then mark the run done."""
+    from flows import runner
 
-    trained = _on_run("train", run_id, overrides, stages.train, spinner=False)  # epoch lines stay on screen
-    console.print(f"[green]trained[/] {trained.model}: val_accuracy {trained.val_accuracy:.2%} "
-                  f"({trained.epochs} epochs, {trained.seconds:.1f} s this attempt)\n[bold]model[/] {trained.path}")
-
-
-@app.command()
-def evaluate(run_id: RunOption = None, overrides: SetOption = None) -> None:
-    """Evaluate a run's model on its validation split, gate it, and register it when it passes."""
-    from flows import stages
-
-    def evaluate_and_register(folder, config, progress):
-        evaluation = stages.evaluate(folder, config, progress=progress)
-        return evaluation, *stages.register(folder, config, evaluation, progress=progress)
-
-    evaluation, version, promoted = _on_run("evaluate", run_id, overrides, evaluate_and_register)
-    state = "[green]passed[/]" if evaluation.passed else "[yellow]refused[/]"
-    console.print(f"val_accuracy {evaluation.val_accuracy:.2%}; gate {state}: {evaluation.reason}")
-    if version:
-        console.print(f"registered version {version}" + (" [green]champion[/]" if promoted else ""))
-    console.print(f"[bold]report[/] {evaluation.report}")
+    for stage in stages_:
+        inputs = runner.inputs_of(folder, stage, config)
+        if stage.resumable:  # epoch lines stay on screen
+            outcome = runner.run_stage(folder, stage, config, inputs,
+                                       progress=lambda message, s=stage: console.print(f"{s.name}: {message}"))
+        else:
+            with console.status(stage.name) as status:
+                outcome = runner.run_stage(folder, stage, config, inputs,
+                                           progress=lambda message, s=stage: status.update(f"{s.name}: {message}"))
+        how = {"ran": "", "skipped": " (already completed in this run)",
+               "cached": f" (reused from {outcome.source})"}[outcome.how]
+        console.print(f"[green]{stage.name}[/]{how}: {outcome.artifact.describe()}")
+    runner.finish_run(folder)
 
 
-@app.command()
-def export(run_id: RunOption = None, overrides: SetOption = None) -> None:
-    """Write a run's submission.csv and export its model (SavedModel + .keras), checked in a fresh process."""
-    from flows import stages
-
-    exported = _on_run("export", run_id, overrides, stages.export)
-    console.print(f"[green]exported[/] {exported.test_rows:,} test rows; {exported.model} agreed with the in-flow "
-                  f"predictions on {exported.infra_rows} rows in a fresh process\n"
-                  f"[bold]submission[/] {exported.submission_path}\n[bold]model[/] {exported.dir / exported.model}")
-
-
-def _on_run(stage: str, run_id: str | None, overrides: list[str] | None, call: Callable, *, spinner: bool = True):
-    """One stage command: open the run (default: the newest) with this command's --set overrides, run
-    call(folder, config, progress) under a spinner (or printing each progress line), mark the run done."""
-    from flows import stages
-
-    folder, config = _open_run(run_id, overrides)
-    if spinner:
-        with console.status(stage) as status:
-            result = call(folder, config, lambda message: status.update(f"{stage}: {message}"))
-    else:
-        result = call(folder, config, lambda message: console.print(f"{stage}: {message}"))
-    stages.finish_run(folder)
-    return result
-
-
-@app.command()
 def predict(
     model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, a .keras file or an "
                                                   "exported saved_model folder")],
@@ -207,10 +157,9 @@ def predict(
     _print_rows([Column("image", overflow="fold"), Column("label"), Column("probability")], rows)
 
 
-@app.command()
 def serve() -> None:
-    """Serve the deployments train-kaggle, train-mnist and train-noisy (schedules and parameters from
-    infra/prefect.yaml) from this process, for users without a work pool and worker; Ctrl-C stops."""
+    """Serve the deployments of infra/prefect.yaml (one per pipeline, with their schedules and parameters)
+    from this process, for users without a work pool and worker; Ctrl-C stops."""
     from flows import deployments
 
     deployments.definitions()  # a broken file is one line, before Prefect starts
@@ -220,12 +169,6 @@ def serve() -> None:
     deployments.serve()
 
 
-registry_app = typer.Typer(help="the MLflow model registry: digits-kaggle, digits-mnist, digits-noisy",
-                           no_args_is_help=True)
-app.add_typer(registry_app, name="registry")
-
-
-@registry_app.command("list")
 def registry_list() -> None:
     """Registered models with their champion and number of versions."""
     from flows import stages
@@ -238,7 +181,6 @@ def registry_list() -> None:
     _print_rows([Column("model", no_wrap=True), Column("champion"), Column("versions")], rows)
 
 
-@registry_app.command("show")
 def registry_show(name: Annotated[str, typer.Argument(help="e.g. digits-mnist")]) -> None:
     """Every version of a model: aliases, val accuracy, run id, lineage."""
     from flows import stages
@@ -252,7 +194,6 @@ def registry_show(name: Annotated[str, typer.Argument(help="e.g. digits-mnist")]
                   v.tags.get("digits.run_id", ""), v.tags.get("digits.data_fingerprint", "")[:12]) for v in versions])
 
 
-@registry_app.command("promote")
 def registry_promote(name: Annotated[str, typer.Argument()], version: Annotated[str, typer.Argument()]) -> None:
     """Make VERSION the champion (the replaced champion stays a version; `rollback` returns to it)."""
     from flows import stages
@@ -261,7 +202,6 @@ def registry_promote(name: Annotated[str, typer.Argument()], version: Annotated[
     console.print(f"{name}: champion is now version {promoted.version}")
 
 
-@registry_app.command("rollback")
 def registry_rollback(name: Annotated[str, typer.Argument()]) -> None:
     """Move champion back to the version the current champion replaced."""
     from flows import stages
@@ -270,30 +210,35 @@ def registry_rollback(name: Annotated[str, typer.Argument()]) -> None:
     console.print(f"{name}: champion is back to version {restored.version}")
 
 
-@app.command()
 def reports(run_id: Annotated[Optional[str], typer.Argument(help="a run id (default: list runs, newest last)")] = None) -> None:
-    """List runs, or print where one run's reports are."""
+    """List runs, or print where one run's reports are (its entry page first)."""
     if run_id is None:
         rows = [(r.run_id, r.pipeline, r.status, " ".join(f"{name}:{s.status}" for name, s in r.stages.items()))
                 for r in (folder.load() for folder in list_runs())]
         _print_rows([Column("run id", no_wrap=True), Column("pipeline", no_wrap=True), Column("status"),
                      Column("stages", overflow="fold")], rows)
         return
+    from components import run_page
+
     folder = RunFolder.open(run_id)
-    for label, path in (("EDA", folder.stage_dir("ingest") / "eda"),
-                        ("rejected rows", folder.stage_dir("ingest") / "rejected.csv"),
-                        ("validation report", folder.stage_dir("validate") / "index.html"),
-                        ("convert manifest", folder.stage_dir("convert") / "manifest.json"),
-                        ("model", folder.stage_dir("train") / "model.keras"),
-                        ("TensorBoard logs", folder.stage_dir("train") / "logs"),
-                        ("fine-tuned model", folder.stage_dir("transfer") / "model.keras"),
-                        ("TensorBoard logs", folder.stage_dir("transfer") / "logs"),
-                        ("evaluation report", folder.stage_dir("evaluate") / "report.html"),
-                        ("submission", folder.stage_dir("export") / "submission.csv"),
-                        ("SavedModel", folder.stage_dir("export") / "saved_model")):
-        if path.exists():
-            console.print(f"{label}: {path}")
+    console.print(f"run page: {run_page.write(folder, schemas.stages.GRAPH)}")
+    for stage in schemas.stages.GRAPH:
+        for report in stage.reports:
+            path = folder.stage_dir(stage.name) / report.path
+            if path.exists():
+                console.print(f"{report.label}: {path}")
     console.print(f"run.json: {folder.path}")
+
+
+def suites_show(source: Annotated[Source, typer.Argument(help=" | ".join(s.name for s in SOURCES))]) -> None:
+    """Print the Great Expectations suites a source's data is validated with (templates + its overrides)."""
+    import json
+
+    from schemas.suites import resolve
+
+    conditions = {"train": [], "test": ["labelled", "unlabelled"], "dataset": ["test"]}
+    for batch, held in conditions.items():
+        print(json.dumps(resolve(source, batch, held), indent=1))
 
 
 def _open_run(run_id: str | None, overrides: list[str] | None):
@@ -328,6 +273,32 @@ def _print_stages(folder: RunFolder) -> None:
     console.print(table)
 
 
+def build_app() -> typer.Typer:
+    """The command line, with one command per stage command of the current stage graph."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                      help="digits: a TFX-style, Prefect-orchestrated pipeline for handwritten digits.")
+    app.command()(run)
+    app.command()(resume)
+    app.command()(ingest)
+    for name, stages_ in schemas.stages.GRAPH.commands().items():
+        if name != "ingest":  # ingest starts a run (--source, --data); the others work on one
+            app.command(name)(_stage_command(name, stages_))
+    app.command()(predict)
+    app.command()(serve)
+    app.command()(reports)
+    registry_app = typer.Typer(help="the model registry: " + ", ".join(s.registry_model for s in SOURCES),
+                               no_args_is_help=True)
+    registry_app.command("list")(registry_list)
+    registry_app.command("show")(registry_show)
+    registry_app.command("promote")(registry_promote)
+    registry_app.command("rollback")(registry_rollback)
+    app.add_typer(registry_app, name="registry")
+    suites_app = typer.Typer(help="the validation suites of each source", no_args_is_help=True)
+    suites_app.command("show")(suites_show)
+    app.add_typer(suites_app, name="suites")
+    return app
+
+
 def main() -> None:
     """Console-script entry point: bad input and usage errors are one line and exit 2; an unreachable
     tracking server is one line and exits 1; --require-promotion refused exits 3."""
@@ -338,7 +309,7 @@ def main() -> None:
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
 
     try:
-        code = app(standalone_mode=False, prog_name="digits")
+        code = build_app()(standalone_mode=False, prog_name="digits")
     except NoArgsIsHelpError:
         sys.exit(2)  # `digits` alone: the help was printed
     except UsageError as exc:

@@ -1,35 +1,72 @@
 """Typed artifacts passed between stages: a folder plus a little metadata, frozen.
 
 A stage writes its artifact's folder in a temp location; `moved_to` re-points the reference once the
-folder is renamed into place.
+folder is renamed into place. `digest` is the sha256 of the artifact's content (the files named by its
+CONTENT patterns: what later stages read), recorded in run.json when the stage completes; the keys of
+the stages that consume it are made from it (schemas.stages).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from schemas.dataset import Source, Split
 
 
 @dataclass(frozen=True)
+class Publication:
+    """Something a stage shows in Prefect's UI (flows.pipeline turns it into a Prefect artifact)."""
+
+    kind: Literal["table", "link", "markdown"]
+    key: str
+    description: str
+    content: Any  # table: list of row dicts; link: a URL; markdown: the text
+    link_text: str | None = None
+
+
+@dataclass(frozen=True)
 class Artifact:
     dir: Path
+    digest: str = ""  # sha256 of the content files, set by the stage runner
+
+    CONTENT: ClassVar[tuple[str, ...]] = ("**/*",)  # glob patterns (under dir) of what later stages read
 
     def moved_to(self, new_dir: Path):
         return dataclasses.replace(self, dir=new_dir)
 
     def summary(self) -> dict[str, Any]:
-        """JSON-able fields other than the folder, for run.json."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "dir"}
+        """JSON-able fields other than the folder and digest, for run.json."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dir", "digest")}
 
     @classmethod
-    def load(cls, stage_dir: Path, summary: dict[str, Any]):
+    def load(cls, stage_dir: Path, summary: dict[str, Any], digest: str = ""):
         """Rebuild the reference from a completed stage folder and its run.json summary."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"dir"}
-        return cls(dir=stage_dir, **{k: v for k, v in summary.items() if k in known})
+        known = {f.name for f in dataclasses.fields(cls)} - {"dir", "digest"}
+        return cls(dir=stage_dir, digest=digest, **{k: v for k, v in summary.items() if k in known})
+
+    def content_digest(self) -> str:
+        """sha256 over the content files' relative names and bytes, in name order."""
+        files = sorted({p for pattern in self.CONTENT for p in self.dir.glob(pattern) if p.is_file()})
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(str(path.relative_to(self.dir)).encode() + b"\0")
+            with path.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()
+
+    def describe(self) -> str:
+        """One line for the console and the flow's log."""
+        return str(self.dir)
+
+    def publications(self) -> list[Publication]:
+        """What the stage shows in Prefect's UI."""
+        return []
 
 
 @dataclass(frozen=True)
@@ -43,6 +80,10 @@ class Examples(Artifact):
     labelled: dict[str, bool] = field(default_factory=dict)
     fingerprints: dict[str, str] = field(default_factory=dict)
     duplicates: dict[str, int] = field(default_factory=dict)
+    named: bool = False  # files.csv says which file each row came from (sources of one file per image)
+
+    FILES_CSV = "files.csv"
+    CONTENT = ("*.parquet", FILES_CSV)
 
     @staticmethod
     def file_name(split: Split | str) -> str:
@@ -51,10 +92,24 @@ class Examples(Artifact):
     def parquet(self, split: Split | str) -> Path:
         return self.dir / self.file_name(split)
 
+    def files(self, split: Split | str) -> dict[int, str] | None:
+        """id -> the file a row of split came from, for a named source; None otherwise."""
+        if not self.named:
+            return None
+        import csv
+
+        with (self.dir / self.FILES_CSV).open(newline="") as fh:
+            return {int(row["id"]): row["file"] for row in csv.DictReader(fh) if row["split"] == Split(split).value}
+
     @classmethod
-    def load(cls, stage_dir: Path, summary: dict[str, Any]) -> Examples:
-        examples = super().load(stage_dir, summary)
+    def load(cls, stage_dir: Path, summary: dict[str, Any], digest: str = "") -> Examples:
+        examples = super().load(stage_dir, summary, digest)
         return dataclasses.replace(examples, source=Source(examples.source))
+
+    def describe(self) -> str:
+        rows = ", ".join(f"{split} {n:,}" + (f" ({self.rejected[split]:,} rejected)" if self.rejected.get(split) else "")
+                         for split, n in self.counts.items())
+        return f"{rows} rows"
 
 
 @dataclass(frozen=True)
@@ -66,9 +121,24 @@ class Validation(Artifact):
     evaluated: int = 0
     statistics: dict[str, Any] = field(default_factory=dict)
 
+    CONTENT = ("results.json",)
+
     @property
     def report(self) -> Path:
         return self.dir / "index.html"
+
+    def describe(self) -> str:
+        state = "passed" if self.passed else f"{len(self.failures)} failed (recorded as warnings)"
+        return f"{self.evaluated} expectations, {state}: {self.report}"
+
+    def publications(self) -> list[Publication]:
+        results = self.dir / "results.json"
+        rows = json.loads(results.read_text())["results"] if results.is_file() else []
+        columns = ("batch", "expectation", "column", "success", "observed", "intent")
+        return [Publication("table", "validation-results", f"Great Expectations results ({self.dir.parent.name})",
+                            [{k: str(r[k]) for k in columns} for r in rows]),
+                Publication("link", "validation-report", f"validation report of run {self.dir.parent.name}",
+                            self.report.as_uri(), "Data Docs")]
 
 
 @dataclass(frozen=True)
@@ -81,10 +151,13 @@ class Converted(Artifact):
     label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     fingerprint: str = ""  # of the examples written, shard by shard (manifest.json)
     input_fingerprint: str = ""  # of the canonical data they were made from
-    cache_key: str = ""  # input fingerprint + split + sharding: equal keys, byte-identical shards
     split: dict[str, Any] = field(default_factory=dict)  # seed, val_fraction, counts per class
     runner: str = ""
-    reused_from: str | None = None  # the stage folder whose shards were linked instead of recomputed
+    CONTENT = ("*.tfrecord.gz", "manifest.json")
+
+    def describe(self) -> str:
+        rows = ", ".join(f"{split} {n:,} ({self.shards[split]} shards)" for split, n in self.counts.items())
+        return f"{rows} on {self.runner}, fingerprint {self.fingerprint[:12]}"
 
     def files(self, split: str) -> list[Path]:
         """The shards of one split (train, val or test), in manifest order."""
@@ -113,9 +186,17 @@ class Trained(Artifact):
     base: str | None = None  # transfer: the model it started from (e.g. models:/digits-mnist/3); None: scratch
     transfer_mode: str | None = None  # transfer: full | frozen | gradual
 
+    CONTENT = ("model.keras", "model.joblib")
+
     @property
     def path(self) -> Path:
         return self.dir / self.file
+
+    def describe(self) -> str:
+        origin = f" from {self.base} ({self.transfer_mode})" if self.base else ""
+        resumed = f", resumed at epoch {self.resumed_at_epoch}" if self.resumed_at_epoch else ""
+        return (f"{self.model}{origin}: val_accuracy {self.val_accuracy:.2%} ({self.epochs} epochs, "
+                f"{self.seconds:.1f} s this attempt{resumed}): {self.path}")
 
 
 @dataclass(frozen=True)
@@ -130,9 +211,22 @@ class Exported(Artifact):
     predict_seconds: float = 0.0  # in-flow prediction of every test row
     label_counts: dict[str, int] = field(default_factory=dict)
 
+    CONTENT = ("submission.csv", "model.keras", "model.joblib", "saved_model/**/*")
+
     @property
     def submission_path(self) -> Path:
         return self.dir / self.submission
+
+    def describe(self) -> str:
+        submitted = f"{self.test_rows:,} test rows: {self.submission_path}" if self.submission else "no test split"
+        return (f"{submitted}; {self.model} agreed with the in-flow predictions on {self.infra_rows} rows in a "
+                "fresh process")
+
+    def publications(self) -> list[Publication]:
+        if not self.submission:
+            return []
+        return [Publication("link", "submission", f"{self.test_rows:,} test rows (run {self.dir.parent.name})",
+                            self.submission_path.as_uri(), self.submission)]
 
 
 @dataclass(frozen=True)
@@ -146,7 +240,48 @@ class Evaluation(Artifact):
     threshold: float = 0.0
     champion_version: str | None = None
     champion_val_accuracy: float | None = None
+    model: str = ""  # the zoo name of the model evaluated
+
+    CONTENT = ("metrics.json",)
 
     @property
     def report(self) -> Path:
         return self.dir / "report.html"
+
+    def describe(self) -> str:
+        return (f"val_accuracy {self.val_accuracy:.2%}; gate {'passed' if self.passed else 'refused'}: {self.reason}; "
+                f"report {self.report}")
+
+    def publications(self) -> list[Publication]:
+        champion = (f"champion version {self.champion_version}: {self.champion_val_accuracy:.4%} on the same data"
+                    if self.champion_version else "no champion yet")
+        run = self.dir.parent.name
+        return [Publication("markdown", "evaluation-summary", f"evaluation of run {run}", (
+            f"## Evaluation of run `{run}`\n\n| | |\n|---|---|\n| model | `{self.model}` |\n"
+            f"| val_accuracy | **{self.val_accuracy:.4%}** |\n| threshold | {self.threshold:.2%} |\n"
+            f"| champion | {champion} |\n| gate | **{'passed' if self.passed else 'refused'}** |\n\n"
+            f"{self.reason}\n\nReport: `{self.report}`\n"))]
+
+
+@dataclass(frozen=True)
+class Registration(Artifact):
+    """The register stage: registration.json — the registry version made (None when the gate refused),
+    whether it became champion, and why."""
+
+    model_name: str = ""
+    version: str | None = None
+    promoted: bool = False
+    reason: str = ""
+
+    CONTENT = ("registration.json",)
+
+    def describe(self) -> str:
+        if self.version is None:
+            return f"not registered: {self.reason}"
+        return f"registered {self.model_name} version {self.version}" + (" (champion)" if self.promoted else "")
+
+    def publications(self) -> list[Publication]:
+        if self.version is None:
+            return []
+        return [Publication("link", "registry-version", "champion" if self.promoted else "registered, not champion",
+                            f"models:/{self.model_name}/{self.version}", f"{self.model_name} version {self.version}")]

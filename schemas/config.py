@@ -7,22 +7,26 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-from schemas.dataset import Source
 from schemas.errors import ConfigError
+from schemas.sources import SOURCES, Source, SourceSpec
 
 
-class Pipeline(StrEnum):
-    kaggle = "train-kaggle"
-    mnist = "train-mnist"
-    noisy = "train-noisy"
-
+class _PipelineBase(StrEnum):
     @property
     def source(self) -> Source:
         return Source(self.value.removeprefix("train-"))
 
+    @property
+    def spec(self) -> SourceSpec:
+        return self.source.spec
+
     @classmethod
-    def for_source(cls, source: Source) -> Pipeline:
-        return cls(f"train-{source.value}")
+    def for_source(cls, source: Source | str) -> Pipeline:
+        return cls(Source(source).spec.pipeline)
+
+
+Pipeline = _PipelineBase("Pipeline", {spec.name: spec.pipeline for spec in SOURCES})
+"""The pipelines, one per source (schemas.sources): train-kaggle, train-mnist, train-noisy, train-folder."""
 
 
 class OnBadRows(StrEnum):
@@ -110,7 +114,6 @@ class TransferMode(StrEnum):
 
 
 SCRATCH = "scratch"
-CHAMPION_OF_MNIST = "models:/digits-mnist@champion"
 
 
 class TransferConfig(_Model):
@@ -131,16 +134,9 @@ class EvaluateConfig(_Model):
     """The evaluate stage's gate."""
 
     threshold: float | None = Field(None, ge=0, le=1, description="validation accuracy a model needs to become "
-                                                                  "champion; None: the pipeline's default "
-                                                                  "(kaggle 0.99, mnist 0.99, noisy 0.97)")
-
-
-# train-noisy fine-tunes the clean-MNIST champion; its noise backgrounds make rotation/shift/zoom's black
-# fill a give-away, so augmentation is off there.
-PIPELINE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "train-noisy": {"transfer": {"base": CHAMPION_OF_MNIST}, "train": {"augment": False, "epochs": 20}},
-}
-DEFAULT_THRESHOLDS = {"train-kaggle": 0.99, "train-mnist": 0.99, "train-noisy": 0.97}
+                                                                  "champion; None: the source's default "
+                                                                  "(schemas.sources: kaggle 0.99, mnist 0.99, "
+                                                                  "noisy 0.97, folder 0.9)")
 
 
 class PipelineConfig(_Model):
@@ -161,7 +157,10 @@ class PipelineConfig(_Model):
         """Fill what the pipeline sets differently from the field defaults; given values win."""
         if not isinstance(data, dict):
             return data
-        defaults = PIPELINE_DEFAULTS.get(str(data.get("pipeline", "")), {})
+        try:
+            defaults = Pipeline(str(data.get("pipeline", ""))).spec.defaults
+        except ValueError:
+            return data  # the pipeline field's own validation names the problem
 
         def given(section: str) -> dict:
             value = data.get(section) or {}
@@ -177,7 +176,7 @@ class PipelineConfig(_Model):
         """The evaluation gate's accuracy threshold for this pipeline."""
         if self.evaluate.threshold is not None:
             return self.evaluate.threshold
-        return DEFAULT_THRESHOLDS[self.pipeline.value]
+        return self.pipeline.spec.threshold
 
 
 def default_config(pipeline: Pipeline | str) -> PipelineConfig:

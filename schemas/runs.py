@@ -21,7 +21,6 @@ from pydantic import BaseModel, Field
 
 from schemas.errors import DigitsInputError
 
-STAGES = ("ingest", "validate", "convert", "train", "transfer", "evaluate", "export")
 RUN_JSON = "run.json"
 TRACKED_PACKAGES = ("digits", "tensorflow-cpu", "keras", "apache-beam", "prefect", "tensorflow-datasets",
                     "pyarrow", "pandas", "numpy", "great-expectations", "scikit-learn", "mlflow")
@@ -42,6 +41,8 @@ class StageRecord(BaseModel):
     finished_at: str | None = None
     seconds: float | None = None
     error: str | None = None
+    key: str | None = Field(None, description="sha256 of the stage's code, settings and inputs (schemas.stages)")
+    digest: str | None = Field(None, description="sha256 of the output's content files")
     outputs: dict[str, Any] = Field(default_factory=dict, description="counts, metrics, paths of the stage")
 
 

@@ -45,10 +45,11 @@ def prepared_tfds(tmp_path_factory) -> tuple[Path, dict]:
     """TFDS mnist prepared once from the shared idx files (about 15 s), and its splits as read."""
     import datagen
     from components.ingest import mnist as reader
+    from components.ingest.splits import ReadOptions
 
     mnist = datagen.shared_data("mnist")
     tfds_dir = tmp_path_factory.mktemp("tfds")
-    splits, _ = reader.read(mnist, tfds_dir, limit=None)
+    splits, _ = reader.read(mnist, ReadOptions(tfds_dir=tfds_dir))
     return tfds_dir, splits
 
 

@@ -4,9 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows import stages
+import schemas.stages
+from flows import runner, stages
+from schemas.artifacts import Artifact
 from schemas.config import PipelineConfig, apply_overrides, default_config
 from schemas.runs import RunFolder
+
+
+def make(folder: RunFolder, config: PipelineConfig, artifact: str) -> Artifact:
+    """Run the stage of this pipeline that produces `artifact` ("examples", "converted", "model", ...) on
+    the run's upstream outputs, through the stage runner, as its per-stage command does."""
+    stage = schemas.stages.GRAPH.producer(artifact, config)
+    return runner.run_stage(folder, stage, config, runner.inputs_of(folder, stage, config)).artifact
+
+
+def output(folder: RunFolder, artifact: str) -> Artifact:
+    """The run's completed output named `artifact`, as a later stage's command reads it."""
+    stage = schemas.stages.GRAPH.producer(artifact, stages.config_of(folder))
+    return runner.output_of(folder, stage.name)
 
 
 def validated_kaggle_run(data: Path, *overrides: str) -> tuple[RunFolder, PipelineConfig]:
@@ -14,5 +29,6 @@ def validated_kaggle_run(data: Path, *overrides: str) -> tuple[RunFolder, Pipeli
     config = apply_overrides(default_config("train-kaggle"),
                              [f"ingest.data={data}", "validate.min_rows=10", *overrides])
     folder = stages.start_run(config)
-    stages.validate(folder, config, stages.ingest(folder, config))
+    make(folder, config, "examples")
+    make(folder, config, "validation")
     return folder, config

@@ -11,14 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import datagen
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from runs import make, output, validated_kaggle_run
 
-import datagen
-from runs import validated_kaggle_run
+from components import records
 from components.convert import plan as split_plan
-from flows import stages
+from flows import runner
 from schemas import examples as ex
 from schemas.config import apply_overrides
 from schemas.dataset import labels_of, pixels_of
@@ -43,7 +44,7 @@ def _by_id(parquet: Path) -> dict[int, tuple[int | None, bytes]]:
 
 def test_shards_read_back_through_the_shared_parser_match_manifest_and_parquet(home, kaggle_data):
     folder, config = validated_kaggle_run(kaggle_data, "convert.rows_per_shard=100")
-    converted = stages.convert(folder, config)
+    converted = make(folder, config, "converted")
     manifest = ex.read_manifest(converted.dir)
     assert manifest["counts"] == converted.counts == {"train": 540, "val": 60, "test": 150}
     assert {s: len(v["shards"]) for s, v in manifest["splits"].items()} == {"train": 6, "val": 1, "test": 2}
@@ -51,12 +52,12 @@ def test_shards_read_back_through_the_shared_parser_match_manifest_and_parquet(h
     seen: dict[str, ex.Arrays] = {}
     for split, entry in manifest["splits"].items():
         for shard in entry["shards"]:
-            arrays = ex.load([converted.dir / shard["file"]])
+            arrays = records.load([converted.dir / shard["file"]])
             assert len(arrays.ids) == shard["count"]
             assert list(arrays.ids) == sorted(arrays.ids)  # sorted within a shard: byte-stable output
             labels, counts = np.unique(arrays.labels, return_counts=True)
             assert {str(k): int(n) for k, n in zip(labels, counts)} == shard["label_counts"]
-        seen[split] = ex.load(converted.files(split))
+        seen[split] = records.load(converted.files(split))
         assert len(seen[split].ids) == entry["count"]
 
     train = _by_id(folder.stage_dir("ingest") / "train.parquet")
@@ -84,13 +85,14 @@ def test_dask_runner_on_a_local_cluster_writes_the_same_examples_as_the_direct_r
     folder, config = validated_kaggle_run(kaggle_data, "convert.rows_per_shard=150")
     dask_home = tmp_path / "dask-home"
     shutil.copytree(folder.root, dask_home / "runs" / folder.run_id)
-    direct = stages.convert(folder, config)
+    direct = make(folder, config, "converted")
     done = subprocess.run([str(Path(sys.executable).with_name("digits")), "convert", "--run", folder.run_id,
                            "--set", "convert.runner=dask", "--set", "convert.dask_workers=2"],
                           env={**os.environ, "DIGITS_HOME": str(dask_home)}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stderr == "", done.stderr
-    dask = stages.converted_of(RunFolder(dask_home / "runs" / folder.run_id))
-    assert (direct.runner, dask.runner, dask.reused_from) == ("DirectRunner", "DaskRunner", None)
+    dask = runner.output_of(RunFolder(dask_home / "runs" / folder.run_id), "convert")
+    assert (direct.runner, dask.runner) == ("DirectRunner", "DaskRunner")
+    assert "cached_from" not in RunFolder(dask_home / "runs" / folder.run_id).load().stages["convert"].outputs
     assert ex.read_manifest(dask.dir) == ex.read_manifest(direct.dir)
     shards = sorted(p.name for p in direct.dir.glob(f"*{ex.SUFFIX}"))
     assert shards == sorted(p.name for p in dask.dir.glob(f"*{ex.SUFFIX}")) and len(shards) == 6
@@ -131,24 +133,25 @@ def test_row_keys_agree_between_the_driver_and_the_workers():
 
 def test_a_converted_input_is_reused_not_recomputed(home, kaggle_data, cli):
     folder, config = validated_kaggle_run(kaggle_data)
-    first = stages.convert(folder, config)
+    first = make(folder, config, "converted")
     seconds = folder.load().stages["convert"].seconds
-    assert stages.convert(folder, config).fingerprint == first.fingerprint
+    assert make(folder, config, "converted").fingerprint == first.fingerprint
     assert folder.load().stages["convert"].seconds == seconds  # not run again
 
     second, _ = validated_kaggle_run(kaggle_data)  # a new run on the same data
     result = cli("convert", "--run", second.run_id)
     assert result.code == 0, result.err
     assert "reused from" in result.out
-    reused = stages.converted_of(second)
-    assert reused.reused_from == str(first.dir) and reused.fingerprint == first.fingerprint
+    reused = output(second, "converted")
+    assert second.load().stages["convert"].outputs["cached_from"] == str(first.dir)
+    assert reused.fingerprint == first.fingerprint
     for shard in first.dir.glob(f"*{ex.SUFFIX}"):
         assert (reused.dir / shard.name).read_bytes() == shard.read_bytes()
 
     result = cli("convert", "--run", second.run_id, "--set", "seed=7")  # another split: converted again
     assert result.code == 0, result.err
-    resplit = stages.converted_of(second)
-    assert resplit.reused_from is None and resplit.fingerprint != first.fingerprint
+    resplit = output(second, "converted")
+    assert "cached_from" not in second.load().stages["convert"].outputs and resplit.fingerprint != first.fingerprint
     assert resplit.counts == first.counts
 
 
@@ -157,7 +160,7 @@ def test_convert_refuses_a_run_without_passed_validation(cli, home, kaggle_data)
     result = cli("convert")
     assert result.code == 2
     (message,) = result.err.strip().splitlines()
-    assert "has no passed validate stage" in message
+    assert "has no completed validate stage" in message
 
 
 @pytest.mark.parametrize("setting, words", [
@@ -177,7 +180,7 @@ def test_bad_convert_settings_are_one_line(cli, home, kaggle_data, setting, word
 def test_beam_args_reach_the_runner_untouched(home, kaggle_data):
     folder, config = validated_kaggle_run(kaggle_data)
     threaded = apply_overrides(config, ["convert.beam_args=--direct_num_workers=2 --direct_running_mode=multi_threading"])
-    converted = stages.convert(folder, threaded)
+    converted = make(folder, threaded, "converted")
     assert converted.counts["train"] + converted.counts["val"] == 600
     from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
@@ -205,13 +208,13 @@ def test_conversion_killed_midway_leaves_nothing_readable_and_the_next_run_compl
     assert not folder.stage_dir("convert").exists()
     assert json.loads(folder.path.read_text())["stages"]["convert"]["status"] == "running"
     with pytest.raises(DigitsInputError, match="no completed convert stage"):
-        stages.converted_of(RunFolder(folder.root))
+        runner.output_of(RunFolder(folder.root), "convert")
 
     done = subprocess.run(command, env={**os.environ, "DIGITS_HOME": str(home)}, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
-    converted = stages.converted_of(folder)
+    converted = output(folder, "converted")
     assert converted.counts == {"train": 1800, "val": 200, "test": 500}
-    assert sum(len(ex.load(converted.files(s)).ids) for s in converted.counts) == 2500
+    assert sum(len(records.load(converted.files(s)).ids) for s in converted.counts) == 2500
     assert not list(folder.root.glob(".convert.*"))

@@ -53,3 +53,40 @@ def test_failing_run_data_docs_render_the_failed_expectations(cli, home, tmp_pat
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
     failed = json.loads((docs / "results.json").read_text())
     assert not failed["passed"]
+
+
+def test_the_runs_entry_page_shows_every_suite_and_the_evaluation_offline(cli, home, tmp_path):
+    """`<run>/index.html` is static: with every network request refused (as on a closed company network,
+    where the Data Docs tables stay empty), Chromium still renders each suite's result, the failed
+    expectations with their observed values, and links into the Data Docs and the evaluation report."""
+    labels, train = datagen.digits(100, seed=21)
+    _, test = datagen.digits(40, seed=22)
+    train[::8] = 255 - train[::8]  # inverted images: the border expectation fails; warn lets the run go on
+    folder = tmp_path / "kaggle"
+    datagen.write_kaggle_arrays(folder, labels, train, test)
+    result = cli("run", "train-kaggle", "--data", folder, "--set", "validate.min_rows=10", "--set",
+                 "validate.fail_on=warn", "--set", "train.epochs=1", "--set", "train.model=baseline",
+                 "--set", "evaluate.threshold=0")
+    assert result.code == 0, result.err
+    (run,) = (home / "runs").iterdir()
+    listed = cli("reports", run.name)
+    assert listed.out.splitlines()[0] == f"run page: {run / 'index.html'}"  # what a person opens first
+
+    offline = ["--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND"]
+    dom = _chromium(*offline, "--dump-dom", (run / "index.html").as_uri(), profile=tmp_path / "profile")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    text = dom.stdout
+    assert "<script" not in (run / "index.html").read_text()
+    for suite in ("kaggle-train", "kaggle-test", "kaggle-dataset"):
+        assert suite in text
+    assert "failed" in text and "passed" in text
+    border = next(r for r in json.loads((run / "validate/results.json").read_text())["results"]
+                  if not r["success"] and r["column"] == "border_mean")
+    assert "border_mean" in text and str(border["observed"]) in text
+    assert 'href="evaluate/report.html"' in text and "Validation accuracy" in text
+    linked = [a.split('"')[0] for a in text.split('href="')[1:] if a.startswith("validate/validations/")]
+    assert len(linked) == 3 and all((run / link).is_file() for link in linked)  # one Data Docs page per suite
+    shot = tmp_path / "run.png"
+    taken = _chromium(*offline, f"--screenshot={shot}", "--window-size=1100,1400", (run / "index.html").as_uri(),
+                      profile=tmp_path / "profile")
+    assert taken.returncode == 0 and shot.stat().st_size > 20_000

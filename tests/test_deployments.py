@@ -14,12 +14,12 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 
-import pytest
 
 import datagen
 from flows import deployments, stages
 from flows.local_api import free_port
-from runs import validated_kaggle_run
+from schemas.runs import list_runs
+from runs import make, validated_kaggle_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -88,9 +88,10 @@ def test_train_noisy_deployment_runs_on_a_worker_and_caches_its_data_stages(home
         # while the server starts: a champion to fine-tune, a tiny train-kaggle run registered in this DIGITS_HOME
         datagen.write_kaggle(tmp_path / "kaggle", n_train=300, n_test=10)
         folder, config = validated_kaggle_run(tmp_path / "kaggle", "train.epochs=1", "evaluate.threshold=0")
-        stages.convert(folder, config)
-        stages.train(folder, config)
-        assert stages.register(folder, config, stages.evaluate(folder, config))[1]
+        make(folder, config, "converted")
+        make(folder, config, "model")
+        make(folder, config, "evaluation")
+        assert make(folder, config, "registration").promoted
         datagen.write_noisy(tmp_path / "noisy", n_train=300, n_test=20)
 
         deadline = time.monotonic() + 120
@@ -141,7 +142,7 @@ def test_train_noisy_deployment_runs_on_a_worker_and_caches_its_data_stages(home
         assert second_data < first_data
 
         # the run folders: one per flow run, the second's data stages hard-linked from the first's
-        folders = [f for f in stages.list_runs() if f.load().prefect_flow_run_id in (first["id"], second["id"])]
+        folders = [f for f in list_runs() if f.load().prefect_flow_run_id in (first["id"], second["id"])]
         assert len(folders) == 2
         records = {f.load().prefect_flow_run_id: f.load() for f in folders}
         first_record, second_record = records[first["id"]], records[second["id"]]

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 import datagen
-from components.registry import CHAMPION, Registry
+from components.registry import CHAMPION
+from components.registry.mlflow import MlflowRegistry
 from components.tracking import tracking_uri
 from flows import stages
 from flows.local_api import free_port
-from runs import validated_kaggle_run
+from runs import make, validated_kaggle_run
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +32,15 @@ def kaggle_data(tmp_path_factory) -> Path:
 
 def _trained_run(data: Path, *overrides: str):
     folder, config = validated_kaggle_run(data, "evaluate.threshold=0.2", *overrides)
-    stages.convert(folder, config)
-    stages.train(folder, config)
+    make(folder, config, "converted")
+    make(folder, config, "model")
     return folder, config
 
 
 def _evaluate_and_register(folder, config):
-    evaluation = stages.evaluate(folder, config)
-    version, promoted = stages.register(folder, config, evaluation)
+    evaluation = make(folder, config, "evaluation")
+    registration = make(folder, config, "registration")
+    version, promoted = registration.version, registration.promoted
     return evaluation, version, promoted
 
 
@@ -88,11 +90,12 @@ def test_a_weaker_model_never_replaces_the_champion_and_rollback_restores_it(hom
 RACE = """
 import sys, time
 from pathlib import Path
-from components.registry import Registry
-registry = Registry(sys.argv[1], Path(sys.argv[2]))
+from components.registry.mlflow import MlflowRegistry
+registry = MlflowRegistry(sys.argv[1], Path(sys.argv[2]))
 while time.time() < float(sys.argv[5]):
     time.sleep(0.001)
-version, promoted = registry.register("digits-race", sys.argv[3], Path(sys.argv[4]), {}, lambda current: True)
+version, promoted = registry.register("digits-race", Path(sys.argv[4]), {"digits.mlflow_run_id": sys.argv[3]},
+                                     lambda current: True)
 print(version.version, promoted)
 """
 
@@ -112,7 +115,7 @@ def test_two_racing_promotions_leave_one_champion_and_every_version(home, tmp_pa
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for run_id in runs]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
-    versions = Registry(uri, home).versions("digits-race")
+    versions = MlflowRegistry(uri, home).versions("digits-race")
     assert sorted(v.version for v in versions) == ["1", "2"]
     assert sum(v.champion for v in versions) == 1
     last = max(versions, key=lambda v: int(v.version))
@@ -147,12 +150,12 @@ def test_registry_against_a_real_mlflow_server(tmp_path):
                 client = None
                 assert time.monotonic() < deadline
                 time.sleep(0.5)
-        registry = Registry(uri, tmp_path / "locks")
+        registry = MlflowRegistry(uri, tmp_path / "locks")
         model = tmp_path / "model.keras"
         for content in (b"first", b"second"):
             model.write_bytes(content)
             run_id = client.create_run(experiment).info.run_id
-            registry.register("digits-served", run_id, model, {"digits.run_id": run_id}, lambda current: True)
+            registry.register("digits-served", model, {"digits.mlflow_run_id": run_id}, lambda current: True)
         assert registry.champion("digits-served").version == "2"
         assert registry.rollback("digits-served").version == "1"
         assert registry.download(registry.champion("digits-served"), tmp_path / "dl").read_bytes() == b"first"

@@ -78,8 +78,9 @@ def test_run_with_bad_data_fails_in_one_line_and_marks_the_run(cli, home, tmp_pa
     (["ingest", "--source", "noisy"], "needs --data"),
     (["reports", "no-such-run"], "no run 'no-such-run'"),
     # click's own usage errors too (typer draws them in a box over several lines by default)
-    (["run"], "Missing argument 'pipeline'. Choose from: train-kaggle, train-mnist, train-noisy (see `digits run --help`)"),
-    (["run", "train-everything"], "'train-everything' is not one of 'train-kaggle', 'train-mnist', 'train-noisy'"),
+    (["run"], "Missing argument 'pipeline'. Choose from: train-kaggle, train-mnist, train-noisy, train-folder (see `digits "
+                "run --help`)"),
+    (["run", "train-everything"], "'train-everything' is not one of 'train-kaggle', 'train-mnist', 'train-noisy', 'train-folder'"),
     (["run", "train-mnist", "--epochs", "3"], "No such option: --epochs"),
     (["frobnicate"], "No such command 'frobnicate'. (see `digits --help`)"),
 ])

@@ -9,6 +9,7 @@ import yaml
 
 from flows import deployments
 from schemas.config import PipelineConfig
+from schemas.sources import SOURCES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,9 +18,9 @@ def _locked(package: str) -> str:
     return re.search(rf"^{package}==(\S+)", (ROOT / "requirements.lock").read_text(), re.M).group(1)
 
 
-def test_prefect_yaml_defines_the_three_scheduled_deployments_of_flow_digits():
+def test_prefect_yaml_defines_a_scheduled_deployment_of_flow_digits_per_pipeline():
     found = {d["name"]: d for d in deployments.definitions()}
-    assert set(found) == {"train-kaggle", "train-mnist", "train-noisy"}
+    assert set(found) == {spec.pipeline for spec in SOURCES}
     for name, spec in found.items():
         path, flow_name = spec["entrypoint"].split(":")
         assert (ROOT / path).is_file() and f"def {flow_name}(" in (ROOT / path).read_text()
@@ -27,8 +28,9 @@ def test_prefect_yaml_defines_the_three_scheduled_deployments_of_flow_digits():
         assert spec["schedules"] and all(len(s["cron"].split()) == 5 for s in spec["schedules"])
         config = PipelineConfig.model_validate(spec["parameters"]["config"])
         assert config.pipeline.value == name
-    assert PipelineConfig.model_validate(found["train-noisy"]["parameters"]["config"]).transfer.base \
-        == "models:/digits-mnist@champion"
+    for fine_tuned in ("train-noisy", "train-folder"):
+        assert PipelineConfig.model_validate(found[fine_tuned]["parameters"]["config"]).transfer.base \
+            == "models:/digits-mnist@champion"
 
 
 def test_compose_file_wires_prefect_on_postgres_mlflow_and_a_worker():

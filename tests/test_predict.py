@@ -10,6 +10,7 @@ from PIL import Image
 
 from components.predict import prepare, read
 from flows import stages
+from runs import make
 from schemas.config import apply_overrides, default_config
 from schemas.errors import DigitsInputError
 from strokes import draw_digit
@@ -65,9 +66,10 @@ def mnist_model(tmp_path_factory, prepared_tfds) -> Path:
         config = apply_overrides(default_config("train-mnist"), [
             f"ingest.data={data}", "ingest.limit=10000", "train.width=0.5", "train.epochs=2"])
         folder = stages.start_run(config)
-        stages.validate(folder, config, stages.ingest(folder, config))
-        stages.convert(folder, config)
-        yield stages.train(folder, config).path
+        make(folder, config, "examples")
+        make(folder, config, "validation")
+        make(folder, config, "converted")
+        yield make(folder, config, "model").path
 
 
 def test_drawn_digits_off_centre_on_white_are_recognised(cli, tmp_path, mnist_model):

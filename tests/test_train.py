@@ -11,21 +11,20 @@ import sys
 import time
 from pathlib import Path
 
+import datagen
 import numpy as np
 import pytest
+from runs import make, output, validated_kaggle_run
 
-import datagen
-from runs import validated_kaggle_run
+from components import records
 from components.tracking import tracking_uri
-from flows import stages
-from schemas import examples as ex
 from schemas.config import ModelName, TrainConfig
 from schemas.errors import DigitsInputError
 
 
 def _converted_run(data: Path, *overrides: str):
     folder, config = validated_kaggle_run(data, *overrides)
-    stages.convert(folder, config)
+    make(folder, config, "converted")
     return folder, config
 
 
@@ -38,7 +37,7 @@ def kaggle_data(tmp_path_factory) -> Path:
 
 def test_one_short_epoch_writes_model_checkpoints_logs_and_mlflow_metrics(home, kaggle_data):
     folder, config = _converted_run(kaggle_data, "train.epochs=1")
-    trained = stages.train(folder, config)
+    trained = make(folder, config, "model")
     out = folder.stage_dir("train")
     assert trained.path == out / "model.keras" and trained.path.is_file()
     assert (trained.epochs, trained.resumed_at_epoch, trained.train_rows, trained.val_rows) == (1, None, 360, 40)
@@ -54,7 +53,7 @@ def test_one_short_epoch_writes_model_checkpoints_logs_and_mlflow_metrics(home, 
     import keras
 
     model = keras.models.load_model(trained.path, safe_mode=True)
-    val = ex.load(stages.converted_of(folder).files("val"))
+    val = records.load(output(folder, "converted").files("val"))
     probabilities = model.predict(val.images[..., None], verbose=0)
     assert probabilities.shape == (40, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
     assert float((probabilities.argmax(axis=1) == val.labels).mean()) == pytest.approx(trained.val_accuracy)
@@ -65,7 +64,7 @@ def test_one_short_epoch_writes_model_checkpoints_logs_and_mlflow_metrics(home, 
     run = client.get_run(trained.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == folder.run_id
     assert run.data.params["train.model"] == "digits-net" and run.data.params["seed"] == "42"
-    assert run.data.tags["digits.data_fingerprint"] == stages.converted_of(folder).fingerprint
+    assert run.data.tags["digits.data_fingerprint"] == output(folder, "converted").fingerprint
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1]
 
 
@@ -88,13 +87,13 @@ def test_killed_training_resumes_at_the_next_epoch(home, tmp_path):
     assert json.loads(state.read_text())["epoch"] == 1, "killed too late: a second epoch had completed"
     assert not folder.stage_dir("train").exists()
     with pytest.raises(DigitsInputError, match="no completed train stage"):
-        stages.trained_of(folder)
+        output(folder, "model")
 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "resuming at epoch 2 of 3" in done.stdout
     assert "epoch 1/3" not in done.stdout and "epoch 3/3" in done.stdout
-    trained = stages.trained_of(folder)
+    trained = output(folder, "model")
     assert (trained.epochs, trained.resumed_at_epoch) == (3, 2)
     with (folder.stage_dir("train") / "history.csv").open() as f:
         assert [int(row["epoch"]) for row in csv.DictReader(f)] == [0, 1, 2]  # one row per epoch, none twice
@@ -111,13 +110,13 @@ def test_an_interrupted_attempt_with_another_config_is_not_resumed(home, kaggle_
     (leftover / "epoch-001.keras").write_bytes(b"not a model")
     (leftover / "state.json").write_text(json.dumps({"epoch": 1, "checkpoint": "epoch-001.keras",
                                                      "signature": {"data": "other"}, "mlflow_run_id": None}))
-    trained = stages.train(folder, config)
+    trained = make(folder, config, "model")
     assert trained.resumed_at_epoch is None and trained.path.is_file()
 
 
 def test_pca_svm_reference(home, kaggle_data):
     folder, config = _converted_run(kaggle_data, "train.model=pca-svm")
-    trained = stages.train(folder, config)
+    trained = make(folder, config, "model")
     assert trained.path.name == "model.joblib" and trained.val_accuracy > 0.5
 
 

@@ -12,11 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import datagen
 import numpy as np
 import pytest
 
-import datagen
 from flows import stages
+from runs import make, output
 from schemas.config import apply_overrides, default_config
 
 NOISY = ("validate.min_rows=10", "train.epochs=1", "evaluate.threshold=0")
@@ -65,7 +66,7 @@ def test_kaggle_then_noisy_through_the_cli_write_submissions_and_fine_tune_the_c
     assert result.code == 0, result.err
     run = sorted((home / "runs").iterdir())[-1]
     record = json.loads((run / "run.json").read_text())
-    assert list(record["stages"]) == ["ingest", "validate", "convert", "transfer", "evaluate", "export"]
+    assert list(record["stages"]) == ["ingest", "validate", "convert", "transfer", "evaluate", "register", "export"]
     transfer = record["stages"]["transfer"]["outputs"]
     assert (transfer["base"], transfer["transfer_mode"]) == ("models:/digits-kaggle/1", "full")
     assert (run / "transfer/model.keras").is_file() and (run / "transfer/base.keras").is_file()
@@ -87,8 +88,9 @@ def test_without_a_champion_train_noisy_says_what_to_do_in_one_line(cli, home, n
 def _noisy_run(noisy_data: Path, *overrides: str):
     config = apply_overrides(default_config("train-noisy"), [f"ingest.data={noisy_data}", *NOISY, *overrides])
     folder = stages.start_run(config)
-    stages.validate(folder, config, stages.ingest(folder, config))
-    stages.convert(folder, config)
+    make(folder, config, "examples")
+    make(folder, config, "validation")
+    make(folder, config, "converted")
     return folder, config
 
 
@@ -101,8 +103,8 @@ def base_model(tmp_path_factory, kaggle_data) -> Path:
         from runs import validated_kaggle_run
 
         folder, config = validated_kaggle_run(kaggle_data, "train.epochs=1")
-        stages.convert(folder, config)
-        return stages.train(folder, config).path
+        make(folder, config, "converted")
+        return make(folder, config, "model").path
 
 
 def _weights(model, keras) -> dict[str, list[np.ndarray]]:
@@ -130,7 +132,7 @@ def test_each_mode_trains_what_it_promises(home, noisy_converted, base_model, mo
     folder, config = noisy_converted
     config = apply_overrides(config, [f"transfer.base={base_model}", f"transfer.mode={mode}", "train.epochs=2",
                                       "transfer.head_epochs=1"])
-    trained = stages.train(folder, config)  # the model stage: transfer, since transfer.base is set
+    trained = make(folder, config, "model")  # the model stage: transfer, since transfer.base is set
     assert (trained.base, trained.transfer_mode, trained.epochs) == (str(base_model.resolve()), mode, 2)
     base = _weights(keras.models.load_model(base_model, safe_mode=True), keras)
     tuned = _weights(keras.models.load_model(trained.path, safe_mode=True), keras)
@@ -172,7 +174,7 @@ def test_a_killed_gradual_transfer_resumes_in_the_right_phase(home, noisy_data, 
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert f"resuming at epoch {done + 1} of 3" in result.stdout
-    trained = stages.trained_of(folder)
+    trained = output(folder, "model")
     assert trained.resumed_at_epoch == done + 1 and trained.epochs == 3
     base = _weights(keras.models.load_model(base_model, safe_mode=True), keras)
     tuned = _weights(keras.models.load_model(trained.path, safe_mode=True), keras)
@@ -201,15 +203,15 @@ def test_an_export_that_disagrees_in_a_fresh_process_leaves_no_export(home, kagg
     fails the stage, and no export/ folder (no submission) is left for anyone to pick up."""
     import keras
     import tensorflow as tf
+    from runs import validated_kaggle_run
 
     from components import export as export_component
-    from runs import validated_kaggle_run
-    from schemas import examples as ex
+    from components import records
 
     folder, config = validated_kaggle_run(kaggle_data, "train.epochs=1", "train.model=baseline")
-    stages.convert(folder, config)
-    stages.train(folder, config)
-    broken = keras.models.load_model(stages.trained_of(folder).path, safe_mode=True)
+    make(folder, config, "converted")
+    make(folder, config, "model")
+    broken = keras.models.load_model(output(folder, "model").path, safe_mode=True)
     rng = np.random.default_rng(1)
     for layer in broken.layers:  # a faulty export: same architecture, other weights
         layer.set_weights([rng.normal(size=w.shape).astype(w.dtype) for w in layer.get_weights()])
@@ -219,12 +221,12 @@ def test_an_export_that_disagrees_in_a_fresh_process_leaves_no_export(home, kagg
         patch.setattr(export_component, "export_saved_model",
                       lambda _model, target: real_export(folder.root.parent / "broken.keras", target))
         with pytest.raises(RuntimeError, match="infra-validation failed"):
-            stages.export(folder, config)
+            make(folder, config, "exported")
     assert not (folder.root / "export").exists() and not list(folder.root.glob(".export.*"))
     assert folder.load().stages["export"].status == "failed"
 
-    exported = stages.export(folder, config)  # the real export passes and serves what the flow predicted
-    images = ex.load(stages.converted_of(folder).files("test")).images
+    exported = make(folder, config, "exported")  # the real export passes and serves what the flow predicted
+    images = records.load(output(folder, "converted").files("test")).images
     serving = tf.saved_model.load(str(exported.dir / "saved_model")).signatures["serving_default"]
     outputs = serving(images=tf.constant(images))
     assert outputs["probabilities"].shape == (37, 10) and outputs["label"].dtype == tf.int64

@@ -126,7 +126,8 @@ def test_run_on_bad_data_stops_at_validate(cli, home, tmp_path):
     run = _run(home)
     record = json.loads((run / "run.json").read_text())
     assert list(record["stages"]) == ["ingest", "validate"] and record["status"] == "failed"
-    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["ingest", "run.json", "validate"]
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["index.html", "ingest", "run.json",
+                                                                                  "validate"]
 
 
 def test_real_kaggle_passes(cli, home):

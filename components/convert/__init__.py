@@ -25,7 +25,6 @@ from components.convert import plan as split_plan
 from schemas import examples as ex
 from schemas.artifacts import Converted, Examples
 from schemas.config import ConvertConfig
-from schemas.runs import link_or_copy
 from schemas.dataset import ID, LABEL, N_PIXELS, PIXELS, Split, labels_of, pixels_of
 from schemas.errors import ConfigError, DigitsInputError
 from schemas.runs import write_json_atomic
@@ -51,17 +50,12 @@ def input_fingerprint(examples: Examples) -> str:
     return digest.hexdigest()
 
 
-def cache_key(input_fp: str, config: ConvertConfig, seed: int) -> str:
-    """What determines the output bytes: the data, the split and the sharding (not the runner)."""
-    key = {"format": ex.FORMAT, "input": input_fp, "seed": seed, "val_fraction": config.val_fraction,
-           "rows_per_shard": config.rows_per_shard}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-
-
-def run(examples: Examples, config: ConvertConfig, seed: int, out_dir: Path, *, input_fp: str | None = None,
+def run(examples: Examples, config: ConvertConfig, seed: int, out_dir: Path, *,
         progress: Progress = lambda _: None) -> Converted:
-    """Convert a run's canonical dataset into TFRecord shards in out_dir."""
-    input_fp = input_fp or input_fingerprint(examples)
+    """Convert a run's canonical dataset into TFRecord shards in out_dir. The same data, seed, val_fraction
+    and rows_per_shard give byte-identical shards on every runner."""
+    progress("fingerprinting the canonical data")
+    input_fp = input_fingerprint(examples)
     train = examples.parquet(Split.train)
     test = examples.parquet(Split.test) if examples.parquet(Split.test).exists() else None
     columns = pq.read_table(train, columns=[ID, LABEL])
@@ -83,18 +77,8 @@ def run(examples: Examples, config: ConvertConfig, seed: int, out_dir: Path, *, 
     manifest = _write_manifest(out_dir, plan, input_fp, config)
     return Converted(dir=out_dir, counts=manifest["counts"], shards={s: len(v["shards"]) for s, v in manifest["splits"].items()},
                      label_counts={s: v["label_counts"] for s, v in manifest["splits"].items()},
-                     fingerprint=manifest["fingerprint"], input_fingerprint=input_fp,
-                     cache_key=cache_key(input_fp, config, seed), split=plan.summary(), runner=runner_label(config))
-
-
-def reuse(source: Converted, out_dir: Path, progress: Progress = lambda _: None) -> Converted:
-    """Fill out_dir with an earlier conversion of the same input (hard links where possible)."""
-    progress(f"reusing the conversion in {source.dir} (same input fingerprint and split)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for path in sorted(source.dir.iterdir()):
-        if path.is_file():
-            link_or_copy(path, out_dir / path.name)
-    return Converted.load(out_dir, {**source.summary(), "reused_from": str(source.dir)})
+                     fingerprint=manifest["fingerprint"], input_fingerprint=input_fp, split=plan.summary(),
+                     runner=runner_label(config))
 
 
 def _build(pipeline, train: Path, test: Path | None, plan: split_plan.SplitPlan, out_dir: Path) -> None:

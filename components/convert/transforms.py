@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import pyarrow.parquet as pq
 
+from components import records
 from components.convert.plan import SplitPlan, shards_of
 from schemas import examples as ex
 from schemas.dataset import ID, LABEL, N_PIXELS, PIXELS, labels_of, pixels_of
@@ -154,7 +155,7 @@ class _WriteShard(beam.DoFn):
         from components.tensorflow_runtime import import_tensorflow
 
         self.tf = import_tensorflow()
-        self.encode = ex.encoder()
+        self.encode = records.encoder()
 
     def process(self, element: tuple[tuple[str, int], Iterable[Batch]]) -> Iterator[dict]:
         (split, index), parts = element

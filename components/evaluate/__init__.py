@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from components import records
 from schemas import examples as ex
 from schemas.artifacts import Converted, Evaluation, Trained
 from schemas.dataset import N_CLASSES
@@ -69,7 +70,7 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
     from components.evaluate import report
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    val = ex.load(converted.files("val"))
+    val = records.load(converted.files("val"))
     progress(f"scoring {trained.model} on {len(val.ids):,} validation images")
     predict = load_predict(trained.path)
     probabilities = predict(val.images)
@@ -93,7 +94,7 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
              f"{gate['reason']}")
     return Evaluation(dir=out_dir, val_accuracy=metrics["val_accuracy"], passed=gate["passed"],
                       reason=gate["reason"], threshold=threshold, champion_version=gate["champion_version"],
-                      champion_val_accuracy=champion_accuracy)
+                      champion_val_accuracy=champion_accuracy, model=trained.model)
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict:

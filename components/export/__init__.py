@@ -2,7 +2,8 @@
 serving signature and as `.keras`, and an infra-validation (TFX's InfraValidator in small).
 
 export/
-  submission.csv     `ImageId,Label`, one row per test row, ImageId 1..N in test order
+  submission.csv     `ImageId,Label`, one row per test row, ImageId 1..N in test order (plus `File`, the
+                     image each row was read from, for a source of one file per image)
   saved_model/       TF SavedModel; signature `serving_default`: images uint8 [N, 28, 28] (canonical:
                      upright, 0 background, 255 ink) -> label int64 [N], probabilities float32 [N, 10]
   model.keras        the Keras model (or model.joblib for pca-svm, which has no SavedModel)
@@ -27,8 +28,8 @@ from typing import Callable
 
 import numpy as np
 
+from components import records
 from components.evaluate import load_predict
-from schemas import examples as ex
 from schemas.artifacts import Converted, Exported, Trained
 from schemas.dataset import IMAGE_SIDE
 from schemas.errors import DigitsInputError
@@ -42,20 +43,33 @@ TOLERANCE = 1e-4
 
 
 def run(trained: Trained, converted: Converted, out_dir: Path, *, sample: int = 512, seed: int = 0,
-        progress: Progress = lambda _: None) -> Exported:
+        files: dict[int, str] | None = None, progress: Progress = lambda _: None) -> Exported:
+    """Write the submission and the exported model into out_dir and infra-validate the export.
+
+    files: test id -> the file that row was read from (a folder of images), added to the submission.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    progress("loading the test split")
-    test = ex.load(converted.files("test"))
-    order = np.argsort(test.ids, kind="stable")
-    ids, images = test.ids[order], test.images[order]
-    if not np.array_equal(ids, np.arange(1, len(ids) + 1)):
-        raise DigitsInputError(f"{converted.dir}: test ids are not 1..{len(ids)}; cannot number a submission")
-    progress(f"predicting {len(ids):,} test rows")
-    started = time.perf_counter()
-    probabilities = load_predict(trained.path)(images)
-    predict_seconds = time.perf_counter() - started
-    labels = probabilities.argmax(axis=1)
-    write_submission(out_dir / SUBMISSION, ids, labels)
+    predict = load_predict(trained.path)
+    if "test" in converted.counts:
+        progress("loading the test split")
+        test = records.load(converted.files("test"))
+        order = np.argsort(test.ids, kind="stable")
+        ids, images = test.ids[order], test.images[order]
+        if files is None and not np.array_equal(ids, np.arange(1, len(ids) + 1)):
+            raise DigitsInputError(f"{converted.dir}: test ids are not 1..{len(ids)}; cannot number a submission")
+        progress(f"predicting {len(ids):,} test rows")
+        started = time.perf_counter()
+        probabilities = predict(images)
+        predict_seconds = time.perf_counter() - started
+        labels = probabilities.argmax(axis=1)
+        write_submission(out_dir / SUBMISSION, ids, labels, files)
+        submission = SUBMISSION
+    else:  # a source without a test split (a folder of images with no test/): nothing to submit
+        progress("no test split: no submission; infra-validating on validation images")
+        images = records.load(converted.files("val")).images
+        ids, predict_seconds, submission = np.zeros(0, np.int64), 0.0, ""
+        probabilities = predict(images)
+        labels = np.zeros(0, np.int64)
 
     if trained.path.suffix == ".keras":
         progress("exporting the SavedModel")
@@ -65,22 +79,26 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, sample: int = 
     else:
         shutil.copyfile(trained.path, out_dir / trained.path.name)
         served = out_dir / trained.path.name
-    rows = np.sort(np.random.default_rng(seed).choice(len(ids), size=min(sample, len(ids)), replace=False))
+    rows = np.sort(np.random.default_rng(seed).choice(len(images), size=min(sample, len(images)), replace=False))
     progress(f"infra-validating {served.name} in a fresh process on {len(rows)} test rows")
     check = infra_validate(served, images[rows], probabilities[rows], out_dir)
     (out_dir / INFRA).write_text(json.dumps({"model": served.name, "rows": len(rows), **check}, indent=2))
-    return Exported(dir=out_dir, submission=SUBMISSION, test_rows=len(ids), model=served.name,
+    return Exported(dir=out_dir, submission=submission, test_rows=len(ids), model=served.name,
                     infra_rows=len(rows), max_probability_diff=check["max_probability_diff"],
                     predict_seconds=round(predict_seconds, 3),
                     label_counts={str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))})
 
 
-def write_submission(path: Path, ids: np.ndarray, labels: np.ndarray) -> None:
-    """Kaggle's `ImageId,Label` CSV, written under a temporary name and renamed."""
+def write_submission(path: Path, ids: np.ndarray, labels: np.ndarray, files: dict[int, str] | None = None) -> None:
+    """Kaggle's `ImageId,Label` CSV (+ `File` when files are given), written under a temporary name and renamed."""
+    import csv
+
     partial = path.with_name(f".{path.name}.partial")
     with partial.open("w", newline="") as fh:
-        fh.write("ImageId,Label\n")
-        fh.writelines(f"{i},{label}\n" for i, label in zip(ids.tolist(), labels.tolist()))
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["ImageId", "Label", *(["File"] if files is not None else [])])
+        for i, label in zip(ids.tolist(), labels.tolist()):
+            writer.writerow([i, label, *([files.get(i, "")] if files is not None else [])])
     os.replace(partial, path)
 
 

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib
 from pathlib import Path
 from typing import Callable
 
 import pyarrow.parquet as pq
 
-from components.ingest import eda, kaggle, mnist, noisy
-from components.ingest.splits import SplitData
+from components.ingest import eda
+from components.ingest.splits import ReadOptions, Reader, SplitData
 from schemas.artifacts import Examples
 from schemas.config import IngestConfig, OnBadRows
 from schemas.dataset import N_PIXELS, ROW_GROUP_ROWS, Source, Split, to_table
 from schemas.errors import DigitsInputError
 
 REJECTED_CSV = "rejected.csv"
+
+
+def reader_of(source: Source | str) -> Reader:
+    """The reader schemas.sources names for a source, imported now (a run imports only its own)."""
+    module, _, function = Source(source).spec.reader.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def source_fingerprint(source: Source, config: IngestConfig) -> str | None:
@@ -46,16 +53,12 @@ def run(source: Source, config: IngestConfig, out_dir: Path, *, tfds_dir: Path,
     Raises DigitsInputError (DataFormatError with file/line/column) for bad input.
     """
     data = Path(config.data).expanduser() if config.data else None
-    strict = config.on_bad_rows is OnBadRows.strict
-    progress(f"reading {source.value} from {data or 'TFDS'}")
-    if source is Source.mnist:
-        splits, fingerprints = mnist.read(data, tfds_dir, limit=config.limit)
-    elif data is None:
-        raise DigitsInputError(f"the {source.value} source needs --data (a folder{' or zip' if source is Source.kaggle else ''})")
-    elif source is Source.kaggle:
-        splits, fingerprints = kaggle.read(data, limit=config.limit, strict=strict)
-    else:
-        splits, fingerprints = noisy.read(data, limit=config.limit, strict=strict)
+    spec = source.spec
+    if data is None and spec.needs_data:
+        raise DigitsInputError(f"the {source.value} source needs --data: {spec.data_help}")
+    progress(f"reading {source.value} from {data or 'its download'}")
+    splits, fingerprints = reader_of(source)(data, ReadOptions(
+        limit=config.limit, strict=config.on_bad_rows is OnBadRows.strict, tfds_dir=tfds_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     progress("writing Parquet")
     for split, part in splits.items():
@@ -65,6 +68,9 @@ def run(source: Source, config: IngestConfig, out_dir: Path, *, tfds_dir: Path,
     rejects = [reject for part in splits.values() for reject in part.rejects]
     if rejects:
         _write_rejects(splits, out_dir / REJECTED_CSV)
+    named = any(part.files is not None for part in splits.values())
+    if named:
+        _write_files(splits, out_dir / Examples.FILES_CSV)
     progress("exploring (EDA)")
     summary = eda.write(splits, out_dir / "eda")
     return Examples(
@@ -75,6 +81,7 @@ def run(source: Source, config: IngestConfig, out_dir: Path, *, tfds_dir: Path,
         labelled={split.value: part.labels is not None for split, part in splits.items()},
         fingerprints=fingerprints,
         duplicates=summary["duplicates"],
+        named=named,
     )
 
 
@@ -85,3 +92,13 @@ def _write_rejects(splits: dict[Split, SplitData], path: Path) -> None:
         for split, part in splits.items():
             for r in part.rejects:
                 writer.writerow([split.value, r.path, r.line, "" if r.column is None else r.column, r.reason])
+
+
+def _write_files(splits: dict[Split, SplitData], path: Path) -> None:
+    """split,id,file for sources of one file per image: which file each canonical row came from."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["split", "id", "file"])
+        for split, part in splits.items():
+            for row_id, name in zip(part.ids.tolist(), part.files or ()):
+                writer.writerow([split.value, row_id, name])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.ingest.splits import SplitData, keep_good_rows
+from components.ingest.splits import ReadOptions, SplitData, keep_good_rows
 from components.ingest.text import ValueRule, parse_numeric, split_text
 from schemas.dataset import (IMAGE_SIDE, KAGGLE_TEST_HEADER, KAGGLE_TRAIN_HEADER, N_PIXELS, PIXEL_MAX,
                              Split)
@@ -22,10 +22,10 @@ from schemas.errors import DataFormatError
 _FILES = {Split.train: "train.csv", Split.test: "test.csv"}
 
 
-def read(data: Path, *, limit: int | None, strict: bool) -> tuple[dict[Split, SplitData], dict[str, str]]:
+def read(data: Path, options: ReadOptions) -> tuple[dict[Split, SplitData], dict[str, str]]:
     """Read both splits from a folder or a zip. Returns (splits, sha256 fingerprint per input file)."""
     raw, fingerprints = _load_bytes(data)
-    splits = {split: _read_split(name, content, split, limit=limit, strict=strict)
+    splits = {split: _read_split(name, content, split, limit=options.limit, strict=options.strict)
               for split, (name, content) in raw.items()}
     return splits, fingerprints
 

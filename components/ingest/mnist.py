@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from components.ingest.splits import SplitData
+from components.ingest.splits import ReadOptions, SplitData
 from components.tensorflow_runtime import import_tfds
 from schemas.dataset import IMAGE_SIDE, Split
 from schemas.errors import DataFormatError, DigitsInputError
@@ -33,13 +33,14 @@ IDX_FILES = {
 _TFDS_NAME = "mnist"
 
 
-def read(data: Path | None, tfds_dir: Path, *, limit: int | None) -> tuple[dict[Split, SplitData], dict[str, str]]:
-    """Load both splits through TFDS, preparing it from `data` first when that holds the idx files."""
+def read(data: Path | None, options: ReadOptions) -> tuple[dict[Split, SplitData], dict[str, str]]:
+    """Load both splits through TFDS (in options.tfds_dir), preparing it from `data` first when that holds
+    the idx files."""
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.ERROR)  # "Variant folder ... has no dataset_info.json" on every first prepare
     try:
-        return _read(data, tfds_dir, limit)
+        return _read(data, options.tfds_dir, options.limit)
     finally:
         absl.setLevel(level)
 

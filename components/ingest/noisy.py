@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.ingest.splits import SplitData, keep_good_rows
+from components.ingest.splits import ReadOptions, SplitData, keep_good_rows
 from components.ingest.text import TextBody, ValueRule, parse_numeric, split_text
 from schemas.dataset import IMAGE_SIDE, N_PIXELS, PIXEL_MAX, Split
 from schemas.errors import DataFormatError
@@ -22,7 +22,7 @@ CSV = {Split.train: "train.csv", Split.test: "test.csv"}
 _LABEL_NAMES = {"label", "labels", "y", "target", "class", "digit"}
 
 
-def read(data: Path, *, limit: int | None, strict: bool) -> tuple[dict[Split, SplitData], dict[str, str]]:
+def read(data: Path, options: ReadOptions) -> tuple[dict[Split, SplitData], dict[str, str]]:
     """Read both splits from a folder holding the .amat pair or the CSV pair."""
     if not data.is_dir():
         raise DataFormatError(data, "not a folder (expected one holding "
@@ -37,7 +37,8 @@ def read(data: Path, *, limit: int | None, strict: bool) -> tuple[dict[Split, Sp
     splits, prints = {}, {}
     for split, name in files.items():
         path = data / name
-        splits[split], prints[str(path)] = _read_split(path, split, delimiter, limit=limit, strict=strict)
+        splits[split], prints[str(path)] = _read_split(path, split, delimiter, limit=options.limit,
+                                                       strict=options.strict)
     return splits, prints
 
 

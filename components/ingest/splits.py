@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from components.ingest.text import NumericRows, Reject, ValueRule, check_values
+from schemas.dataset import Split
 from schemas.errors import DataFormatError
 
 
@@ -19,6 +22,20 @@ class SplitData:
     pixels: np.ndarray
     rows_read: int
     rejects: list[Reject] = field(default_factory=list)
+    files: list[str] | None = None  # per row, the file it was read from (sources of one file per image)
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a reader reads: every reader takes the same options and uses those that apply to it."""
+
+    limit: int | None = None  # keep only the first N rows (or files) of each split
+    strict: bool = True  # the first bad row stops reading; False: bad rows become rejects
+    tfds_dir: Path | None = None  # where TFDS prepares its data sets (the mnist source)
+
+
+Reader = Callable[[Path | None, ReadOptions], tuple[dict[Split, SplitData], dict[str, str]]]
+"""A source's reader (schemas.sources names one per source): (data, options) -> (splits, sha256 per input)."""
 
 
 def keep_good_rows(path: str, rows: NumericRows, rules: list[ValueRule], *, strict: bool) -> tuple[np.ndarray, np.ndarray]:

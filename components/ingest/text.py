@@ -31,7 +31,7 @@ class Reject:
     """One row set aside: where it is and why."""
 
     path: str
-    line: int
+    line: int | None  # None: a whole file (one file per image)
     column: int | None
     reason: str
 

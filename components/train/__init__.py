@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from components import records
 from components.tensorflow_runtime import import_tensorflow
 from components.tracking import Tracking
 from schemas import examples as ex
@@ -44,7 +45,7 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
     signature = {"data": converted.fingerprint, "seed": seed, "config": config.model_dump(mode="json")}
     resume = prepare_work_dir(work_dir, signature)
     progress("loading the train and val splits")
-    train, val = ex.load(converted.files("train")), ex.load(converted.files("val"))
+    train, val = records.load(converted.files("train")), records.load(converted.files("val"))
     if config.model is ModelName.pca_svm:
         return _fit_svm(train, val, config, seed, work_dir, tracking, progress)
     return _fit_keras(train, val, config, seed, work_dir, signature, resume, tracking, progress)

@@ -1,7 +1,9 @@
-"""The validate stage: Great Expectations suites (schemas/suites/*.json) run on derived features.
+"""The validate stage: Great Expectations suites (schemas/suites, resolved per source) run on derived
+features.
 
-Writes `results.json` (every expectation, its observed value, pass/fail) and a Data Docs site
-(`index.html`) into the stage folder, and returns a Validation artifact saying whether it passed.
+Writes `results.json` (every expectation, its observed value, pass/fail), the resolved suites it ran
+(`suites/<source>-<batch>.json`) and a Data Docs site (`index.html`) into the stage folder, and returns a
+Validation artifact saying whether it passed.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import pyarrow.parquet as pq
 from components.validate.features import drift, row_features
 from schemas.artifacts import Examples, Validation
 from schemas.config import ValidateConfig
-from schemas.dataset import Source, Split
-from schemas.suites import load_suite, published_rows
+from schemas.dataset import Split
+from schemas.suites import load_suite, resolve
 
 RESULTS_JSON = "results.json"
+SUITES = "suites"  # the resolved suites this run checked, as JSON
 MAX_KS = 0.1  # train/test drift threshold on the real data sets (observed: < 0.02)
 KS_C_ALPHA_001 = 1.949  # c(alpha) of the two-sample KS test: sqrt(-ln(alpha / 2) / 2)
 
@@ -41,11 +44,12 @@ def run(examples: Examples, config: ValidateConfig, out_dir: Path, *, limit: int
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     out_dir.mkdir(parents=True, exist_ok=True)
     progress("computing features")
-    noisy = examples.source is Source.noisy
+    noisy = examples.source.spec.background_noise
     features = {split: row_features(pq.read_table(examples.parquet(split)), noisy=noisy)
                 for split in examples.counts}
+    has_test = Split.test.value in features
     dataset = pd.DataFrame([{"train_test_shared_rows": examples.duplicates.get("train_test_shared_rows", 0),
-                             **drift(features["train"], features["test"])}])
+                             **(drift(features["train"], features["test"]) if has_test else {})}])
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)  # stderr is for errors
     context.add_data_docs_site("digits", {
@@ -53,13 +57,17 @@ def run(examples: Examples, config: ValidateConfig, out_dir: Path, *, limit: int
         "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(out_dir)},
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}})
     source = context.data_sources.add_pandas(examples.source.value)
-    batches = [(f"{split}", frame, _suite_name(examples, split)) for split, frame in features.items()]
-    batches.append(("dataset", dataset, f"{examples.source.value}-dataset"))
+    batches = [(split, frame, resolve(examples.source, split, _conditions(examples, split)))
+               for split, frame in features.items()]
+    batches.append(("dataset", dataset, resolve(examples.source, "dataset", ["test"] if has_test else [])))
+    (out_dir / SUITES).mkdir()
     validations = []
-    for name, frame, suite_name in batches:
+    for name, frame, spec in batches:
         progress(f"validating {name}")
+        (out_dir / SUITES / f"{spec['name']}.json").write_text(json.dumps(spec, indent=1) + "\n")
+        suite_name = spec["name"]
         batch_definition = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
-        suite = context.suites.add(load_suite(suite_name))
+        suite = context.suites.add(load_suite(spec))
         definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch_definition,
                                                                                 suite=suite))
         checkpoint = context.checkpoints.add(gx.Checkpoint(
@@ -67,7 +75,7 @@ def run(examples: Examples, config: ValidateConfig, out_dir: Path, *, limit: int
             actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["digits"])],
             result_format={"result_format": "SUMMARY"}))
         parameters = {"min_rows": _min_rows(examples, name, config, limit),
-                      "max_ks": _max_ks(len(features["train"]), len(features["test"]))}
+                      "max_ks": _max_ks(len(features["train"]), len(features["test"])) if has_test else MAX_KS}
         result = checkpoint.run(batch_parameters={"dataframe": frame}, expectation_parameters=parameters)
         validations.append((name, suite_name, next(iter(result.run_results.values()))))
     _offline_styles(out_dir)
@@ -104,10 +112,9 @@ def _plain(value: Any) -> float | int:
     return value.item() if hasattr(value, "item") else value
 
 
-def _suite_name(examples: Examples, split: str) -> str:
-    if examples.source is Source.noisy and split == Split.test and examples.labelled.get(split):
-        return f"{examples.source.value}-test-labelled"
-    return f"{examples.source.value}-{split}"
+def _conditions(examples: Examples, split: str) -> list[str]:
+    """Which `when` conditions of the templates hold for a split (schemas.suites)."""
+    return ["labelled" if examples.labelled.get(split) else "unlabelled"]
 
 
 def _max_ks(n: int, m: int, floor: float = MAX_KS) -> float:
@@ -121,7 +128,9 @@ def _min_rows(examples: Examples, batch: str, config: ValidateConfig, limit: int
         return 1
     if config.min_rows is not None:
         return config.min_rows
-    published = published_rows(examples.source, batch)
+    published = examples.source.spec.published_rows.get(batch)
+    if published is None:  # a collection of one's own has no published size
+        return 1
     return min(published, limit) if limit else published
 
 

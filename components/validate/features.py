@@ -12,12 +12,11 @@ import pyarrow as pa
 from scipy import stats
 
 from schemas.dataset import ID, IMAGE_SIDE, LABEL, pixels_of
+from schemas.features import ROW_COLUMNS
 
 INK_THRESHOLD = 127  # clean sources: a pixel is ink above this
 NOISY_INK_THRESHOLD = 204  # noisy source: the 3x3 mean above this (uniform noise averages 127.5)
 BORDER = 2  # width of the frame whose mean tells background from an inverted image
-COLUMNS = ("id", "label", "min_pixel", "max_pixel", "mean_pixel", "ink_pixels", "bbox_height", "bbox_width",
-           "border_mean")
 
 
 def row_features(table: pa.Table, *, noisy: bool) -> pd.DataFrame:
@@ -37,7 +36,7 @@ def row_features(table: pa.Table, *, noisy: bool) -> pd.DataFrame:
         "bbox_height": _extent(rows_with_ink),
         "bbox_width": _extent(cols_with_ink),
         "border_mean": pixels[:, frame].mean(axis=1, dtype=np.float32),
-    }, columns=list(COLUMNS))
+    }, columns=list(ROW_COLUMNS))
 
 
 def drift(train: pd.DataFrame, test: pd.DataFrame) -> dict[str, float]:

@@ -47,17 +47,19 @@ def ours(source: str, data: str) -> dict:
 
 def ours_read(source: str, data: str) -> dict:
     """Our reader alone (parse + every check, arrays out): what pandas.read_csv is compared with."""
-    from components.ingest import kaggle, noisy
+    from components.ingest import reader_of
+    from components.ingest.splits import ReadOptions
 
-    reader = {"kaggle": kaggle, "noisy": noisy}[source]
+    read = reader_of(source)
     start = time.perf_counter()
-    splits, _ = reader.read(Path(data), limit=None, strict=True)
+    splits, _ = read(Path(data), ReadOptions())
     return {"seconds": time.perf_counter() - start, "rows": {s.value: len(p.ids) for s, p in splits.items()}}
 
 
 def validate(source: str, data: str) -> dict:
     """The validate stage alone (features, every suite, results.json, Data Docs) on an ingested dataset."""
-    from components import ingest, validate as validate_stage
+    from components import ingest
+    from components import validate as validate_stage
     from schemas.config import IngestConfig, ValidateConfig
     from schemas.dataset import Source
 
@@ -139,7 +141,7 @@ def convert_vs_plain(source: str, data: str, repeats: str = "3") -> dict:
 
     import pyarrow.parquet as pq
 
-    from components import convert
+    from components import convert, records
     from components.convert.transforms import import_beam
     from components.tensorflow_runtime import import_tensorflow
     from schemas import examples as ex
@@ -148,7 +150,7 @@ def convert_vs_plain(source: str, data: str, repeats: str = "3") -> dict:
 
     tf = import_tensorflow()
     import_beam()
-    encode = ex.encoder()
+    encode = records.encoder()
     beam_s, plain_s = [], []
     with tempfile.TemporaryDirectory() as out:
         examples = _ingested(source, data, Path(out))
@@ -185,15 +187,16 @@ def train(home: str, run_id: str, *overrides: str) -> dict:
     import_tensorflow()
     import keras
 
+    from components import records
     from flows import stages
-    from schemas import examples as ex
+    from runs import make, output
     from schemas.config import apply_overrides
     from schemas.runs import RunFolder
 
     folder = RunFolder.open(run_id)
     config = apply_overrides(stages.config_of(folder), list(overrides))
-    trained = stages.train(folder, config)
-    test = ex.load(stages.converted_of(folder).files("test"))
+    trained = make(folder, config, "model")
+    test = records.load(output(folder, "converted").files("test"))
     if trained.file.endswith(".keras"):
         model = keras.models.load_model(trained.path, safe_mode=True)
         predicted = model.predict(test.images[..., None], batch_size=1024, verbose=0).argmax(axis=1)
@@ -220,17 +223,17 @@ def predict(home: str, run_id: str) -> dict:
     import_tensorflow()
     import keras  # noqa: F401  (imported before the clock, like every other job)
 
+    from components import records
     from components.evaluate import load_predict
-    from flows import stages
-    from schemas import examples as ex
+    from runs import output
     from schemas.runs import RunFolder
 
     folder = RunFolder.open(run_id)
     start = time.perf_counter()
-    test = ex.load(stages.converted_of(folder).files("test"))
+    test = records.load(output(folder, "converted").files("test"))
     read_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    model = load_predict(stages.trained_of(folder).path)
+    model = load_predict(output(folder, "model").path)
     load_seconds = time.perf_counter() - start
     times = []
     for _ in range(3):
@@ -259,19 +262,16 @@ def pipeline(mode: str, home: str, data: str, *overrides: str) -> dict:
         main()
     else:
         from components.tensorflow_runtime import import_tensorflow
-        from flows import stages
+        from flows import runner, stages
+        from runs import make
         from schemas.config import apply_overrides, default_config
 
         import_tensorflow()
         config = apply_overrides(default_config("train-mnist"), [f"ingest.data={data}", *overrides])
         folder = stages.start_run(config)
-        examples = stages.ingest(folder, config)
-        stages.validate(folder, config, examples)
-        stages.convert(folder, config)
-        stages.train(folder, config)
-        stages.register(folder, config, stages.evaluate(folder, config))
-        stages.export(folder, config)
-        stages.finish_run(folder)
+        for artifact in ("examples", "validation", "converted", "model", "evaluation", "registration", "exported"):
+            make(folder, config, artifact)
+        runner.finish_run(folder)
     seconds = time.perf_counter() - start
     from schemas.runs import list_runs
 
@@ -281,6 +281,7 @@ def pipeline(mode: str, home: str, data: str, *overrides: str) -> dict:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the run helpers (runs.py)
     job, *args = sys.argv[1:]
     jobs = {"ours": ours, "ours_read": ours_read, "validate": validate, "pandas_kaggle": pandas_kaggle,
             "pandas_noisy": pandas_noisy, "convert_cold": convert_cold, "convert_vs_plain": convert_vs_plain,

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.benchmark
 
 def test_predicting_the_kaggle_test_set(tmp_path):
     from flows import stages
+    from runs import make
     from schemas.config import apply_overrides, default_config
 
     archive = datagen.shared_data("kaggle", "digit-recognizer.zip")
@@ -28,9 +29,8 @@ def test_predicting_the_kaggle_test_set(tmp_path):
         patch.setenv("DIGITS_HOME", home)
         config = apply_overrides(default_config("train-kaggle"), [f"ingest.data={archive}", "train.epochs=1"])
         folder = stages.start_run(config)
-        stages.validate(folder, config, stages.ingest(folder, config))
-        stages.convert(folder, config)
-        stages.train(folder, config)
+        for artifact in ("examples", "validation", "converted", "model"):
+            make(folder, config, artifact)
     result = _measure("predict", home, folder.run_id)
     print(f"\nkaggle test prediction: {json.dumps(result)}")
     assert result["rows"] == 28000

@@ -35,6 +35,7 @@ NOTEBOOKS = {  # the seed notebooks' models, each with the fast config's budget 
 def mnist_run(tmp_path_factory):
     """(DIGITS_HOME, run id) of one MNIST run, ingested from the byte-exact idx files, validated, converted."""
     from flows import stages
+    from runs import make
     from schemas.config import apply_overrides, default_config
 
     home = tmp_path_factory.mktemp("home")
@@ -42,8 +43,8 @@ def mnist_run(tmp_path_factory):
         patch.setenv("DIGITS_HOME", str(home))
         config = apply_overrides(default_config("train-mnist"), [f"ingest.data={datagen.shared_data('mnist')}"])
         folder = stages.start_run(config)
-        stages.validate(folder, config, stages.ingest(folder, config))
-        stages.convert(folder, config)
+        for artifact in ("examples", "validation", "converted"):
+            make(folder, config, artifact)
     yield str(home), folder.run_id
 
 

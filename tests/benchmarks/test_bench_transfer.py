@@ -36,6 +36,7 @@ MODES = {
 def noisy_run(tmp_path_factory):
     """(DIGITS_HOME, noisy run id) with digits-mnist@champion registered in that home."""
     from flows import stages
+    from runs import make
     from schemas.config import apply_overrides, default_config
 
     mnist = datagen.shared_data("mnist")
@@ -47,15 +48,13 @@ def noisy_run(tmp_path_factory):
         patch.setenv("DIGITS_HOME", str(home))
         config = apply_overrides(default_config("train-mnist"), [f"ingest.data={mnist}", *BASE])
         folder = stages.start_run(config)
-        stages.validate(folder, config, stages.ingest(folder, config))
-        stages.convert(folder, config)
-        stages.train(folder, config)
-        version, promoted = stages.register(folder, config, stages.evaluate(folder, config))
-        assert promoted, "the clean-MNIST base did not pass its gate"
+        for artifact in ("examples", "validation", "converted", "model", "evaluation"):
+            make(folder, config, artifact)
+        assert make(folder, config, "registration").promoted, "the clean-MNIST base did not pass its gate"
         config = apply_overrides(default_config("train-noisy"), [f"ingest.data={noisy}"])
         folder = stages.start_run(config)
-        stages.validate(folder, config, stages.ingest(folder, config))
-        stages.convert(folder, config)
+        for artifact in ("examples", "validation", "converted"):
+            make(folder, config, artifact)
     yield str(home), folder.run_id
 
 

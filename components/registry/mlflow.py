@@ -1,64 +1,39 @@
-"""The model registry (MLflow): `digits-<source>` registered models, a version per gate-passing model,
-the alias `champion` on the promoted one.
+"""The registry on MLflow's model registry (components.registry.Registry's one implementation).
 
-A version's files are the train stage's model, logged as artifacts of the training's MLflow run
-(`model/`), with lineage tags. Promotion never deletes a version: it moves the alias, and remembers
-the alias it replaced in the new version's `digits.previous_champion` tag so `rollback` can move it
-back. Promotions are serialised by a lock file under $DIGITS_HOME (for stores reached from one
-machine: SQLite, a local server); under it the champion is read again, so two racing promotions
-cannot both win against a stale champion.
+A version's files are logged as artifacts `model/` of an MLflow run — the training's run when the
+lineage names one (`digits.mlflow_run_id`), else a run of the experiment `digits-registry`. Promotion
+never deletes a version: it moves the alias, and remembers the alias it replaced in the new version's
+`digits.previous_champion` tag so `rollback` can move it back. Promotions are serialised by a lock file
+under $DIGITS_HOME (for stores reached from one machine: SQLite, a local server); under it the champion
+is read again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
-from components.tracking import mlflow_client
+from components.registry import (
+    CHAMPION,
+    MODEL_FILE,
+    MODEL_SHA256,
+    PREVIOUS,
+    Gate,
+    Registry,
+    Version,
+    parse_model_uri,
+    sha256_of,
+)
+from components.tracking import is_missing, log_model_file, mlflow_client
 from schemas.errors import DigitsInputError
 
-CHAMPION = "champion"
-PREVIOUS = "digits.previous_champion"
+RUN_TAG = "digits.mlflow_run_id"  # lineage: the MLflow run the model was trained in
+EXPERIMENT = "digits-registry"  # runs that hold models registered without a training run
 
 
-def model_name(source: str) -> str:
-    return f"digits-{source}"
-
-
-def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """(name, alias, version) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`."""
-    rest = uri.removeprefix("models:/")
-    if rest == uri or not rest:
-        raise DigitsInputError(f"'{uri}' is not a registry URI: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    if "@" in rest:
-        name, _, alias = rest.partition("@")
-        if name and alias and "/" not in name:
-            return name, alias, None
-    else:
-        name, _, number = rest.partition("/")
-        if name and number.isdigit():
-            return name, None, number
-    raise DigitsInputError(f"'{uri}' is not a registry URI: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-
-
-@dataclass(frozen=True)
-class Version:
-    name: str
-    version: str
-    run_id: str | None
-    source: str
-    tags: dict[str, str]
-    aliases: list[str]
-
-    @property
-    def champion(self) -> bool:
-        return CHAMPION in self.aliases
-
-
-class Registry:
+class MlflowRegistry(Registry):
     def __init__(self, uri: str, lock_dir: Path) -> None:
         self.uri, self.lock_dir = uri, lock_dir
 
@@ -76,59 +51,57 @@ class Registry:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     # reading
+    def names(self) -> list[str]:
+        return sorted(m.name for m in self._client().search_registered_models())
+
     def versions(self, name: str) -> list[Version]:
         client = self._client()
         aliases = self._aliases(client, name)
         found = client.search_model_versions(f"name = '{name}'")
         return sorted((self._version(v, aliases) for v in found), key=lambda v: int(v.version))
 
-    def names(self) -> list[str]:
-        return sorted(m.name for m in self._client().search_registered_models())
-
     def champion(self, name: str) -> Version | None:
         client = self._client()
         try:
             found = client.get_model_version_by_alias(name, CHAMPION)
-        except Exception as exc:  # MLflow raises RestException for an unknown model or alias
-            if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+        except Exception as exc:
+            if is_missing(exc):
                 return None
             raise
         return self._version(found, self._aliases(client, name))
 
     def resolve(self, uri: str) -> Version:
-        """The version a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI names; one clear error if none."""
         name, alias, number = parse_model_uri(uri)
         client = self._client()
         try:
             found = (client.get_model_version_by_alias(name, alias) if alias
                      else client.get_model_version(name, number))
-        except Exception as exc:  # MLflow's RestException/MlflowException for an unknown model, alias or version
-            if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+        except Exception as exc:
+            if is_missing(exc):
                 what = f"no alias '{alias}'" if alias else f"no version {number}"
                 raise DigitsInputError(f"{uri}: the registry ({self.uri}) has {what} of model {name}") from None
             raise
         return self._version(found, self._aliases(client, name))
 
     def download(self, version: Version, dst: Path) -> Path:
-        """The version's model file, copied under dst."""
-        local = Path(self._client().download_artifacts(version.run_id, "model", str(dst)))
-        files = sorted(p for p in local.iterdir() if p.suffix in (".keras", ".joblib"))
-        if not files:
-            raise DigitsInputError(f"{version.name} version {version.version} has no model file in {version.source}")
-        return files[0]
+        recorded, expected = version.tags.get(MODEL_FILE), version.tags.get(MODEL_SHA256)
+        if not recorded or not expected or "/" in recorded:
+            raise DigitsInputError(f"{version.uri} has no recorded model file and sha256 (registered before "
+                                   "digits recorded them): register the model again")
+        run_id = self._client().get_model_version(version.name, version.version).run_id
+        local = Path(self._client().download_artifacts(run_id, f"model/{recorded}", str(dst)))
+        if not local.is_file() or sha256_of(local) != expected:
+            raise DigitsInputError(f"{version.uri}: the model file {recorded} in {version.source} is not the one "
+                                   "registered (its sha256 differs); refusing to load it")
+        return local
 
     # writing
-    def log_model(self, run_id: str, model_file: Path) -> None:
-        """The model's file as artifacts `model/` of its MLflow run (registered or not)."""
-        self._client().log_artifact(run_id, str(model_file), artifact_path="model")
-
-    def register(self, name: str, run_id: str, model_file: Path, tags: dict[str, str],
-                 gate: Callable[[Version | None], bool]) -> tuple[Version, bool]:
-        """Log model_file to run_id, register it as a new version, and make it champion when
-        gate(current champion) says so, the champion read under the lock. Returns (version, promoted)."""
+    def register(self, name: str, model_file: Path, lineage: dict[str, str], gate: Gate) -> tuple[Version, bool]:
         client = self._client()
-        self.log_model(run_id, model_file)
+        run_id = lineage.get(RUN_TAG) or self._holding_run(client, name)
+        log_model_file(self.uri, run_id, model_file)
         source = f"{client.get_run(run_id).info.artifact_uri}/model"
+        tags = {**lineage, RUN_TAG: run_id, MODEL_FILE: model_file.name, MODEL_SHA256: sha256_of(model_file)}
         with self._lock(name):
             if not client.search_registered_models(f"name = '{name}'"):
                 client.create_registered_model(name, description="digits models; alias 'champion' = the promoted one")
@@ -144,15 +117,14 @@ class Registry:
         with self._lock(name):
             try:
                 target = client.get_model_version(name, version)
-            except Exception as exc:  # MLflow's RestException/MlflowException for an unknown model or version
-                if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+            except Exception as exc:
+                if is_missing(exc):
                     raise DigitsInputError(f"{name} has no version {version} (see `digits registry show {name}`)") from None
                 raise
             self._move_champion(client, name, str(target.version), self.champion(name))
         return self._version(client.get_model_version(name, version), self._aliases(client, name))
 
     def rollback(self, name: str) -> Version:
-        """Move champion back to the version it replaced."""
         client = self._client()
         with self._lock(name):
             current = self.champion(name)
@@ -164,7 +136,17 @@ class Registry:
             client.set_registered_model_alias(name, CHAMPION, previous)
         return self._version(client.get_model_version(name, previous), self._aliases(client, name))
 
-    def _move_champion(self, client, name: str, version: str, current: Version | None) -> None:
+    @staticmethod
+    def _holding_run(client, name: str) -> str:
+        """A new run of the `digits-registry` experiment to hold a model registered without a training run."""
+        found = client.get_experiment_by_name(EXPERIMENT)
+        experiment = found.experiment_id if found else client.create_experiment(EXPERIMENT)
+        run_id = client.create_run(experiment, run_name=name).info.run_id
+        client.set_terminated(run_id, status="FINISHED")
+        return run_id
+
+    @staticmethod
+    def _move_champion(client, name: str, version: str, current: Version | None) -> None:
         if current is not None and current.version != version:
             client.set_model_version_tag(name, version, PREVIOUS, current.version)
         client.set_registered_model_alias(name, CHAMPION, version)
@@ -174,7 +156,7 @@ class Registry:
         try:
             model = client.get_registered_model(name)
         except Exception as exc:
-            if "RESOURCE_DOES_NOT_EXIST" in str(exc):
+            if is_missing(exc):
                 return {}
             raise
         by_version: dict[str, list[str]] = {}
@@ -184,5 +166,5 @@ class Registry:
 
     @staticmethod
     def _version(found, aliases: dict[str, list[str]]) -> Version:
-        return Version(name=found.name, version=str(found.version), run_id=found.run_id, source=found.source,
+        return Version(name=found.name, version=str(found.version), source=found.source,
                        tags=dict(found.tags or {}), aliases=sorted(aliases.get(str(found.version), [])))

@@ -1,0 +1,122 @@
+"""The model registry, as the pipeline sees it: `digits-<source>` registered models, a version per
+gate-passing model, the alias `champion` on the promoted one, lineage carried as tags.
+
+`Registry` is the interface the stages, `digits predict` and `digits registry` use; MLflow is its one
+implementation (components.registry.mlflow), opened by `open_registry`. Users name models as
+`models:/NAME@ALIAS` or `models:/NAME/VERSION`.
+
+Every version records the file name and sha256 of its model (tags `digits.model_file`,
+`digits.model_sha256`) when it is registered; `download` returns exactly that file and refuses one
+whose bytes differ, so nothing but the registered model is ever loaded from the registry.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from schemas.errors import DigitsInputError
+
+CHAMPION = "champion"
+PREVIOUS = "digits.previous_champion"  # on a promoted version: the champion it replaced (for rollback)
+MODEL_FILE = "digits.model_file"
+MODEL_SHA256 = "digits.model_sha256"
+
+
+def model_name(source: str) -> str:
+    return f"digits-{source}"
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """(name, alias, version) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`."""
+    rest = uri.removeprefix("models:/")
+    if rest == uri or not rest:
+        raise DigitsInputError(f"'{uri}' is not a registry URI: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    if "@" in rest:
+        name, _, alias = rest.partition("@")
+        if name and alias and "/" not in name:
+            return name, alias, None
+    else:
+        name, _, number = rest.partition("/")
+        if name and number.isdigit():
+            return name, None, number
+    raise DigitsInputError(f"'{uri}' is not a registry URI: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
+@dataclass(frozen=True)
+class Version:
+    name: str
+    version: str
+    tags: dict[str, str]
+    aliases: list[str]
+    source: str = ""  # where the registry keeps its files (an MLflow artifact URI)
+
+    @property
+    def champion(self) -> bool:
+        return CHAMPION in self.aliases
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+Gate = Callable[[Version | None], bool]
+
+
+class Registry(abc.ABC):
+    """What the pipeline needs of a model registry."""
+
+    @abc.abstractmethod
+    def names(self) -> list[str]:
+        """Every registered model."""
+
+    @abc.abstractmethod
+    def versions(self, name: str) -> list[Version]:
+        """Every version of a model, oldest first; [] for an unknown model."""
+
+    @abc.abstractmethod
+    def champion(self, name: str) -> Version | None:
+        """The version with the champion alias, or None (unknown model, or none promoted yet)."""
+
+    @abc.abstractmethod
+    def resolve(self, uri: str) -> Version:
+        """The version a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI names. Raises DigitsInputError."""
+
+    @abc.abstractmethod
+    def download(self, version: Version, dst: Path) -> Path:
+        """The version's registered model file, copied under dst and checked against its recorded sha256.
+        Raises DigitsInputError when the version has no recorded file or its bytes differ."""
+
+    @abc.abstractmethod
+    def register(self, name: str, model_file: Path, lineage: dict[str, str], gate: Gate) -> tuple[Version, bool]:
+        """Register model_file as a new version of name with the lineage tags, and make it champion when
+        gate(current champion) says so, that champion read under the registry's lock (two racing
+        registrations cannot both win against a stale one). Returns (version, promoted)."""
+
+    @abc.abstractmethod
+    def promote(self, name: str, version: str) -> Version:
+        """Make version the champion (the replaced one stays a version). Raises DigitsInputError."""
+
+    @abc.abstractmethod
+    def rollback(self, name: str) -> Version:
+        """Move champion back to the version the current champion replaced. Raises DigitsInputError."""
+
+
+def open_registry(home: Path) -> Registry:
+    """The registry of a digits home: MLflow at MLFLOW_TRACKING_URI, else SQLite under home."""
+    from components.registry.mlflow import MlflowRegistry
+    from components.tracking import tracking_uri
+
+    return MlflowRegistry(tracking_uri(home), home)
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,270 @@
+"""The stage runner: the one place a stage runs, is reused, goes stale and is recorded. No Prefect here:
+the flow's tasks (flows.pipeline) and the per-stage CLI commands both call `run_stage`.
+
+A stage writes into `<run>/.<stage>.tmp-<id>/` (`.<stage>.inprogress/` when it resumes) and that folder
+is renamed to `<run>/<stage>/` only when the stage's function returned; a failed or killed stage leaves
+no `<stage>/` folder a later stage could read. run.json records every attempt: status, seconds, the
+stage's key, its output's digest and summary.
+
+Reuse — one mechanism, keyed by content (schemas.stages): a stage this run already completed with an
+equal key is skipped; a `content` stage completed by another run with an equal key is adopted (its
+folder hard-linked into this run, `cached_from` recorded) through the index `$DIGITS_HOME/cache/`.
+A stage run again with a different output makes every stage downstream of it (schemas.stages.GRAPH)
+stale: kept, never read, re-run by `digits resume`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, TypeVar
+
+import schemas.stages
+from schemas.artifacts import Artifact
+from schemas.config import PipelineConfig
+from schemas.errors import DigitsInputError
+from schemas.runs import RunFolder, RunRecord, StageRecord, digits_home, link_or_copy, utc_now, write_json_atomic
+from schemas.stages import Stage
+
+A = TypeVar("A", bound=Artifact)
+Progress = Callable[[str], None]
+KEY_FORMAT = 2  # bump when keys change meaning, so older cache entries stop matching
+CACHE = "cache"  # under $DIGITS_HOME: <key>.json -> the run and stage that made that output
+
+
+@dataclass(frozen=True)
+class Outcome:
+    artifact: Artifact
+    how: Literal["ran", "skipped", "cached"]  # skipped: done in this run; cached: adopted from another run
+    source: Path | None = None  # the stage folder a cached output was adopted from
+
+
+def resolve(ref: str | Callable) -> Callable:
+    """A `module:function` reference of the stage graph, imported now; a callable as it is."""
+    if callable(ref):
+        return ref
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def stage_key(stage: Stage, config: PipelineConfig, inputs: dict[str, Artifact]) -> str | None:
+    """The stage's key: equal keys, equal outputs. None when an input's content is unknown (a download)."""
+    external = None
+    if stage.external is not None:
+        external = resolve(stage.external)(config)
+        if external is None:
+            return None
+    payload = [KEY_FORMAT, stage.name, stage.code_digest(), stage.settings_of(config),
+               {name: inputs[name].digest for name in stage.consumes}, external]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_stage(folder: RunFolder, stage: Stage, config: PipelineConfig, inputs: dict[str, Artifact], *,
+              progress: Progress = lambda _: None, on_output: Callable[[Artifact], None] | None = None) -> Outcome:
+    """Run one stage of a run on its input artifacts, or reuse its output; record it in run.json.
+
+    on_output(artifact) runs once the output is in place, before the stage's `after` hook (which may
+    stop the run): the flow publishes its Prefect artifacts there, so a failing validation's report
+    is still shown.
+    """
+    key = stage_key(stage, config, inputs)
+    done = _completed_here(folder, stage, key)
+    if done is not None:
+        progress(f"{stage.name}: already completed in this run, skipped")
+        outcome = Outcome(done, "skipped")
+    else:
+        earlier = _cached(stage, key) if stage.reuse == "content" and key else None
+        if earlier is not None:
+            progress(f"{stage.name}: reusing {earlier.dir} (same inputs, settings and code)")
+            adopted = execute(folder, stage.name, lambda out: _link(earlier, out), key=key,
+                              notes={"cached_from": str(earlier.dir)})
+            outcome = Outcome(adopted, "cached", earlier.dir)
+        else:
+            body = resolve(stage.run)
+            artifact = execute(folder, stage.name, lambda out: body(folder, config, out, progress, **inputs),
+                               resumable=stage.resumable, key=key)
+            outcome = Outcome(artifact, "ran")
+            if stage.reuse == "content" and key:  # the run that made it: adopters hold links to it
+                _index(key, folder, stage.name)
+    if on_output is not None:
+        on_output(outcome.artifact)
+    if stage.after is not None and outcome.how != "skipped":
+        try:
+            resolve(stage.after)(folder, config, outcome.artifact)
+        except BaseException as exc:
+            _fail(folder, stage.name, _first_line(exc), None)
+            raise
+    return outcome
+
+
+def execute(folder: RunFolder, stage: str, body: Callable[[Path], A], *, resumable: bool = False,
+            key: str | None = None, notes: dict[str, Any] | None = None) -> A:
+    """Run body(temp_dir) and rename temp_dir to the stage folder when it returns; record the outcome
+    (key, the output's digest and summary, `notes` beside it).
+
+    resumable: the temp folder is `.<stage>.inprogress` and survives a failed or killed attempt, so the
+    next attempt's body can continue from what it left (training checkpoints); it is still renamed
+    into place only when the body returns, and no later stage reads it.
+    """
+    final = folder.stage_dir(stage)
+    for stale in folder.root.glob(f".{stage}.tmp-*"):  # left by a killed process; never read
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.root / (f".{stage}.inprogress" if resumable else f".{stage}.tmp-{uuid.uuid4().hex[:8]}")
+    previous = folder.load().stages.get(stage)
+    folder.update(lambda r: _mark(r, stage, StageRecord(status="running", started_at=utc_now())))
+    started = time.perf_counter()
+    try:
+        artifact = body(tmp)
+        if final.exists():  # a re-run replaces the old output: move it aside, then swap
+            old = folder.root / f".{stage}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException as exc:
+        if not resumable:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _fail(folder, stage, _first_line(exc), round(time.perf_counter() - started, 3))
+        raise
+    artifact = dataclasses.replace(artifact, dir=final)
+    artifact = dataclasses.replace(artifact, digest=artifact.content_digest())
+    seconds = round(time.perf_counter() - started, 3)
+    changed = previous is None or previous.digest != artifact.digest
+
+    def completed(record: RunRecord) -> None:
+        stage_record = record.stages[stage]
+        stage_record.status, stage_record.finished_at, stage_record.seconds = "completed", utc_now(), seconds
+        stage_record.key, stage_record.digest = key, artifact.digest
+        stage_record.outputs = {**artifact.summary(), **(notes or {})}
+        fingerprints = getattr(artifact, "fingerprints", None)
+        if isinstance(fingerprints, dict):  # the input files a source stage read
+            record.data_fingerprints.update(fingerprints)
+        if changed:
+            _stale_downstream(record, stage)
+
+    folder.update(completed)
+    _write_page(folder)
+    return artifact
+
+
+def _stale_downstream(record: RunRecord, stage: str) -> None:
+    """A stage whose output changed makes the completed stages downstream of it stale: they were made from
+    its old output. Their folders stay (nothing is lost) but no later stage reads them, and a resumed run
+    re-runs them; the run-level facts they recorded (e.g. the promotion) no longer stand."""
+    graph = schemas.stages.GRAPH
+    if stage not in graph.names():
+        return
+    for later in graph.downstream(stage):
+        later_record = record.stages.get(later)
+        if later_record is not None and later_record.status == "completed":
+            later_record.status, later_record.error = "stale", f"{stage} was run again after it"
+            for field in graph.stage(later).run_fields:
+                setattr(record, field, None)
+
+
+def _mark(record: RunRecord, stage: str, stage_record: StageRecord) -> None:
+    record.stages[stage] = stage_record
+    record.status = "running"
+
+
+def _fail(folder: RunFolder, stage: str, message: str, seconds: float | None) -> None:
+    def failed(record: RunRecord) -> None:
+        stage_record = record.stages.get(stage) or StageRecord(status="failed", started_at=utc_now())
+        record.stages[stage] = stage_record
+        stage_record.status, stage_record.error = "failed", message
+        stage_record.finished_at = utc_now()
+        if seconds is not None:
+            stage_record.seconds = seconds
+        record.status = "failed"
+
+    folder.update(failed)
+    _write_page(folder)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _completed_here(folder: RunFolder, stage: Stage, key: str | None) -> Artifact | None:
+    record = folder.load().stages.get(stage.name)
+    if record is None or record.status != "completed" or not folder.stage_dir(stage.name).is_dir():
+        return None
+    if key is not None and record.key != key:
+        return None
+    return stage.artifact.load(folder.stage_dir(stage.name), record.outputs, record.digest or "")
+
+
+def _link(earlier: Artifact, out: Path) -> Artifact:
+    shutil.copytree(earlier.dir, out, copy_function=link_or_copy)
+    return earlier.moved_to(out)
+
+
+def _cache_entry(key: str) -> Path:
+    return digits_home() / CACHE / f"{key}.json"
+
+
+def _index(key: str, folder: RunFolder, stage: str) -> None:
+    write_json_atomic(_cache_entry(key), {"run_id": folder.run_id, "stage": stage})
+
+
+def _cached(stage: Stage, key: str) -> Artifact | None:
+    """The output another run made with this key, when it is still there and still complete."""
+    entry = _cache_entry(key)
+    try:
+        found = json.loads(entry.read_text())
+        earlier = RunFolder(digits_home() / "runs" / found["run_id"])
+        record = earlier.load().stages[found["stage"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    stage_dir = earlier.stage_dir(found["stage"])
+    if record.status != "completed" or record.key != key or not stage_dir.is_dir():
+        entry.unlink(missing_ok=True)  # its run was deleted or its stage re-run: the entry is gone too
+        return None
+    return stage.artifact.load(stage_dir, record.outputs, record.digest or "")
+
+
+def output_of(folder: RunFolder, stage: str) -> Artifact:
+    """A completed stage's artifact, for a command that starts from a run id: never one that failed, is
+    half-written or stale. Raises DigitsInputError saying what to run."""
+    graph = schemas.stages.GRAPH
+    record = folder.load().stages.get(stage)
+    if record is not None and record.status == "stale":
+        command = graph.stage(stage).cli_command
+        raise DigitsInputError(f"run {folder.run_id}'s {stage} stage is stale ({record.error}): run "
+                               f"`digits {command} --run {folder.run_id}`, or `digits resume {folder.run_id}`")
+    if record is not None and record.status == "failed":
+        raise DigitsInputError(f"run {folder.run_id}'s {stage} stage failed ({record.error}): once its cause is "
+                               f"fixed, run `digits {graph.stage(stage).cli_command} --run {folder.run_id}`")
+    if record is None or record.status != "completed" or not folder.stage_dir(stage).is_dir():
+        raise DigitsInputError(f"run {folder.run_id} has no completed {stage} stage")
+    return graph.stage(stage).artifact.load(folder.stage_dir(stage), record.outputs, record.digest or "")
+
+
+def inputs_of(folder: RunFolder, stage: Stage, config: PipelineConfig) -> dict[str, Artifact]:
+    """The artifacts a stage consumes, from the stages of this run that produced them."""
+    graph = schemas.stages.GRAPH
+    return {name: output_of(folder, graph.producer(name, config).name) for name in stage.consumes}
+
+
+def finish_run(folder: RunFolder) -> RunRecord:
+    """Mark the run completed (with warnings when a stage recorded any)."""
+    def done(record: RunRecord) -> None:
+        record.status = "completed_with_warnings" if record.warnings else "completed"
+    record = folder.update(done)
+    _write_page(folder)
+    return record
+
+
+def _write_page(folder: RunFolder) -> None:
+    from components import run_page
+
+    run_page.write(folder, schemas.stages.GRAPH)

@@ -1,0 +1,213 @@
+"""The stage graph, declared once: every stage's name, the artifacts it consumes and produces, how it is
+reused, whether it resumes, the reports it writes and its help.
+
+    ingest -> validate -> convert -> train | transfer -> evaluate -> register -> export
+
+The Prefect flow (flows.pipeline) runs `GRAPH.plan(config)` in order, handing each stage the artifacts
+it consumes by name; the per-stage CLI commands, `digits reports`, the run's entry page, stale-marking
+(a stage run again makes every stage that consumed its output, directly or not, stale), `digits
+resume`, the cache and the Prefect artifacts all read this table. A stage's function is named by a
+`module:function` string (or given as the function itself) with the signature
+
+    run(folder: RunFolder, config: PipelineConfig, out: Path, progress, **inputs) -> Artifact
+
+where `inputs` are the consumed artifacts by name and `out` the folder to write (the stage runner
+renames it into place when the function returns; flows.runner).
+
+Reuse (one mechanism, flows.runner): a stage's key is the sha256 of its name, its code (the bytes of
+the files in `code`), its `settings` (config fields) and the content digests of its inputs (plus, for
+ingest, the input data's bytes). `content` stages are reused from any run under $DIGITS_HOME with an
+equal key; `run` stages are skipped when this run already completed them with an equal key (a resumed
+run), and run otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from schemas.artifacts import Artifact, Converted, Evaluation, Examples, Exported, Registration, Trained, Validation
+from schemas.config import SCRATCH, PipelineConfig
+
+ROOT = Path(__file__).resolve().parents[1]  # the folder holding the schemas/, components/ and flows/ packages
+Reuse = Literal["content", "run"]
+
+
+@dataclass(frozen=True)
+class Report:
+    """A file (or folder) of a stage that people open: listed by `digits reports` and the run's page."""
+
+    label: str
+    path: str  # relative to the stage folder
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    produces: str  # the artifact's name: how later stages ask for it
+    artifact: type[Artifact]
+    run: str | Callable[..., Artifact]  # "module:function", or the function
+    consumes: tuple[str, ...] = ()
+    settings: tuple[str, ...] = ()  # config fields (dotted) that shape the output: part of the key
+    code: tuple[str, ...] = ()  # files and folders (relative to ROOT) whose bytes are the stage's code version
+    reuse: Reuse = "run"
+    resumable: bool = False  # its work folder survives a failed attempt (training checkpoints)
+    reports: tuple[Report, ...] = ()
+    help: str = ""
+    command: str | None = None  # the per-stage CLI command that runs it; default: its name
+    applies: Callable[[PipelineConfig], bool] | None = None  # None: in every pipeline
+    external: str | Callable[[PipelineConfig], str | None] | None = None
+    """What the stage reads from outside the run, as a fingerprint for its key (ingest: the data's bytes);
+    None from it: unknown content (a download), so the stage is not reused across runs."""
+    after: str | Callable[..., None] | None = None
+    """after(folder, config, artifact), once the stage's folder is in place: records run-level facts and may
+    raise to stop the run (validate's gate)."""
+    run_fields: tuple[str, ...] = ()  # run.json fields the stage sets: cleared when it goes stale
+    retries: int = 0  # Prefect retries of a failure that may pass on a second try (never bad input)
+
+    @property
+    def cli_command(self) -> str:
+        return self.command or self.name
+
+    def applies_to(self, config: PipelineConfig) -> bool:
+        return self.applies is None or self.applies(config)
+
+    def settings_of(self, config: PipelineConfig) -> dict[str, Any]:
+        data = config.model_dump(mode="json")
+        found = {}
+        for dotted in self.settings:
+            value: Any = data
+            for part in dotted.split("."):
+                value = value[part]
+            found[dotted] = value
+        return found
+
+    def code_digest(self) -> str:
+        return _code_digest(self.code)
+
+
+@lru_cache(maxsize=None)
+def _code_digest(paths: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for relative in paths:
+        path = ROOT / relative
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".py", ".json")) if path.is_dir() else [path]
+        for file in files:
+            if file.is_file():
+                digest.update(str(file.relative_to(ROOT)).encode())
+                digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Graph:
+    stages: tuple[Stage, ...]
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names repeat: {names}")
+        produced: set[str] = set()
+        for stage in self.stages:
+            missing = set(stage.consumes) - produced
+            if missing:
+                raise ValueError(f"stage {stage.name} consumes {sorted(missing)}, which no earlier stage produces")
+            produced.add(stage.produces)
+
+    def __iter__(self):
+        return iter(self.stages)
+
+    def names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+    def plan(self, config: PipelineConfig) -> list[Stage]:
+        """The stages a pipeline runs, in order."""
+        return [s for s in self.stages if s.applies_to(config)]
+
+    def producer(self, artifact: str, config: PipelineConfig) -> Stage:
+        """The stage of this pipeline that produces an artifact."""
+        return next(s for s in self.plan(config) if s.produces == artifact)
+
+    def downstream(self, name: str) -> list[str]:
+        """Every stage that consumes what `name` produced, directly or through other stages, in order."""
+        reached = {self.stage(name).produces}
+        found = []
+        for stage in self.stages[self.names().index(name) + 1:]:
+            if reached & set(stage.consumes):
+                found.append(stage.name)
+                reached.add(stage.produces)
+        return found
+
+    def commands(self) -> dict[str, list[Stage]]:
+        """Per-stage CLI command -> the stages it runs, in order."""
+        found: dict[str, list[Stage]] = {}
+        for stage in self.stages:
+            found.setdefault(stage.cli_command, []).append(stage)
+        return found
+
+    def with_stage(self, stage: Stage, *, before: str) -> Graph:
+        """This graph with one more stage, inserted before another."""
+        at = self.names().index(before)
+        return dataclasses.replace(self, stages=(*self.stages[:at], stage, *self.stages[at:]))
+
+
+def _from_scratch(config: PipelineConfig) -> bool:
+    return config.transfer.base == SCRATCH
+
+
+def _fine_tuned(config: PipelineConfig) -> bool:
+    return config.transfer.base != SCRATCH
+
+
+GRAPH = Graph((
+    Stage("ingest", produces="examples", artifact=Examples, run="flows.stages:ingest",
+          settings=("pipeline", "ingest.limit", "ingest.on_bad_rows"),
+          code=("components/ingest", "schemas/dataset.py"), reuse="content", external="flows.stages:data_fingerprint",
+          reports=(Report("EDA", "eda"), Report("rejected rows", "rejected.csv")), retries=2, command="ingest",
+          help="Read the source with its real loader into canonical Parquet per split, plus EDA pictures."),
+    Stage("validate", produces="validation", artifact=Validation, run="flows.stages:validate", consumes=("examples",),
+          settings=("pipeline", "validate", "ingest.limit"),
+          code=("components/validate", "schemas/suites", "schemas/features.py", "schemas/sources.py"),
+          reuse="content", after="flows.stages:validation_gate",
+          reports=(Report("validation report", "index.html"), Report("validation results", "results.json")),
+          help="Run the Great Expectations suites on per-row features; stop (exit 2) on failures."),
+    Stage("convert", produces="converted", artifact=Converted, run="flows.stages:convert",
+          consumes=("examples", "validation"), settings=("seed", "convert.val_fraction", "convert.rows_per_shard"),
+          code=("components/convert", "components/records.py", "schemas/examples.py"), reuse="content",
+          reports=(Report("convert manifest", "manifest.json"),),
+          help="Split train/val (stratified) and write sharded gzip TFRecords with Apache Beam."),
+    Stage("train", produces="model", artifact=Trained, run="flows.stages:train", consumes=("converted",),
+          settings=("seed", "train"), code=("components/train",), resumable=True, applies=_from_scratch,
+          reports=(Report("model", "model.keras"), Report("TensorBoard logs", "logs")),
+          help="Train train.model from random weights, or fine-tune transfer.base; an interrupted training resumes."),
+    Stage("transfer", produces="model", artifact=Trained, run="flows.stages:transfer", consumes=("converted",),
+          settings=("seed", "train", "transfer"), code=("components/transfer.py", "components/train"), resumable=True,
+          applies=_fine_tuned, command="train",
+          reports=(Report("fine-tuned model", "model.keras"), Report("TensorBoard logs", "logs")),
+          help="Fine-tune transfer.base (train-noisy and train-folder: the clean-MNIST champion); resumes like train."),
+    Stage("evaluate", produces="evaluation", artifact=Evaluation, run="flows.stages:evaluate",
+          consumes=("model", "converted"), settings=("pipeline", "evaluate"), code=("components/evaluate",),
+          after="flows.stages:record_metrics", reports=(Report("evaluation report", "report.html"),),
+          help="Score the model on the val split, gate it against the threshold and the champion."),
+    Stage("register", produces="registration", artifact=Registration, run="flows.stages:register",
+          consumes=("model", "converted", "evaluation"), settings=("pipeline", "evaluate"),
+          code=("components/registry",), after="flows.stages:record_promotion", command="evaluate",
+          run_fields=("registry_version", "promoted", "promotion_reason"),
+          reports=(Report("registration", "registration.json"),),
+          help="Register a gate-passing model as a new version and make it champion."),
+    Stage("export", produces="exported", artifact=Exported, run="flows.stages:export",
+          consumes=("model", "converted", "examples"), settings=("seed",), code=("components/export",),
+          reports=(Report("submission", "submission.csv"), Report("SavedModel", "saved_model")),
+          help="Write submission.csv and export the model (SavedModel + .keras), checked in a fresh process."),
+))
+"""The pipeline's stages. Read it as `schemas.stages.GRAPH` at call time (a test may extend it)."""
