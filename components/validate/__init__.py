@@ -41,7 +41,9 @@ def run(examples: Examples, config: ValidateConfig, out_dir: Path, *, limit: int
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     pd.options.mode.copy_on_write = True  # GX ran 6x slower without it on pandas 2.x
-    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    gx_loggers = [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "great_expectations"]
+    for name in ["great_expectations", *gx_loggers]:  # some GX modules set INFO on their own logger
+        logging.getLogger(name).setLevel(logging.ERROR)
     out_dir.mkdir(parents=True, exist_ok=True)
     progress("computing features")
     noisy = examples.source.spec.background_noise
