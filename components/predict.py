@@ -23,41 +23,74 @@ MAX_PIXELS = 40_000_000  # larger images are refused before they are decoded (a 
 
 
 def load(uri: str, registry: Callable[[], object]) -> Model:
-    """A scoring function for a registry URI (models:/NAME@ALIAS or models:/NAME/VERSION), a .keras or
-    .joblib file, or an exported SavedModel folder. Keras models load in safe mode."""
+    """A scoring function for a registry URI (models:/NAME@ALIAS or models:/NAME/VERSION), a .keras file, or
+    an exported SavedModel folder.
+
+    Nothing in a model file runs as code: Keras models load in safe mode; a registry version loads
+    only the file it recorded, with the sha256 it recorded (a pca-svm .joblib, a pickle, loads only
+    that way); a SavedModel — a TensorFlow program, whose functions could read or write files — loads
+    only from a run's `export/saved_model` whose files match what that run's export stage recorded.
+    Raises DigitsInputError (one line) for anything else."""
     import tempfile
 
     from components.evaluate import load_predict
+    from components.registry import MODEL_SHA256
 
     if uri.startswith("models:/"):
         reg = registry()
         version = reg.resolve(uri)
-        with tempfile.TemporaryDirectory(prefix="digits-predict-") as scratch:
-            return load_predict(reg.download(version, Path(scratch)))  # the model is in memory after this
+        with tempfile.TemporaryDirectory(prefix="digits-predict-") as scratch:  # in memory once loaded
+            return load_predict(reg.download(version, Path(scratch)), version.tags.get(MODEL_SHA256))
     path = Path(uri).expanduser()
-    try:
-        if path.is_dir() and (path / "saved_model.pb").is_file():
-            return _saved_model(path)
-        if path.is_file() and path.suffix in (".keras", ".joblib"):
-            return load_predict(path)
-    except (ValueError, OSError, EOFError) as exc:  # what Keras, TensorFlow and joblib raise for a bad file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DigitsInputError(f"{uri}: not a loadable model: {first}") from None
+    if path.is_dir() and (path / "saved_model.pb").is_file():
+        _verify_export(path)
+        return _saved_model(path)
+    if path.is_file():
+        return load_predict(path)
     raise DigitsInputError(f"{uri}: not a model (expected models:/NAME@ALIAS, models:/NAME/VERSION, a .keras "
-                           "file or a saved_model folder)")
+                           "file or a run's export/saved_model folder)")
+
+
+def _verify_export(saved_model: Path) -> None:
+    """A SavedModel folder is loaded only as the export stage of a digits run wrote it."""
+    from schemas.artifacts import Exported
+    from schemas.errors import DamagedArtifact
+    from schemas.runs import RunFolder
+
+    export_dir = saved_model.resolve().parent
+    run = RunFolder(export_dir.parent)
+    refusal = (f"{saved_model}: a SavedModel is a TensorFlow program (its functions can read and write files), so "
+               "digits predict loads one only from a run's export/saved_model that matches what the run recorded; "
+               "use a .keras file or a models:/ URI")
+    if saved_model.name != "saved_model" or export_dir.name != "export" or not run.path.is_file():
+        raise DigitsInputError(refusal)
+    try:
+        record = run.load().stages.get("export")
+    except Exception:
+        raise DigitsInputError(refusal) from None
+    if record is None or record.status != "completed" or not any(f.startswith("saved_model/") for f in record.hashes):
+        raise DigitsInputError(refusal)
+    try:
+        Exported.load(export_dir, {}, record.hashes).verify()
+    except DamagedArtifact as exc:
+        raise DigitsInputError(f"{exc}; refusing to load {saved_model}") from None
 
 
 def _saved_model(path: Path) -> Model:
     from components.tensorflow_runtime import import_tensorflow
 
     tf = import_tensorflow()
-    serving = tf.saved_model.load(str(path)).signatures["serving_default"]
+    try:
+        serving = tf.saved_model.load(str(path)).signatures["serving_default"]
+    except Exception as exc:  # TensorFlow raises many types for a bad SavedModel
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DigitsInputError(f"{path}: not a loadable SavedModel ({first})") from None
     return lambda images: serving(images=tf.constant(images, dtype=tf.uint8))["probabilities"].numpy()
 
 
-def prepare_files(images: Sequence[Path]) -> np.ndarray:
+def prepare_files(images: Sequence[Path], max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Canonical digits [N, 28, 28] uint8 from image files; the first bad file is one clear error."""
-    return np.stack([prepare(read(path), str(path)) for path in images])
+    return np.stack([prepare(read(path, max_pixels), str(path)) for path in images])
 
 
 def classify(model: Model, batch: np.ndarray) -> list[tuple[int, float]]:
@@ -71,19 +104,23 @@ def read(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
     Raises DigitsInputError naming the file when it is missing, not a readable PNG/JPEG, truncated, or
     larger than max_pixels (checked from its header, before any pixel is decoded)."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise DigitsInputError(f"{path}: image too large ({width} x {height} pixels; at most {max_pixels:,} "
-                                       "pixels are read)")
-            image.load()
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(paper, image.convert("RGBA"))
-            gray = image.convert("L")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below instead
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise DigitsInputError(f"{path}: image too large ({width} x {height} pixels; at most "
+                                           f"{max_pixels:,} pixels are read)")
+                image.load()
+                if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                    paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                    image = Image.alpha_composite(paper, image.convert("RGBA"))
+                gray = image.convert("L")
     except FileNotFoundError:
         raise DigitsInputError(f"{path}: no such file") from None
     except Image.DecompressionBombError as exc:

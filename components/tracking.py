@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from schemas.errors import ServiceUnavailable
+from schemas.errors import DigitsInputError, ServiceUnavailable
 
 
 def tracking_uri(home: Path) -> str:
@@ -25,7 +25,13 @@ def mlflow_client(uri: str):
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    return _Reachable(MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
+    try:
+        return _Reachable(MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
+    except Exception as exc:
+        shown = _one_line(exc, uri)
+        if shown is exc:
+            raise
+        raise shown from None
 
 
 class _Reachable:
@@ -44,13 +50,36 @@ class _Reachable:
             try:
                 return attr(*args, **kwargs)
             except Exception as exc:
-                reason = _connection_failure(exc)
-                if reason is None:
+                shown = _one_line(exc, self._uri)
+                if shown is exc:
                     raise
-                raise ServiceUnavailable(
-                    f"MLflow tracking server {self._uri} unreachable ({reason}): start it, or unset "
-                    "MLFLOW_TRACKING_URI to track in SQLite under $DIGITS_HOME") from None
+                raise shown from None
         return call
+
+
+def _one_line(exc: Exception, uri: str) -> Exception:
+    """The error to show for an MLflow failure: an unreachable server or a damaged SQLite store as one
+    line; anything else as it is (a bug, with its traceback)."""
+    reason = _connection_failure(exc)
+    if reason is not None:
+        return ServiceUnavailable(f"MLflow tracking server {uri} unreachable ({reason}): start it, or unset "
+                                  "MLFLOW_TRACKING_URI to track in SQLite under $DIGITS_HOME")
+    damaged = _damaged_store(exc)
+    if damaged is not None:
+        return DigitsInputError(f"{uri.removeprefix('sqlite:///')}: not a readable MLflow database ({damaged}); "
+                                "restore it from a backup, or move it aside to start a new, empty registry")
+    return exc
+
+
+def _damaged_store(exc: BaseException) -> str | None:
+    """What sqlite said, when exc is (or wraps) a database that is not one (garbage, truncated)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ == "DatabaseError" and type(exc).__module__ in ("sqlite3", "sqlalchemy.exc"):
+            return str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def is_missing(exc: BaseException) -> bool:

@@ -7,6 +7,7 @@ codes: 0 done, 2 bad input or usage (one line on stderr), 1 anything else (a bug
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -20,8 +21,8 @@ import schemas.stages
 from components.tensorflow_runtime import import_tensorflow
 from flows.local_api import LocalAPI
 from schemas.config import Pipeline, PipelineConfig, apply_overrides, default_config
-from schemas.errors import DigitsInputError, ServiceUnavailable
-from schemas.runs import RunFolder, list_runs
+from schemas.errors import DigitsInputError, OutOfSpace, ServiceUnavailable
+from schemas.runs import RunFolder, scan_runs
 from schemas.sources import SOURCES, Source
 
 console = Console(highlight=False, soft_wrap=True)  # paths and run ids are never broken across lines
@@ -71,23 +72,44 @@ def resume(
 
 
 def _run_flow(folder: RunFolder, config: PipelineConfig, require_promotion: bool, api: LocalAPI | None) -> None:
-    console.print(f"[bold]run[/] {folder.run_id}\n[bold]folder[/] {folder.root}")
-    import_tensorflow()  # every pipeline needs it (convert, train); imported while the API server boots
-    from flows import pipeline as prefect_pipeline
+    from flows import runner
 
-    if api is not None:
-        api.connect()
-    prefect_pipeline.console_logs_to_stdout()
+    console.print(f"[bold]run[/] {folder.run_id}\n[bold]folder[/] {folder.root}")
     try:
+        import_tensorflow()  # every pipeline needs it (convert, train); imported while the API server boots
+        from flows import pipeline as prefect_pipeline
+
+        if api is not None:
+            api.connect()
+        prefect_pipeline.console_logs_to_stdout()
         prefect_pipeline.digits(config, run_id=folder.run_id)
-    except ServiceUnavailable as exc:
-        raise ServiceUnavailable(f"{exc}; then `digits resume {folder.run_id}`") from None
+    except (ServiceUnavailable, OutOfSpace) as exc:
+        runner.fail_run(folder, str(exc))
+        raise type(exc)(f"{exc}; then `digits resume {folder.run_id}`") from None
+    except BaseException as exc:
+        runner.fail_run(folder, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        if _unreachable(exc):
+            url = os.environ.get("PREFECT_API_URL") or "(from the Prefect profile)"
+            raise ServiceUnavailable(f"Prefect API {url} unreachable: start that server, or unset PREFECT_API_URL "
+                                     f"to run on a local one; then `digits resume {folder.run_id}`") from None
+        raise
     finally:
         _print_stages(folder)
     record = folder.load()
     if require_promotion and not record.promoted:
         print(f"digits: not promoted: {record.promotion_reason}", file=sys.stderr)
         sys.exit(3)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether exc is (or wraps) a failure to connect to an HTTP server (Prefect's client uses httpx)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__module__.startswith("httpx") and type(exc).__name__ in ("ConnectError", "ConnectTimeout"):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def ingest(
@@ -111,6 +133,8 @@ def _stage_command(name: str, stages_: list):
     def command(run_id: RunOption = None, overrides: SetOption = None) -> None:
         folder, config = _open_run(run_id, overrides)
         _run_stages(folder, config, [s for s in stages_ if s.applies_to(config)])
+        if overrides:  # run.json's config is what the run's stages were last run with (`digits resume` uses it)
+            folder.update(lambda record: setattr(record, "config", config.model_dump(mode="json")))
 
     command.__doc__ = " ".join(dict.fromkeys(s.help for s in stages_))
     command.__name__ = name
@@ -138,19 +162,25 @@ def _run_stages(folder: RunFolder, config: PipelineConfig, stages_: list) -> Non
 
 
 def predict(
-    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, a .keras file or an "
-                                                  "exported saved_model folder")],
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, a .keras file, or a "
+                                                  "run's export/saved_model folder (a SavedModel is a TensorFlow "
+                                                  "program: it is loaded only when it matches what its run recorded)")],
     images: Annotated[list[Path], typer.Argument(help="PNG/JPEG files of one handwritten digit each")],
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="refuse larger images, from their header, "
+                                            "before decoding them")] = 40_000_000,
 ) -> None:
     """Classify images of handwritten digits: label and probability per image.
 
     Each image is prepared the way MNIST was made: grayscale, light ink on dark (inverted when the
     background is light), cropped to the ink, fitted in 20x20 and centred by centre of mass in 28x28.
+    Nothing in a model file runs as code: .keras files load in Keras' safe mode, a registry version only
+    as the file and sha256 it recorded (a .joblib pickle only that way), a SavedModel only from a run's
+    export/ whose files match run.json.
     """
     from components import predict as predict_component
     from flows import stages
 
-    batch = predict_component.prepare_files(images)  # bad images fail before the model is loaded
+    batch = predict_component.prepare_files(images, max_pixels)  # bad images fail before the model is loaded
     model = predict_component.load(model_uri, stages.registry)
     rows = [(str(path), str(label), f"{probability:.4f}")
             for path, (label, probability) in zip(images, predict_component.classify(model, batch))]
@@ -173,7 +203,15 @@ def registry_list() -> None:
     """Registered models with their champion and number of versions."""
     from flows import stages
 
+    from components.registry import registered_before
+
     reg = stages.registry()
+    if not reg.names():
+        earlier = registered_before(stages.digits_home(), reg)
+        print(f"no registered models in {reg.location}: a new or empty registry"
+              + (f" — but this home registered {', '.join(earlier)} there: was it deleted or replaced?"
+                 if earlier else ""))
+        return
     rows = []
     for name in reg.names():
         champion = reg.champion(name)
@@ -213,8 +251,9 @@ def registry_rollback(name: Annotated[str, typer.Argument()]) -> None:
 def reports(run_id: Annotated[Optional[str], typer.Argument(help="a run id (default: list runs, newest last)")] = None) -> None:
     """List runs, or print where one run's reports are (its entry page first)."""
     if run_id is None:
-        rows = [(r.run_id, r.pipeline, r.status, " ".join(f"{name}:{s.status}" for name, s in r.stages.items()))
-                for r in (folder.load() for folder in list_runs())]
+        rows = [(folder.run_id, record.pipeline, record.effective_status(),
+                 " ".join(f"{name}:{s.status}" for name, s in record.stages.items())) if record else
+                (folder.run_id, "?", "damaged", why) for folder, record, why in scan_runs()]
         _print_rows([Column("run id", no_wrap=True), Column("pipeline", no_wrap=True), Column("status"),
                      Column("stages", overflow="fold")], rows)
         return
@@ -242,15 +281,12 @@ def suites_show(source: Annotated[Source, typer.Argument(help=" | ".join(s.name 
 
 
 def _open_run(run_id: str | None, overrides: list[str] | None):
-    """A run (default: the newest) and its recorded config with this command's --set overrides applied
-    (and recorded)."""
+    """A run (default: the newest) and its recorded config with this command's --set overrides applied.
+    They are recorded only once the command's stages succeeded: a setting that fails is not kept."""
     from flows import stages
 
     folder = RunFolder.open(run_id)
-    config = apply_overrides(stages.config_of(folder), list(overrides or []))
-    if overrides:  # run.json records the config the run's stages were last run with (`digits resume` uses it)
-        folder.update(lambda record: setattr(record, "config", config.model_dump(mode="json")))
-    return folder, config
+    return folder, apply_overrides(stages.config_of(folder), list(overrides or []))
 
 
 def _print_rows(columns: list[Column], rows: list[tuple[str, ...]]) -> None:
@@ -323,8 +359,14 @@ def main() -> None:
     except DigitsInputError as exc:
         print(f"digits: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except ServiceUnavailable as exc:
+    except (ServiceUnavailable, OutOfSpace) as exc:
         print(f"digits: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"digits: error: no space left on device ({exc.filename or 'writing'}): free some space and run "
+              "the command again (`digits resume RUN` continues a run)", file=sys.stderr)
         sys.exit(1)
     if isinstance(code, int) and code:
         sys.exit(code)

@@ -22,12 +22,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-EXIT_PORT_IN_USE = 3  # uvicorn's exit code when it cannot bind its port
+EXIT_STARTUP_FAILED = 3  # uvicorn's exit code when it could not start: its port taken, or its app's start-up failed
+START_LOCK = ".digits-api-start.lock"  # in PREFECT_HOME: one server at a time creates or migrates its database
 _SERVER_ENV = {  # as prefect.server.api.server.SubprocessASGIServer
     "PREFECT_UI_ENABLED": "0",
     "PREFECT__SERVER_EPHEMERAL": "1",
@@ -43,6 +45,7 @@ class LocalAPI:
     def __init__(self) -> None:
         self.port = 0
         self.process: subprocess.Popen | None = None
+        self.log = None  # the server's stderr, kept off the command's own (read when it fails)
 
     @classmethod
     def launch(cls) -> LocalAPI | None:
@@ -61,11 +64,12 @@ class LocalAPI:
         prefect_dir = Path(importlib.util.find_spec("prefect").origin).parent
         env = {**os.environ, **_SERVER_ENV}
         env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             [sys.executable, "-m", __name__, str(os.getpid()), "--app-dir", str(prefect_dir.parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL)
+            env=env, stdin=subprocess.DEVNULL, stderr=self.log)
 
     def connect(self) -> None:
         """Point this process's Prefect at the server once it answers (the flow, its log and event
@@ -88,10 +92,11 @@ class LocalAPI:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             code = self.process.poll()
-            if code == EXIT_PORT_IN_USE:  # another process took the port first: a new one
+            if code == EXIT_STARTUP_FAILED and not _free(self.port):  # another process took the port: a new one
                 self._start()
             elif code is not None:
-                raise RuntimeError(f"Prefect's local API server exited with code {code} while starting")
+                raise RuntimeError(f"Prefect's local API server exited with code {code} while starting: "
+                                   f"{self._last_error()}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/health", timeout=2) as response:
                     if response.status == 200:
@@ -102,6 +107,11 @@ class LocalAPI:
         self.stop()
         raise RuntimeError(f"Prefect's local API server did not answer within {timeout:.0f} s "
                            "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+
+    def _last_error(self) -> str:
+        self.log.seek(0)
+        lines = [line for line in self.log.read().decode(errors="replace").splitlines() if line.strip()]
+        return lines[-1].strip() if lines else "no output"
 
     def stop(self) -> None:
         process, self.process = self.process, None
@@ -114,6 +124,15 @@ class LocalAPI:
                 process.wait()
         if LocalAPI._current is self:
             LocalAPI._current = None
+
+
+def _free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:
@@ -135,8 +154,35 @@ def _serve(parent: int, uvicorn_args: list[str]) -> None:
     # polling, its in-memory Redis) for ~3 % of one core, which a 2-core machine would take from training.
     if hasattr(os, "nice"):
         os.nice(10)
+    _start_alone(int(uvicorn_args[uvicorn_args.index("--port") + 1]))
     sys.argv = ["uvicorn", *uvicorn_args]
     runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+
+
+def _start_alone(port: int) -> None:
+    """Hold PREFECT_HOME's start lock until this server answers: its start-up creates or migrates the
+    database and registers block types, and two servers doing that at once on a new PREFECT_HOME crashed
+    one of them mid-migration (`no such index`). A second `digits run` waits the few seconds it takes."""
+    import fcntl
+    import threading
+
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    lock = open(home / START_LOCK, "w")  # closed (released) when this process ends, whatever ends it
+    fcntl.flock(lock, fcntl.LOCK_EX)
+
+    def release_once_up() -> None:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.05)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+    threading.Thread(target=release_once_up, daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import schemas.stages  # noqa: E402
 from flows import runner, stages  # noqa: E402
 from schemas.artifacts import Artifact  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
-from schemas.errors import DigitsInputError, ServiceUnavailable  # noqa: E402
+from schemas.errors import DigitsInputError, OutOfSpace, ServiceUnavailable  # noqa: E402
 from schemas.runs import RunFolder, digits_home  # noqa: E402
 from schemas.stages import Stage  # noqa: E402
 
@@ -96,9 +96,13 @@ def digits(config: PipelineConfig, run_id: str | None = None) -> str:
         folder.update(lambda record: setattr(record, "prefect_flow_run_id", flow_run.id))
     get_run_logger().info("run %s in %s", folder.run_id, folder.root)
     artifacts: dict[str, Artifact] = {}
-    for stage in schemas.stages.GRAPH.plan(config):
-        artifacts[stage.produces] = _stage_task(stage)(folder.run_id, config,
-                                                       {name: artifacts[name] for name in stage.consumes})
+    try:
+        for stage in schemas.stages.GRAPH.plan(config):
+            artifacts[stage.produces] = _stage_task(stage)(folder.run_id, config,
+                                                           {name: artifacts[name] for name in stage.consumes})
+    except BaseException as exc:  # a failed stage recorded itself; whatever else failed, the run is not running
+        runner.fail_run(folder, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise
     runner.finish_run(folder)
     return folder.run_id
 
@@ -108,7 +112,7 @@ class _NoInputErrorTraceback(logging.Filter):
     not a traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], (DigitsInputError, ServiceUnavailable)):
+        if record.exc_info and isinstance(record.exc_info[1], (DigitsInputError, ServiceUnavailable, OutOfSpace)):
             record.exc_info, record.exc_text = None, None
         return True
 

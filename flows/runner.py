@@ -15,7 +15,7 @@ stale: kept, never read, re-run by `digits resume`.
 
 from __future__ import annotations
 
-import dataclasses
+import errno
 import hashlib
 import importlib
 import json
@@ -30,8 +30,9 @@ from typing import Any, Callable, Literal, TypeVar
 import schemas.stages
 from schemas.artifacts import Artifact
 from schemas.config import PipelineConfig
-from schemas.errors import DigitsInputError
-from schemas.runs import RunFolder, RunRecord, StageRecord, digits_home, link_or_copy, utc_now, write_json_atomic
+from schemas.errors import DamagedArtifact, DigitsInputError, OutOfSpace
+from schemas.runs import (RunFolder, RunRecord, StageRecord, digits_home, link_or_copy, this_process, utc_now,
+                          write_json_atomic)
 from schemas.stages import Stage
 
 A = TypeVar("A", bound=Artifact)
@@ -105,6 +106,25 @@ def run_stage(folder: RunFolder, stage: Stage, config: PipelineConfig, inputs: d
     return outcome
 
 
+def _damaged(folder: RunFolder, exc: DamagedArtifact) -> DamagedArtifact:
+    """A stage read a file its producer did not write (checked where it is read: schemas.artifacts). When
+    that producer is a stage of this run, it is marked stale, so `digits resume` makes its output again;
+    returns the error to show, with that hint."""
+    path = Path(exc.path)
+    try:
+        producer = path.relative_to(folder.root).parts[0]
+    except ValueError:
+        return exc  # another run's output (a cache adoption verifies before it links)
+
+    def damaged(record: RunRecord) -> None:
+        if producer in record.stages:
+            record.stages[producer].status, record.stages[producer].error = "stale", str(exc)
+    folder.update(damaged)
+    _write_page(folder)
+    return DamagedArtifact(path, f"{str(exc).removeprefix(exc.path + ': ')}; `digits resume {folder.run_id}` "
+                                 f"makes {producer}'s output again")
+
+
 def execute(folder: RunFolder, stage: str, body: Callable[[Path], A], *, resumable: bool = False,
             key: str | None = None, notes: dict[str, Any] | None = None) -> A:
     """Run body(temp_dir) and rename temp_dir to the stage folder when it returns; record the outcome
@@ -133,17 +153,22 @@ def execute(folder: RunFolder, stage: str, body: Callable[[Path], A], *, resumab
     except BaseException as exc:
         if not resumable:
             shutil.rmtree(tmp, ignore_errors=True)
-        _fail(folder, stage, _first_line(exc), round(time.perf_counter() - started, 3))
+        _fail(folder, stage, _first_line(exc), round(time.perf_counter() - started, 3),
+              keep=previous if previous is not None and previous.status == "completed" and final.is_dir() else None)
+        if isinstance(exc, DamagedArtifact):
+            raise _damaged(folder, exc) from None
+        if _out_of_space(exc):
+            raise OutOfSpace(f"no space left on the device holding {folder.root} ({stage} stage): free some "
+                             "space, then run it again") from None
         raise
-    artifact = dataclasses.replace(artifact, dir=final)
-    artifact = dataclasses.replace(artifact, digest=artifact.content_digest())
+    artifact = artifact.moved_to(final).with_content_hashed()
     seconds = round(time.perf_counter() - started, 3)
-    changed = previous is None or previous.digest != artifact.digest
+    changed = previous is None or previous.hashes != artifact.hashes
 
     def completed(record: RunRecord) -> None:
         stage_record = record.stages[stage]
         stage_record.status, stage_record.finished_at, stage_record.seconds = "completed", utc_now(), seconds
-        stage_record.key, stage_record.digest = key, artifact.digest
+        stage_record.key, stage_record.hashes = key, artifact.hashes
         stage_record.outputs = {**artifact.summary(), **(notes or {})}
         fingerprints = getattr(artifact, "fingerprints", None)
         if isinstance(fingerprints, dict):  # the input files a source stage read
@@ -173,21 +198,47 @@ def _stale_downstream(record: RunRecord, stage: str) -> None:
 
 def _mark(record: RunRecord, stage: str, stage_record: StageRecord) -> None:
     record.stages[stage] = stage_record
-    record.status = "running"
+    record.status, record.process = "running", this_process()
 
 
-def _fail(folder: RunFolder, stage: str, message: str, seconds: float | None) -> None:
+def _fail(folder: RunFolder, stage: str, message: str, seconds: float | None, keep: StageRecord | None = None) -> None:
+    """Record a failed attempt: the run failed. keep: the stage's earlier completed record, whose output is
+    untouched (the attempt never replaced it) and stays the stage's output, with the attempt's error noted."""
     def failed(record: RunRecord) -> None:
+        record.status = "failed"
+        if keep is not None:
+            record.stages[stage] = keep.model_copy(update={"error": f"a later attempt failed: {message}"})
+            return
         stage_record = record.stages.get(stage) or StageRecord(status="failed", started_at=utc_now())
         record.stages[stage] = stage_record
         stage_record.status, stage_record.error = "failed", message
         stage_record.finished_at = utc_now()
         if seconds is not None:
             stage_record.seconds = seconds
-        record.status = "failed"
 
     folder.update(failed)
     _write_page(folder)
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """A full disk, however it surfaced: an OSError, or a library's own error (Beam, TensorFlow) that wraps
+    it and keeps only its message."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(os.strerror(code) in str(exc) for code in (errno.ENOSPC, errno.EDQUOT))
+
+
+def fail_run(folder: RunFolder, reason: str) -> None:
+    """Mark a run failed when something outside its stages failed (its status must not stay `running`)."""
+    def failed(record: RunRecord) -> None:
+        if record.status == "running":
+            record.status = "failed"
+            record.warnings.append(f"failed outside its stages: {reason}")
+    try:
+        folder.update(failed)
+        _write_page(folder)
+    except (OSError, DigitsInputError):
+        pass  # the run's folder is gone, damaged or on a full disk: nothing more can be recorded
 
 
 def _first_line(exc: BaseException) -> str:
@@ -200,7 +251,7 @@ def _completed_here(folder: RunFolder, stage: Stage, key: str | None) -> Artifac
         return None
     if key is not None and record.key != key:
         return None
-    return stage.artifact.load(folder.stage_dir(stage.name), record.outputs, record.digest or "")
+    return stage.artifact.load(folder.stage_dir(stage.name), record.outputs, record.hashes)
 
 
 def _link(earlier: Artifact, out: Path) -> Artifact:
@@ -223,13 +274,18 @@ def _cached(stage: Stage, key: str) -> Artifact | None:
         found = json.loads(entry.read_text())
         earlier = RunFolder(digits_home() / "runs" / found["run_id"])
         record = earlier.load().stages[found["stage"]]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, DigitsInputError):  # gone, or its run.json damaged
         return None
     stage_dir = earlier.stage_dir(found["stage"])
-    if record.status != "completed" or record.key != key or not stage_dir.is_dir():
-        entry.unlink(missing_ok=True)  # its run was deleted or its stage re-run: the entry is gone too
+    earlier_output = stage.artifact.load(stage_dir, record.outputs, record.hashes)
+    try:
+        if record.status != "completed" or record.key != key or not stage_dir.is_dir():
+            raise DamagedArtifact(stage_dir, "gone")
+        earlier_output.verify()
+    except DamagedArtifact:
+        entry.unlink(missing_ok=True)  # its run was deleted, its stage re-run or its files changed
         return None
-    return stage.artifact.load(stage_dir, record.outputs, record.digest or "")
+    return earlier_output
 
 
 def output_of(folder: RunFolder, stage: str) -> Artifact:
@@ -246,7 +302,7 @@ def output_of(folder: RunFolder, stage: str) -> Artifact:
                                f"fixed, run `digits {graph.stage(stage).cli_command} --run {folder.run_id}`")
     if record is None or record.status != "completed" or not folder.stage_dir(stage).is_dir():
         raise DigitsInputError(f"run {folder.run_id} has no completed {stage} stage")
-    return graph.stage(stage).artifact.load(folder.stage_dir(stage), record.outputs, record.digest or "")
+    return graph.stage(stage).artifact.load(folder.stage_dir(stage), record.outputs, record.hashes)
 
 
 def inputs_of(folder: RunFolder, stage: Stage, config: PipelineConfig) -> dict[str, Artifact]:
@@ -265,6 +321,11 @@ def finish_run(folder: RunFolder) -> RunRecord:
 
 
 def _write_page(folder: RunFolder) -> None:
+    """Rewrite the run's entry page; best effort (on a full disk the record matters, the page is
+    written again by the next update or `digits reports RUN`)."""
     from components import run_page
 
-    run_page.write(folder, schemas.stages.GRAPH)
+    try:
+        run_page.write(folder, schemas.stages.GRAPH)
+    except OSError:
+        pass

@@ -15,7 +15,8 @@ from typing import Callable
 from components import convert as convert_component
 from components import ingest as ingest_component
 from components import validate as validate_component
-from components.registry import Registry, Version, model_name, open_registry
+from components.registry import (MODEL_SHA256, Registry, Version, check_not_replaced, model_name, open_registry,
+                                 remember)
 from components.tracking import Tracking, log_model_file, tracking_uri
 from schemas.artifacts import Converted, Evaluation, Examples, Exported, Registration, Trained, Validation
 from schemas.config import FailOn, PipelineConfig
@@ -153,7 +154,8 @@ def evaluate(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
         champion = None
         if current is not None:
             progress(f"fetching the champion, {name} version {current.version}")
-            champion = evaluate_component.Champion(current.version, reg.download(current, Path(scratch)))
+            champion = evaluate_component.Champion(current.version, reg.download(current, Path(scratch)),
+                                                   current.tags.get(MODEL_SHA256))
         return evaluate_component.run(model, converted, out, threshold=config.threshold, champion=champion,
                                       progress=progress)
 
@@ -195,7 +197,7 @@ def register(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
             return True
         with tempfile.TemporaryDirectory(prefix="digits-champion-") as scratch:
             accuracy = evaluate_component.accuracy_on(reg.download(current, Path(scratch)),
-                                                      records.load(converted.files("val")))
+                                                      records.load(converted.files("val")), current.tags.get(MODEL_SHA256))
         decision = evaluate_component.decide(evaluation.val_accuracy, config.threshold,
                                              evaluate_component.Champion(current.version, Path()), accuracy)
         reason = decision["reason"] + " (champion replaced during this run)"
@@ -210,7 +212,9 @@ def register(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
                **({"digits.mlflow_run_id": model.mlflow_run_id} if model.mlflow_run_id else {}),
                **({"digits.base": model.base, "digits.transfer_mode": model.transfer_mode} if model.base else {}),
                **{f"digits.input.{Path(k).name}": v for k, v in record.data_fingerprints.items()}}
+    check_not_replaced(digits_home(), reg, name, allow_new=config.evaluate.allow_new_registry)
     version, promoted = reg.register(name, model.path, lineage, gate)
+    remember(digits_home(), reg, version)
     progress(f"registered {name} version {version.version}" + (" as champion" if promoted else ", not champion"))
     return _registration(out, Registration(dir=out, model_name=name, version=version.version, promoted=promoted,
                                            reason=reason))

@@ -1,9 +1,12 @@
 """Typed artifacts passed between stages: a folder plus a little metadata, frozen.
 
 A stage writes its artifact's folder in a temp location; `moved_to` re-points the reference once the
-folder is renamed into place. `digest` is the sha256 of the artifact's content (the files named by its
-CONTENT patterns: what later stages read), recorded in run.json when the stage completes; the keys of
-the stages that consume it are made from it (schemas.stages).
+folder is renamed into place. `hashes` maps each content file (those named by the class's CONTENT
+patterns: what later stages read) to its sha256, recorded in run.json when the stage completed. The
+accessors that hand a later stage a file to read (`Examples.parquet`, `Converted.files`, `Trained.path`,
+...) check that file against it first and raise DamagedArtifact naming it when it differs: nothing
+reads a file its stage did not write. The keys of the stages that consume an artifact are made from
+its `digest` (schemas.stages).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from schemas.dataset import Source, Split
+from schemas.errors import DamagedArtifact
 
 
 @dataclass(frozen=True)
@@ -29,10 +33,18 @@ class Publication:
     link_text: str | None = None
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class Artifact:
     dir: Path
-    digest: str = ""  # sha256 of the content files, set by the stage runner
+    hashes: dict[str, str] = field(default_factory=dict)  # content file (relative) -> sha256, as recorded
 
     CONTENT: ClassVar[tuple[str, ...]] = ("**/*",)  # glob patterns (under dir) of what later stages read
 
@@ -40,25 +52,51 @@ class Artifact:
         return dataclasses.replace(self, dir=new_dir)
 
     def summary(self) -> dict[str, Any]:
-        """JSON-able fields other than the folder and digest, for run.json."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dir", "digest")}
+        """JSON-able fields other than the folder and its hashes, for run.json."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dir", "hashes")}
 
     @classmethod
-    def load(cls, stage_dir: Path, summary: dict[str, Any], digest: str = ""):
-        """Rebuild the reference from a completed stage folder and its run.json summary."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"dir", "digest"}
-        return cls(dir=stage_dir, digest=digest, **{k: v for k, v in summary.items() if k in known})
+    def load(cls, stage_dir: Path, summary: dict[str, Any], hashes: dict[str, str] | None = None):
+        """Rebuild the reference from a completed stage folder and its run.json record."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"dir", "hashes"}
+        return cls(dir=stage_dir, hashes=dict(hashes or {}), **{k: v for k, v in summary.items() if k in known})
 
-    def content_digest(self) -> str:
-        """sha256 over the content files' relative names and bytes, in name order."""
-        files = sorted({p for pattern in self.CONTENT for p in self.dir.glob(pattern) if p.is_file()})
-        digest = hashlib.sha256()
-        for path in files:
-            digest.update(str(path.relative_to(self.dir)).encode() + b"\0")
-            with path.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-        return digest.hexdigest()
+    def hash_content(self) -> dict[str, str]:
+        """sha256 of every content file now on disk, by relative path."""
+        found = sorted({p for pattern in self.CONTENT for p in self.dir.glob(pattern) if p.is_file()})
+        return {p.relative_to(self.dir).as_posix(): sha256_file(p) for p in found}
+
+    def with_content_hashed(self):
+        return dataclasses.replace(self, hashes=self.hash_content())
+
+    @property
+    def digest(self) -> str:
+        """One sha256 for the whole content: what the keys of the stages that consume it are made from."""
+        return hashlib.sha256(json.dumps(sorted(self.hashes.items())).encode()).hexdigest()
+
+    def verify(self, *names: str) -> None:
+        """Raise DamagedArtifact naming the first content file (of `names`, or all of them) that is missing,
+        changed or unexpected since the stage that made it recorded it. An artifact with nothing recorded
+        yet (its stage still running) passes."""
+        if not self.hashes:
+            return
+        if names:
+            for name in names:
+                self._check(name, self.dir / name)
+            return
+        for name in sorted(self.hashes):
+            self._check(name, self.dir / name)
+        for name in sorted(set(self.hash_content()) - set(self.hashes)):
+            raise DamagedArtifact(self.dir / name, "not written by its stage (run.json does not record it)")
+
+    def _check(self, name: str, path: Path) -> None:
+        if name not in self.hashes:
+            raise DamagedArtifact(path, "not written by its stage (run.json does not record it)")
+        if not path.is_file():
+            raise DamagedArtifact(path, "missing: its stage wrote it and run.json records it")
+        if sha256_file(path) != self.hashes[name]:
+            raise DamagedArtifact(path, "damaged: it is not the file its stage wrote (its sha256 differs from "
+                                        "the one run.json records)")
 
     def describe(self) -> str:
         """One line for the console and the flow's log."""
@@ -90,7 +128,12 @@ class Examples(Artifact):
         return f"{Split(split).value}.parquet"
 
     def parquet(self, split: Split | str) -> Path:
+        """The split's Parquet file, verified (DamagedArtifact if it is not what ingest wrote)."""
+        self.verify(self.file_name(split))
         return self.dir / self.file_name(split)
+
+    def has(self, split: Split | str) -> bool:
+        return (self.dir / self.file_name(split)).is_file()
 
     def files(self, split: Split | str) -> dict[int, str] | None:
         """id -> the file a row of split came from, for a named source; None otherwise."""
@@ -98,12 +141,13 @@ class Examples(Artifact):
             return None
         import csv
 
+        self.verify(self.FILES_CSV)
         with (self.dir / self.FILES_CSV).open(newline="") as fh:
             return {int(row["id"]): row["file"] for row in csv.DictReader(fh) if row["split"] == Split(split).value}
 
     @classmethod
-    def load(cls, stage_dir: Path, summary: dict[str, Any], digest: str = "") -> Examples:
-        examples = super().load(stage_dir, summary, digest)
+    def load(cls, stage_dir: Path, summary: dict[str, Any], hashes: dict[str, str] | None = None) -> Examples:
+        examples = super().load(stage_dir, summary, hashes)
         return dataclasses.replace(examples, source=Source(examples.source))
 
     def describe(self) -> str:
@@ -160,10 +204,14 @@ class Converted(Artifact):
         return f"{rows} on {self.runner}, fingerprint {self.fingerprint[:12]}"
 
     def files(self, split: str) -> list[Path]:
-        """The shards of one split (train, val or test), in manifest order."""
-        from schemas.examples import shard_files
+        """The shards of one split (train, val or test), in manifest order, verified with the manifest
+        (DamagedArtifact if one is not what convert wrote)."""
+        from schemas.examples import MANIFEST, shard_files
 
-        return shard_files(self.dir, split)
+        self.verify(MANIFEST)
+        shards = shard_files(self.dir, split)
+        self.verify(*(shard.name for shard in shards))
+        return shards
 
 
 @dataclass(frozen=True)
@@ -190,13 +238,15 @@ class Trained(Artifact):
 
     @property
     def path(self) -> Path:
+        """The model file, verified (DamagedArtifact if it is not what its stage wrote)."""
+        self.verify(self.file)
         return self.dir / self.file
 
     def describe(self) -> str:
         origin = f" from {self.base} ({self.transfer_mode})" if self.base else ""
         resumed = f", resumed at epoch {self.resumed_at_epoch}" if self.resumed_at_epoch else ""
         return (f"{self.model}{origin}: val_accuracy {self.val_accuracy:.2%} ({self.epochs} epochs, "
-                f"{self.seconds:.1f} s this attempt{resumed}): {self.path}")
+                f"{self.seconds:.1f} s this attempt{resumed}): {self.dir / self.file}")
 
 
 @dataclass(frozen=True)

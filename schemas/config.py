@@ -49,6 +49,8 @@ class IngestConfig(_Model):
     limit: PositiveInt | None = Field(None, description="keep only the first N rows of each split (quick runs)")
     on_bad_rows: OnBadRows = OnBadRows.strict
     tfds_data_dir: str | None = Field(None, description="where TFDS prepares mnist; default $DIGITS_HOME/tfds")
+    max_image_pixels: PositiveInt = Field(40_000_000, description="folder source: larger images are refused from "
+                                                                  "their header, before they are decoded")
 
 
 class FailOn(StrEnum):
@@ -137,6 +139,8 @@ class EvaluateConfig(_Model):
                                                                   "champion; None: the source's default "
                                                                   "(schemas.sources: kaggle 0.99, mnist 0.99, "
                                                                   "noisy 0.97, folder 0.9)")
+    allow_new_registry: bool = Field(False, description="register into a registry that has lost the versions "
+                                                        "this home registered there (deleted or replaced)")
 
 
 class PipelineConfig(_Model):
@@ -198,6 +202,9 @@ def apply_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineCon
         key, sep, value = override.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got '{override}'")
+        if key.strip() == "pipeline":
+            raise ConfigError(f"--set {override}: the pipeline is not a setting; name it on the command line "
+                              "(`digits run PIPELINE`, `digits ingest --source SOURCE`)")
         *parents, leaf = key.strip().split(".")
         node, model = data, type(config)
         for part in parents:

@@ -24,12 +24,30 @@ class DataFormatError(DigitsInputError):
         super().__init__(f"{where}: {message}")
 
 
+class DamagedArtifact(DigitsInputError):
+    """A stage output that is not what its stage wrote (changed, missing or added since run.json recorded
+    it): nothing reads it."""
+
+    def __init__(self, path: str | Path, message: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{path}: {message}")
+
+
+class DamagedRun(DigitsInputError):
+    """A run whose run.json cannot be read or is not a run record."""
+
+
 class ConfigError(DigitsInputError):
     """A `--set key=value` override or config file the config models reject."""
 
 
 class ValidationFailed(DigitsInputError):
     """The data failed its expectation suites: the run stops before conversion."""
+
+
+class OutOfSpace(Exception):
+    """The disk filled up (ENOSPC): not bad input, the environment; the run is resumable once space is
+    freed. The CLI renders it as one line, exit 1."""
 
 
 class ServiceUnavailable(Exception):

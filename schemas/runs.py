@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import uuid
@@ -19,7 +22,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, Field
 
-from schemas.errors import DigitsInputError
+from schemas.errors import DamagedRun, DigitsInputError
 
 RUN_JSON = "run.json"
 TRACKED_PACKAGES = ("digits", "tensorflow-cpu", "keras", "apache-beam", "prefect", "tensorflow-datasets",
@@ -28,11 +31,12 @@ TRACKED_PACKAGES = ("digits", "tensorflow-cpu", "keras", "apache-beam", "prefect
 # stale: completed, but a stage before it was run again afterwards (its inputs changed); re-run it
 StageStatus = Literal["running", "completed", "failed", "skipped", "stale"]
 RunStatus = Literal["running", "completed", "failed", "completed_with_warnings"]
+RUN_ID = re.compile(r"[0-9]{8}T[0-9]{6}-[A-Za-z0-9_.-]+")  # <UTC yyyymmddThhmmss>-<pipeline>-<short id>
 
 
 def digits_home() -> Path:
-    """$DIGITS_HOME, default ./.digits, as an absolute path (not created here)."""
-    return Path(os.environ.get("DIGITS_HOME", ".digits")).expanduser().resolve()
+    """$DIGITS_HOME (unset or empty: ./.digits), as an absolute path (not created here)."""
+    return Path(os.environ.get("DIGITS_HOME") or ".digits").expanduser().resolve()
 
 
 class StageRecord(BaseModel):
@@ -42,7 +46,7 @@ class StageRecord(BaseModel):
     seconds: float | None = None
     error: str | None = None
     key: str | None = Field(None, description="sha256 of the stage's code, settings and inputs (schemas.stages)")
-    digest: str | None = Field(None, description="sha256 of the output's content files")
+    hashes: dict[str, str] = Field(default_factory=dict, description="the output's content files -> sha256")
     outputs: dict[str, Any] = Field(default_factory=dict, description="counts, metrics, paths of the stage")
 
 
@@ -62,6 +66,27 @@ class RunRecord(BaseModel):
     promoted: bool | None = None
     promotion_reason: str | None = None
     prefect_flow_run_id: str | None = None  # the Prefect flow run that made this run folder, if any
+    process: str | None = Field(None, description="host:pid of the process that last ran a stage of it")
+
+    def effective_status(self) -> str:
+        """The status, except that a run still marked running whose process is gone (on this host) was
+        interrupted: killed, or its machine stopped, before it could write its final status."""
+        if self.status != "running" or not self.process:
+            return self.status
+        host, _, pid = self.process.rpartition(":")
+        if host != socket.gethostname() or not pid.isdigit():
+            return self.status  # another machine's process: it cannot be checked from here
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return "interrupted"
+        except PermissionError:
+            pass  # alive, another user's
+        return self.status
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def utc_now() -> str:
@@ -144,13 +169,17 @@ class RunFolder:
 
     @classmethod
     def open(cls, run_id: str | None = None, home: Path | None = None) -> RunFolder:
-        """The run with this id, or the newest run when run_id is None. Raises DigitsInputError."""
+        """The run with this id — a folder directly under $DIGITS_HOME/runs, never a path elsewhere — or the
+        newest readable run when run_id is None. Raises DigitsInputError."""
         runs = (home or digits_home()) / "runs"
         if run_id is None:
             every = list_runs(home)
             if not every:
                 raise DigitsInputError(f"no runs under {runs}; start one with `digits ingest` or `digits run`")
             return every[-1]
+        if not RUN_ID.fullmatch(run_id) or run_id.endswith((".", "..")):
+            raise DigitsInputError(f"'{run_id}' is not a run id (expected <yyyymmddThhmmss>-<pipeline>-<id>, a "
+                                   f"folder of {runs}; see `digits reports`)")
         root = runs / run_id
         if not (root / RUN_JSON).is_file():
             raise DigitsInputError(f"no run '{run_id}' under {runs}")
@@ -164,10 +193,28 @@ class RunFolder:
         return self.root / stage
 
     def load(self) -> RunRecord:
-        return RunRecord.model_validate_json(self.path.read_text())
+        """The run's record. Raises DamagedRun (one line) when run.json is unreadable or not a run record."""
+        try:
+            return RunRecord.model_validate_json(self.path.read_bytes())
+        except ValueError as exc:  # invalid JSON or not a run record (pydantic's ValidationError is one)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if hasattr(exc, "errors"):
+                first = exc.errors()[0]
+                reason = f"{'.'.join(map(str, first['loc'])) or 'record'}: {first['msg']}"
+            raise DamagedRun(f"{self.path}: damaged run record ({reason}); the run is skipped") from None
+        except FileNotFoundError:
+            raise DamagedRun(f"{self.path}: missing run record") from None
 
     def save(self, record: RunRecord) -> None:
-        write_json_atomic(self.path, record.model_dump(mode="json"))
+        """Write run.json atomically. On a full disk, the record is written over the old file in place,
+        compactly, when it fits in the space that file already holds — so a failure (the disk filling up
+        mid-stage) can still be recorded — and the error is raised only when even that is impossible."""
+        payload = record.model_dump(mode="json")
+        try:
+            write_json_atomic(self.path, payload)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not _write_in_place(self.path, payload):
+                raise
 
     def update(self, change: Callable[[RunRecord], None]) -> RunRecord:
         record = self.load()
@@ -176,10 +223,44 @@ class RunFolder:
         return record
 
 
-def list_runs(home: Path | None = None) -> list[RunFolder]:
-    """Every run under $DIGITS_HOME/runs, oldest first."""
+def scan_runs(home: Path | None = None) -> list[tuple[RunFolder, RunRecord | None, str | None]]:
+    """Every run under $DIGITS_HOME/runs, oldest first, as (folder, record, None) — or (folder, None, why)
+    for a run whose run.json is damaged: listed, never read further."""
     runs = (home or digits_home()) / "runs"
     if not runs.is_dir():
         return []
-    found = [RunFolder(p) for p in runs.iterdir() if (p / RUN_JSON).is_file()]
-    return sorted(found, key=lambda f: (f.load().created_at, f.run_id))
+    found = []
+    for path in runs.iterdir():
+        if (path / RUN_JSON).is_file():
+            folder = RunFolder(path)
+            try:
+                found.append((folder, folder.load(), None))
+            except DamagedRun as exc:
+                found.append((folder, None, str(exc)))
+    return sorted(found, key=lambda f: (f[1].created_at if f[1] else _created_of(f[0].run_id), f[0].run_id))
+
+
+def _created_of(run_id: str) -> str:
+    """The creation time a run id starts with, in created_at's format (for a run whose record is damaged)."""
+    try:
+        return datetime.strptime(run_id[:15], "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc).isoformat()
+    except ValueError:
+        return ""
+
+
+def list_runs(home: Path | None = None) -> list[RunFolder]:
+    """Every run under $DIGITS_HOME/runs whose record can be read, oldest first (damaged ones skipped)."""
+    return [folder for folder, record, _ in scan_runs(home) if record is not None]
+
+
+def _write_in_place(path: Path, payload: Any) -> bool:
+    data = json.dumps(payload, separators=(",", ":"), default=str).encode() + b"\n"
+    try:
+        if len(data) > path.stat().st_size:
+            return False
+        with path.open("r+b") as fh:
+            fh.write(data)
+            fh.truncate()
+        return True
+    except OSError:
+        return False

@@ -76,7 +76,8 @@ def test_run_with_bad_data_fails_in_one_line_and_marks_the_run(cli, home, tmp_pa
     (["ingest", "--source", "kaggle", "--data", ".", "--set", "ingest.limit=many"], "invalid value for 'ingest.limit'"),
     (["ingest", "--source", "kaggle", "--data", ".", "--set", "limit"], "--set expects key=value"),
     (["ingest", "--source", "noisy"], "needs --data"),
-    (["reports", "no-such-run"], "no run 'no-such-run'"),
+    (["reports", "no-such-run"], "'no-such-run' is not a run id"),
+    (["reports", "20261202T000000-train-kaggle-abcdef"], "no run '20261202T000000-train-kaggle-abcdef'"),
     # click's own usage errors too (typer draws them in a box over several lines by default)
     (["run"], "Missing argument 'pipeline'. Choose from: train-kaggle, train-mnist, train-noisy, train-folder (see `digits "
                 "run --help`)"),

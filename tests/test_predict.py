@@ -52,7 +52,7 @@ def test_bad_images_are_one_line_errors(cli, tmp_path):
     assert len(result.err.strip().splitlines()) == 1
     digit = draw_digit(3, tmp_path / "three.png")
     result = cli("predict", str(model), str(digit))  # an empty model file
-    assert result.code == 2 and "not a loadable model" in result.err and len(result.err.strip().splitlines()) == 1
+    assert result.code == 2 and "not a loadable Keras model" in result.err and len(result.err.strip().splitlines()) == 1
 
 
 @pytest.fixture(scope="module")

@@ -112,12 +112,12 @@ def test_a_content_stage_is_reused_across_runs_until_its_output_is_gone(home, tm
     second, config = validated_kaggle_run(tmp_path / "kaggle")
     for stage in ("ingest", "validate"):
         assert second.load().stages[stage].outputs["cached_from"] == str(first.stage_dir(stage))
-        assert second.load().stages[stage].digest == first.load().stages[stage].digest
+        assert second.load().stages[stage].hashes == first.load().stages[stage].hashes
     shutil.rmtree(first.root)  # the run that made them is deleted: its cache entries lead nowhere
     third, _ = validated_kaggle_run(tmp_path / "kaggle")
     assert all("cached_from" not in third.load().stages[stage].outputs for stage in ("ingest", "validate"))
-    assert third.load().stages["ingest"].digest == second.load().stages["ingest"].digest  # made again, the same
+    assert third.load().stages["ingest"].hashes == second.load().stages["ingest"].hashes  # made again, the same
     fourth, _ = validated_kaggle_run(tmp_path / "kaggle")
     assert fourth.load().stages["ingest"].outputs["cached_from"] == str(third.stage_dir("ingest"))
     assert make(fourth, config, "converted").counts["val"] == 10  # round(10 % of 6) of each of 10 classes
-    assert runner.output_of(fourth, "convert").digest == fourth.load().stages["convert"].digest
+    assert runner.output_of(fourth, "convert").hashes == fourth.load().stages["convert"].hashes

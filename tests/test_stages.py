@@ -47,6 +47,17 @@ def test_interrupted_stage_leaves_no_output_and_keeps_the_previous_one(home):
     assert (folder.stage_dir("ingest") / "note.txt").read_text() == "good"  # the old output is untouched
     assert not list(folder.root.glob(".ingest.*"))
     record = json.loads(folder.path.read_text())
+    assert record["status"] == "failed"  # the command failed; the stage keeps its good, earlier output
+    assert record["stages"]["ingest"]["status"] == "completed"
+    assert record["stages"]["ingest"]["error"] == "a later attempt failed: KeyboardInterrupt"
+    assert runner.output_of(folder, "ingest").hashes == {"note.txt": record["stages"]["ingest"]["hashes"]["note.txt"]}
+
+
+def test_a_first_attempt_that_fails_leaves_the_stage_failed(home):
+    folder = stages.start_run(default_config("train-kaggle"))
+    with pytest.raises(KeyboardInterrupt):
+        runner.execute(folder, "ingest", _write_note("half", fail_after_write=True))
+    record = json.loads(folder.path.read_text())
     assert record["status"] == "failed" and record["stages"]["ingest"]["status"] == "failed"
 
 

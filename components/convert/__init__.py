@@ -38,10 +38,9 @@ def input_fingerprint(examples: Examples) -> str:
     """sha256 of the canonical data itself (ids, labels, pixels of every split), not of its files."""
     digest = hashlib.sha256()
     for split in (Split.train, Split.test):
-        path = examples.parquet(split)
-        if not path.exists():
+        if not examples.has(split):
             continue
-        table = pq.read_table(path, columns=[ID, LABEL, PIXELS])
+        table = pq.read_table(examples.parquet(split), columns=[ID, LABEL, PIXELS])
         labels = labels_of(table)
         digest.update(split.value.encode())
         digest.update(table.column(ID).to_numpy().astype("<i8").tobytes())
@@ -57,7 +56,7 @@ def run(examples: Examples, config: ConvertConfig, seed: int, out_dir: Path, *,
     progress("fingerprinting the canonical data")
     input_fp = input_fingerprint(examples)
     train = examples.parquet(Split.train)
-    test = examples.parquet(Split.test) if examples.parquet(Split.test).exists() else None
+    test = examples.parquet(Split.test) if examples.has(Split.test) else None
     columns = pq.read_table(train, columns=[ID, LABEL])
     labels = labels_of(columns)
     if labels is None:
@@ -106,6 +105,12 @@ def _run_beam(config: ConvertConfig, build: Callable[[object], None]) -> None:
         extra = shlex.split(config.beam_args)
     except ValueError as exc:
         raise ConfigError(f"convert.beam_args: {exc}") from None
+    if any(arg == "--runner" or arg.startswith("--runner=") for arg in extra):
+        raise ConfigError(f"convert.beam_args sets the runner ({config.beam_args}): name it with convert.runner "
+                          "instead (e.g. --set convert.runner=DataflowRunner), so run.json records the runner used")
+    # A failing DoFn is raised to us, and we report it; Beam also logs it, traceback and all, on the
+    # console (stderr, where errors are one line)
+    logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
     with _runner_args(config) as runner_args:
         try:
             pipeline = beam.Pipeline(options=PipelineOptions([*runner_args, *extra]))

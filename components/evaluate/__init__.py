@@ -20,6 +20,7 @@ from components import records
 from schemas import examples as ex
 from schemas.artifacts import Converted, Evaluation, Trained
 from schemas.dataset import N_CLASSES
+from schemas.errors import DamagedArtifact, DigitsInputError
 from schemas.runs import write_json_atomic
 
 Progress = Callable[[str], None]
@@ -36,27 +37,46 @@ class Champion:
 
     version: str
     model_file: Path
+    sha256: str | None = None  # what the registry recorded for the file
 
 
-def load_predict(model_file: Path) -> Predict:
-    """A scoring function for a saved model: Keras in safe mode (no code from the file runs), or pca-svm."""
+def load_predict(model_file: Path, sha256: str | None = None) -> Predict:
+    """A scoring function for a saved model: Keras in safe mode (nothing in the file runs as code), or
+    pca-svm's .joblib — a pickle, which runs code when loaded, so it is loaded only when its sha256 is
+    the one its producer recorded (this pipeline's train stage or registry). With sha256 given, a Keras
+    file is checked against it too. Raises DigitsInputError (one line) for a file it cannot or will not load."""
+    from components.registry import sha256_of
+
+    if not model_file.is_file():
+        raise DigitsInputError(f"{model_file}: no such model file")
+    if model_file.suffix == ".joblib" and sha256 is None:
+        raise DigitsInputError(f"{model_file}: a .joblib model is a pickle and loading it runs code; digits loads one "
+                               "only from its own runs and registry, which record its sha256 (use its models:/ URI)")
+    if sha256 is not None and sha256_of(model_file) != sha256:
+        raise DamagedArtifact(model_file, "not the model that was recorded (its sha256 differs); refusing to load it")
     if model_file.suffix == ".joblib":
         import joblib
 
         model = joblib.load(model_file)
         return lambda images: _one_hot(model.predict(images.reshape(len(images), -1) / 255.0))
+    if model_file.suffix != ".keras":
+        raise DigitsInputError(f"{model_file}: not a model file (expected .keras, or a recorded .joblib)")
     from components.tensorflow_runtime import import_tensorflow
 
     import_tensorflow()
     import keras
 
-    model = keras.models.load_model(model_file, safe_mode=True)
+    try:
+        model = keras.models.load_model(model_file, safe_mode=True)
+    except Exception as exc:  # Keras raises ValueError, TypeError, KeyError, OSError ... for a bad file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DigitsInputError(f"{model_file}: not a loadable Keras model ({type(exc).__name__}: {first})") from None
     return lambda images: np.asarray(model.predict(images[..., None], batch_size=1024, verbose=0))
 
 
-def accuracy_on(model_file: Path, val: ex.Arrays) -> float:
+def accuracy_on(model_file: Path, val: ex.Arrays, sha256: str | None = None) -> float:
     """The accuracy of a saved model on these images: how a champion is re-measured on a run's val split."""
-    return float((load_predict(model_file)(val.images).argmax(axis=1) == val.labels).mean())
+    return float((load_predict(model_file, sha256)(val.images).argmax(axis=1) == val.labels).mean())
 
 
 def _one_hot(labels: np.ndarray) -> np.ndarray:
@@ -72,7 +92,7 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
     out_dir.mkdir(parents=True, exist_ok=True)
     val = records.load(converted.files("val"))
     progress(f"scoring {trained.model} on {len(val.ids):,} validation images")
-    predict = load_predict(trained.path)
+    predict = load_predict(trained.path, trained.hashes.get(trained.file))
     probabilities = predict(val.images)
     metrics = classification_metrics(val.labels, probabilities)
     progress("robustness sweep (rotation, shift, noise)")
@@ -80,7 +100,7 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
     champion_accuracy = None
     if champion is not None:
         progress(f"re-measuring the champion (version {champion.version}) on the same images")
-        champion_accuracy = accuracy_on(champion.model_file, val)
+        champion_accuracy = accuracy_on(champion.model_file, val, champion.sha256)
     gate = decide(metrics["val_accuracy"], threshold, champion, champion_accuracy)
     metrics = {**metrics, "gate": gate, "model": trained.model, "val_rows": len(val.ids),
                "data_fingerprint": converted.fingerprint}

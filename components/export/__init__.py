@@ -49,7 +49,7 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, sample: int = 
     files: test id -> the file that row was read from (a folder of images), added to the submission.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    predict = load_predict(trained.path)
+    predict = load_predict(trained.path, trained.hashes.get(trained.file))
     if "test" in converted.counts:
         progress("loading the test split")
         test = records.load(converted.files("test"))

@@ -32,6 +32,7 @@ class ReadOptions:
     limit: int | None = None  # keep only the first N rows (or files) of each split
     strict: bool = True  # the first bad row stops reading; False: bad rows become rejects
     tfds_dir: Path | None = None  # where TFDS prepares its data sets (the mnist source)
+    max_image_pixels: int = 40_000_000  # one file per image: larger images are refused before decoding
 
 
 Reader = Callable[[Path | None, ReadOptions], tuple[dict[Split, SplitData], dict[str, str]]]

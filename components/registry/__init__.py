@@ -68,6 +68,8 @@ Gate = Callable[[Version | None], bool]
 class Registry(abc.ABC):
     """What the pipeline needs of a model registry."""
 
+    location: str  # where it is, as people name it (a tracking URI)
+
     @abc.abstractmethod
     def names(self) -> list[str]:
         """Every registered model."""
@@ -102,6 +104,48 @@ class Registry(abc.ABC):
     @abc.abstractmethod
     def rollback(self, name: str) -> Version:
         """Move champion back to the version the current champion replaced. Raises DigitsInputError."""
+
+
+LEDGER = "registry-ledger.json"  # in $DIGITS_HOME: the versions this home registered, per registry location
+
+
+def registered_before(home: Path, registry: Registry) -> dict[str, list[str]]:
+    """The versions this home registered at registry's location, per model (its ledger), newest last."""
+    import json
+
+    try:
+        found = json.loads((home / LEDGER).read_text()).get(registry.location, {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def check_not_replaced(home: Path, registry: Registry, name: str, *, allow_new: bool) -> None:
+    """Refuse to register into a registry that lost what this home registered there (its database deleted
+    or replaced: MLflow silently makes a new, empty one), unless allow_new."""
+    earlier = registered_before(home, registry).get(name, [])
+    if earlier and not allow_new and not registry.versions(name):
+        raise DigitsInputError(
+            f"the registry at {registry.location} has no {name}, but this home registered version"
+            f"{'s' if len(earlier) > 1 else ''} {', '.join(earlier)} of it there: it was deleted or replaced. "
+            "Restore it, or --set evaluate.allow_new_registry=true to start a new one")
+
+
+def remember(home: Path, registry: Registry, version: Version) -> None:
+    """Add a registration to this home's ledger."""
+    import json
+
+    from schemas.runs import write_json_atomic
+
+    path = home / LEDGER
+    try:
+        ledger = json.loads(path.read_text())
+    except (OSError, ValueError):
+        ledger = {}
+    versions = ledger.setdefault(registry.location, {}).setdefault(version.name, [])
+    if version.version not in versions:
+        versions.append(version.version)
+    write_json_atomic(path, ledger)
 
 
 def open_registry(home: Path) -> Registry:

@@ -36,6 +36,7 @@ EXPERIMENT = "digits-registry"  # runs that hold models registered without a tra
 class MlflowRegistry(Registry):
     def __init__(self, uri: str, lock_dir: Path) -> None:
         self.uri, self.lock_dir = uri, lock_dir
+        self.location = uri
 
     def _client(self):
         return mlflow_client(self.uri)
@@ -98,7 +99,9 @@ class MlflowRegistry(Registry):
     # writing
     def register(self, name: str, model_file: Path, lineage: dict[str, str], gate: Gate) -> tuple[Version, bool]:
         client = self._client()
-        run_id = lineage.get(RUN_TAG) or self._holding_run(client, name)
+        run_id = lineage.get(RUN_TAG)
+        if not run_id or not self._has_run(client, run_id):  # none, or not in this store (a new registry)
+            run_id = self._holding_run(client, name)
         log_model_file(self.uri, run_id, model_file)
         source = f"{client.get_run(run_id).info.artifact_uri}/model"
         tags = {**lineage, RUN_TAG: run_id, MODEL_FILE: model_file.name, MODEL_SHA256: sha256_of(model_file)}
@@ -135,6 +138,16 @@ class MlflowRegistry(Registry):
                 raise DigitsInputError(f"{name} version {current.version} replaced no earlier champion")
             client.set_registered_model_alias(name, CHAMPION, previous)
         return self._version(client.get_model_version(name, previous), self._aliases(client, name))
+
+    @staticmethod
+    def _has_run(client, run_id: str) -> bool:
+        try:
+            client.get_run(run_id)
+        except Exception as exc:
+            if is_missing(exc):
+                return False
+            raise
+        return True
 
     @staticmethod
     def _holding_run(client, name: str) -> str:

@@ -62,13 +62,19 @@ def prepare_work_dir(work_dir: Path, signature: dict) -> dict | None:
 
 
 def _resumable(work_dir: Path, signature: dict) -> dict | None:
+    """The checkpoint state to resume from: same signature, and the checkpoint's bytes those recorded
+    (a damaged checkpoint or state file is not loaded: training starts over)."""
+    from schemas.artifacts import sha256_file
+
     state_file = work_dir / CHECKPOINTS / STATE
-    if not state_file.is_file():
-        return None
-    state = json.loads(state_file.read_text())
-    if state.get("signature") != signature or not (work_dir / CHECKPOINTS / state["checkpoint"]).is_file():
-        return None
-    return state
+    try:
+        state = json.loads(state_file.read_text())
+        checkpoint = work_dir / CHECKPOINTS / state["checkpoint"]
+        if state.get("signature") == signature and checkpoint.is_file() and sha256_file(checkpoint) == state["sha256"]:
+            return state
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 def device_summary(tf) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Callable
 
 import keras
 
+from schemas.artifacts import sha256_file
 from schemas.runs import write_json_atomic
 
 STATE = "state.json"
@@ -45,7 +46,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         name = f"epoch-{epoch + 1:03d}.keras"
         save_atomic(self.model, self.directory / name)
-        write_json_atomic(self.directory / STATE, {**self.state, "epoch": epoch + 1, "checkpoint": name})
+        write_json_atomic(self.directory / STATE, {**self.state, "epoch": epoch + 1, "checkpoint": name,
+                                                   "sha256": sha256_file(self.directory / name)})
         for old in sorted(self.directory.glob("epoch-*.keras"))[:-KEEP_CHECKPOINTS]:
             old.unlink()
 
