@@ -19,7 +19,6 @@ canonical images is refused. The base's own augmentation layers are replaced by 
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +28,7 @@ import numpy as np
 from components import records
 from components.tracking import Tracking
 from components.train import Segment, fit_keras, phase, prepare_work_dir
-from schemas.artifacts import Converted, Trained
+from schemas.artifacts import Converted, Trained, sha256_file
 from schemas.config import TrainConfig, TransferConfig, TransferMode
 from schemas.dataset import IMAGE_SIDE, N_CLASSES
 from schemas.errors import ConfigError, DigitsInputError
@@ -46,7 +45,7 @@ def run(converted: Converted, config: TrainConfig, transfer: TransferConfig, bas
     if transfer.mode is TransferMode.gradual and transfer.head_epochs >= config.epochs:
         raise ConfigError(f"transfer.head_epochs ({transfer.head_epochs}) must be less than train.epochs "
                           f"({config.epochs}) in gradual mode: the unfrozen phase needs at least one epoch")
-    base_sha = _sha256(base_model)
+    base_sha = sha256_file(base_model)
     signature = {"data": converted.fingerprint, "seed": seed, "config": config.model_dump(mode="json"),
                  "transfer": transfer.model_dump(mode="json"), "base_sha256": base_sha}
     resume = prepare_work_dir(work_dir, signature)
@@ -140,12 +139,3 @@ def _base_name(model_file: Path) -> str:
 
     with zipfile.ZipFile(model_file) as archive:
         return json.loads(archive.read("config.json"))["config"].get("name", "model")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-

@@ -18,7 +18,7 @@ import numpy as np
 
 from components import records
 from schemas import examples as ex
-from schemas.artifacts import Converted, Evaluation, Trained
+from schemas.artifacts import Converted, Evaluation, Trained, sha256_file
 from schemas.dataset import N_CLASSES
 from schemas.errors import DamagedArtifact, DigitsInputError
 from schemas.runs import write_json_atomic
@@ -45,14 +45,12 @@ def load_predict(model_file: Path, sha256: str | None = None) -> Predict:
     pca-svm's .joblib — a pickle, which runs code when loaded, so it is loaded only when its sha256 is
     the one its producer recorded (this pipeline's train stage or registry). With sha256 given, a Keras
     file is checked against it too. Raises DigitsInputError (one line) for a file it cannot or will not load."""
-    from components.registry import sha256_of
-
     if not model_file.is_file():
         raise DigitsInputError(f"{model_file}: no such model file")
     if model_file.suffix == ".joblib" and sha256 is None:
         raise DigitsInputError(f"{model_file}: a .joblib model is a pickle and loading it runs code; digits loads one "
                                "only from its own runs and registry, which record its sha256 (use its models:/ URI)")
-    if sha256 is not None and sha256_of(model_file) != sha256:
+    if sha256 is not None and sha256_file(model_file) != sha256:
         raise DamagedArtifact(model_file, "not the model that was recorded (its sha256 differs); refusing to load it")
     if model_file.suffix == ".joblib":
         import joblib

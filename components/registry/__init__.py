@@ -154,13 +154,3 @@ def open_registry(home: Path) -> Registry:
     from components.tracking import tracking_uri
 
     return MlflowRegistry(tracking_uri(home), home)
-
-
-def sha256_of(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -24,9 +24,9 @@ from components.registry import (
     Registry,
     Version,
     parse_model_uri,
-    sha256_of,
 )
 from components.tracking import is_missing, log_model_file, mlflow_client
+from schemas.artifacts import sha256_file
 from schemas.errors import DigitsInputError
 
 RUN_TAG = "digits.mlflow_run_id"  # lineage: the MLflow run the model was trained in
@@ -91,7 +91,7 @@ class MlflowRegistry(Registry):
                                    "digits recorded them): register the model again")
         run_id = self._client().get_model_version(version.name, version.version).run_id
         local = Path(self._client().download_artifacts(run_id, f"model/{recorded}", str(dst)))
-        if not local.is_file() or sha256_of(local) != expected:
+        if not local.is_file() or sha256_file(local) != expected:
             raise DigitsInputError(f"{version.uri}: the model file {recorded} in {version.source} is not the one "
                                    "registered (its sha256 differs); refusing to load it")
         return local
@@ -104,7 +104,7 @@ class MlflowRegistry(Registry):
             run_id = self._holding_run(client, name)
         log_model_file(self.uri, run_id, model_file)
         source = f"{client.get_run(run_id).info.artifact_uri}/model"
-        tags = {**lineage, RUN_TAG: run_id, MODEL_FILE: model_file.name, MODEL_SHA256: sha256_of(model_file)}
+        tags = {**lineage, RUN_TAG: run_id, MODEL_FILE: model_file.name, MODEL_SHA256: sha256_file(model_file)}
         with self._lock(name):
             if not client.search_registered_models(f"name = '{name}'"):
                 client.create_registered_model(name, description="digits models; alias 'champion' = the promoted one")
