@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from schemas.errors import DigitsInputError, ServiceUnavailable
+from schemas.errors import DigitsInputError, ServiceUnavailable, chain
 
 
 def tracking_uri(home: Path) -> str:
@@ -73,12 +73,9 @@ def _one_line(exc: Exception, uri: str) -> Exception:
 
 def _damaged_store(exc: BaseException) -> str | None:
     """What sqlite said, when exc is (or wraps) a database that is not one (garbage, truncated)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if type(exc).__name__ == "DatabaseError" and type(exc).__module__ in ("sqlite3", "sqlalchemy.exc"):
-            return str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        exc = exc.__cause__ or exc.__context__
+    for cause in chain(exc):
+        if type(cause).__name__ == "DatabaseError" and type(cause).__module__ in ("sqlite3", "sqlalchemy.exc"):
+            return str(getattr(cause, "orig", None) or cause).splitlines()[0]
     return None
 
 
@@ -101,17 +98,14 @@ def log_model_file(uri: str, run_id: str, model_file: Path) -> None:
 def _connection_failure(exc: BaseException) -> str | None:
     """What failed, when exc is (or wraps) a failure to reach a server; None for any other error.
     (MLflow talks HTTP through requests: its ConnectionError or Timeout, matched by name, not imported.)"""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
+    for cause in chain(exc):
         if any(c.__module__.startswith("requests") and c.__name__ in ("ConnectionError", "Timeout")
-               for c in type(exc).__mro__):
-            text = str(exc)
+               for c in type(cause).__mro__):
+            text = str(cause)
             for words in ("Connection refused", "Name or service not known", "timed out", "No route to host"):
                 if words in text:
                     return words.lower()
-            return type(exc).__name__
-        exc = exc.__cause__ or exc.__context__
+            return type(cause).__name__
     return None
 
 

@@ -21,7 +21,7 @@ import schemas.stages
 from components.tensorflow_runtime import import_tensorflow
 from flows.local_api import LocalAPI
 from schemas.config import Pipeline, PipelineConfig, apply_overrides, default_config
-from schemas.errors import DigitsInputError, OutOfSpace, ServiceUnavailable
+from schemas.errors import DigitsInputError, OutOfSpace, ServiceUnavailable, chain
 from schemas.runs import RunFolder, scan_runs
 from schemas.sources import SOURCES, Source
 
@@ -103,13 +103,8 @@ def _run_flow(folder: RunFolder, config: PipelineConfig, require_promotion: bool
 
 def _unreachable(exc: BaseException) -> bool:
     """Whether exc is (or wraps) a failure to connect to an HTTP server (Prefect's client uses httpx)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if type(exc).__module__.startswith("httpx") and type(exc).__name__ in ("ConnectError", "ConnectTimeout"):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(type(cause).__module__.startswith("httpx") and type(cause).__name__ in ("ConnectError", "ConnectTimeout")
+               for cause in chain(exc))
 
 
 def ingest(

@@ -4,6 +4,17 @@ ServiceUnavailable exits 1 (design: 1 for anything that is not bad input); anyth
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
+
+
+def chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """An exception and every exception it was raised from or while handling, outermost first: where a
+    library's wrapped cause (a refused connection, a damaged database) is looked for."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 class DigitsInputError(Exception):
