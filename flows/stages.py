@@ -8,6 +8,7 @@ stage's output is in place. No Prefect here.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -157,6 +158,7 @@ def evaluate(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
             champion = evaluate_component.Champion(current.version, reg.download(current, Path(scratch)),
                                                    current.tags.get(MODEL_SHA256))
         return evaluate_component.run(model, converted, out, threshold=config.threshold, champion=champion,
+                                      policy=config.evaluate.promote_when, alpha=config.evaluate.alpha,
                                       progress=progress)
 
 
@@ -195,11 +197,14 @@ def register(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
         nonlocal reason
         if current is None or current.version == evaluation.champion_version:
             return True
+        val = records.load(converted.files("val"))
         with tempfile.TemporaryDirectory(prefix="digits-champion-") as scratch:
-            accuracy = evaluate_component.accuracy_on(reg.download(current, Path(scratch)),
-                                                      records.load(converted.files("val")), current.tags.get(MODEL_SHA256))
-        decision = evaluate_component.decide(evaluation.val_accuracy, config.threshold,
-                                             evaluate_component.Champion(current.version, Path()), accuracy)
+            champion = evaluate_component.predictions_of(reg.download(current, Path(scratch)), val.images,
+                                                         current.tags.get(MODEL_SHA256))
+        candidate = evaluate_component.predictions_of(model.path, val.images, model.hashes.get(model.file))
+        comparison = {"champion_version": current.version, **evaluate_component.compare(val.labels, candidate, champion)}
+        decision = evaluate_component.decide(evaluation.val_accuracy, config.threshold, comparison,
+                                             config.evaluate.promote_when, config.evaluate.alpha)
         reason = decision["reason"] + " (champion replaced during this run)"
         return decision["passed"]
 
@@ -210,6 +215,8 @@ def register(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
                "digits.evaluation_report": str(folder.stage_dir("evaluate") / "report.html"),
                "digits.validation_report": str(folder.stage_dir("validate") / "index.html"),
                **({"digits.mlflow_run_id": model.mlflow_run_id} if model.mlflow_run_id else {}),
+               **({"digits.comparison": json.dumps(evaluation.comparison)} if evaluation.comparison else {}),
+               "digits.promote_when": config.evaluate.promote_when.value,
                **({"digits.base": model.base, "digits.transfer_mode": model.transfer_mode} if model.base else {}),
                **{f"digits.input.{Path(k).name}": v for k, v in record.data_fingerprints.items()}}
     check_not_replaced(digits_home(), reg, name, allow_new=config.evaluate.allow_new_registry)

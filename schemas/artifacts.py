@@ -291,6 +291,7 @@ class Evaluation(Artifact):
     champion_version: str | None = None
     champion_val_accuracy: float | None = None
     model: str = ""  # the zoo name of the model evaluated
+    comparison: dict[str, Any] | None = None  # paired with the champion on the same images (evaluate.compare)
 
     CONTENT = ("metrics.json",)
 
@@ -305,11 +306,18 @@ class Evaluation(Artifact):
     def publications(self) -> list[Publication]:
         champion = (f"champion version {self.champion_version}: {self.champion_val_accuracy:.4%} on the same data"
                     if self.champion_version else "no champion yet")
+        paired = ""
+        if self.comparison:
+            c = self.comparison
+            paired = (f"| paired with the champion | {c['images']:,} images: both right {c['both_right']:,}, only the "
+                      f"candidate {c['candidate_only_right']:,}, only the champion {c['champion_only_right']:,}, both "
+                      f"wrong {c['both_wrong']:,}; difference {c['difference']:+.2%} (95 % CI {c['ci95'][0]:+.2%} to "
+                      f"{c['ci95'][1]:+.2%}), McNemar p = {c['p_value']:.3g} |\n")
         run = self.dir.parent.name
         return [Publication("markdown", "evaluation-summary", f"evaluation of run {run}", (
             f"## Evaluation of run `{run}`\n\n| | |\n|---|---|\n| model | `{self.model}` |\n"
             f"| val_accuracy | **{self.val_accuracy:.4%}** |\n| threshold | {self.threshold:.2%} |\n"
-            f"| champion | {champion} |\n| gate | **{'passed' if self.passed else 'refused'}** |\n\n"
+            f"| champion | {champion} |\n{paired}| gate | **{'passed' if self.passed else 'refused'}** |\n\n"
             f"{self.reason}\n\nReport: `{self.report}`\n"))]
 
 

@@ -132,6 +132,12 @@ class TransferConfig(_Model):
                                                                    "layers are unfrozen (low, as in keras-io's recipe)")
 
 
+class PromoteWhen(StrEnum):
+    at_least_champion = "at-least-champion"  # val accuracy >= the champion's on the same images
+    significantly_better = "significantly-better"  # better, and McNemar's exact test says it is not chance
+    not_significantly_worse = "not-significantly-worse"  # anything the test cannot call worse
+
+
 class EvaluateConfig(_Model):
     """The evaluate stage's gate."""
 
@@ -139,6 +145,9 @@ class EvaluateConfig(_Model):
                                                                   "champion; None: the source's default "
                                                                   "(schemas.sources: kaggle 0.99, mnist 0.99, "
                                                                   "noisy 0.97, folder 0.9)")
+    promote_when: PromoteWhen = Field(PromoteWhen.at_least_champion, description="how the candidate must compare "
+                                      "with the champion on the same val images (paired, McNemar's exact test)")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of that test")
     allow_new_registry: bool = Field(False, description="register into a registry that has lost the versions "
                                                         "this home registered there (deleted or replaced)")
 

@@ -54,8 +54,9 @@ def test_a_weaker_model_never_replaces_the_champion_and_rollback_restores_it(hom
     first, version, promoted = _evaluate_and_register(strong, config)
     assert first.passed and (version, promoted) == ("1", True)
     metrics = json.loads((strong.stage_dir("evaluate") / "metrics.json").read_text())
-    assert metrics["gate"] == {"passed": True, "threshold": 0.2, "champion_version": None,
-                               "champion_val_accuracy": None, "reason": first.reason}
+    assert metrics["gate"] == {"passed": True, "threshold": 0.2, "policy": "at-least-champion", "alpha": 0.05,
+                               "champion_version": None, "champion_val_accuracy": None, "reason": first.reason}
+    assert metrics["comparison"] is None
     assert np.array(metrics["confusion"]).sum() == 100 and set(metrics["per_class"]) == {str(c) for c in range(10)}
     for name in ("confusion.png", "errors.png", "robustness.png", "report.html"):
         assert (strong.stage_dir("evaluate") / name).stat().st_size > 1000, name
@@ -76,6 +77,8 @@ def test_a_weaker_model_never_replaces_the_champion_and_rollback_restores_it(hom
     assert third.passed and (version, promoted) == ("2", True)
     reg = stages.registry()
     assert [(v.version, v.aliases) for v in reg.versions("digits-kaggle")] == [("1", []), ("2", [CHAMPION])]
+    paired = json.loads(reg.versions("digits-kaggle")[1].tags["digits.comparison"])  # what it was promoted on
+    assert paired["champion_version"] == "1" and paired == third.comparison
 
     result = cli("registry", "rollback", "digits-kaggle")
     assert result.code == 0, result.err
@@ -200,9 +203,76 @@ def test_scoring_a_model_file_runs_no_code_from_it(tmp_path):
     (0.996, 0.996, True, ">= champion version 4's 99.6000% on the same validation data"),
 ])
 def test_the_gate_needs_the_threshold_and_the_champion(accuracy, champion_accuracy, passed, words):
-    from components.evaluate import Champion, decide
+    from components.evaluate import decide
 
-    champion = Champion("4", Path("unused")) if champion_accuracy is not None else None
-    gate = decide(accuracy, 0.99, champion, champion_accuracy)
+    comparison = None if champion_accuracy is None else {
+        "champion_version": "4", "champion_accuracy": champion_accuracy, "difference": accuracy - champion_accuracy,
+        "ci95": [-0.01, 0.01], "p_value": 0.5}
+    gate = decide(accuracy, 0.99, comparison)
     assert gate["passed"] is passed and words in gate["reason"]
-    assert gate["champion_version"] == (champion.version if champion else None)
+    assert gate["champion_version"] == ("4" if comparison else None)
+
+
+def test_the_paired_comparison_counts_and_tests_the_images_the_two_disagree_on():
+    from scipy.stats import binomtest
+
+    from components.evaluate import compare
+
+    labels = np.arange(200) % 10
+    candidate, champion = labels.copy(), labels.copy()
+    candidate[:3] = (labels[:3] + 1) % 10  # 3 images only the champion gets right
+    champion[3:15] = (labels[3:15] + 1) % 10  # 12 only the candidate gets right
+    champion[15:20] = candidate[15:20] = (labels[15:20] + 2) % 10  # 5 both get wrong
+    found = compare(labels, candidate, champion)
+    assert (found["both_right"], found["candidate_only_right"], found["champion_only_right"],
+            found["both_wrong"]) == (180, 12, 3, 5)
+    assert found["difference"] == pytest.approx(9 / 200) and found["p_value"] == pytest.approx(
+        binomtest(3, 15, 0.5).pvalue)
+    low, high = found["ci95"]
+    assert low < found["difference"] < high and high - low == pytest.approx(2 * 1.959964 * np.sqrt(15 - 81 / 200) / 200)
+    same = compare(labels, labels, labels)
+    assert same["p_value"] == 1.0 and same["ci95"] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("policy, difference, p_value, passed", [
+    ("at-least-champion", 0.0, 1.0, True), ("at-least-champion", -0.001, 0.9, False),
+    ("significantly-better", 0.004, 0.3, False), ("significantly-better", 0.02, 0.01, True),
+    ("not-significantly-worse", -0.004, 0.3, True), ("not-significantly-worse", -0.02, 0.01, False),
+])
+def test_each_promotion_policy(policy, difference, p_value, passed):
+    from components.evaluate import decide
+    from schemas.config import PromoteWhen
+
+    comparison = {"champion_version": "2", "champion_accuracy": 0.99 - difference, "difference": difference,
+                  "ci95": [difference - 0.01, difference + 0.01], "p_value": p_value}
+    gate = decide(0.99, 0.9, comparison, PromoteWhen(policy), alpha=0.05)
+    assert gate["passed"] is passed and f"{policy}: {'met' if passed else 'not met'}" in gate["reason"]
+
+
+def test_equal_models_do_not_swap_the_champion_when_it_must_be_significantly_better(home, kaggle_data):
+    first, config = _trained_run(kaggle_data, *STRONG, "seed=1")
+    assert _evaluate_and_register(first, config)[2]
+    twin, config = _trained_run(kaggle_data, *STRONG, "seed=2", "evaluate.promote_when=significantly-better")
+    evaluation, version, promoted = _evaluate_and_register(twin, config)
+    comparison = evaluation.comparison
+    assert comparison["champion_version"] == "1" and comparison["p_value"] > 0.05
+    assert sum(comparison[k] for k in ("both_right", "candidate_only_right", "champion_only_right", "both_wrong")) == 100
+    assert not evaluation.passed and (version, promoted) == (None, False)
+    assert "significantly-better: not met" in evaluation.reason
+    assert stages.registry().champion("digits-kaggle").version == "1"
+    report = (twin.stage_dir("evaluate") / "report.html").read_text()
+    assert "Against champion version 1" in report and "McNemar" in report
+
+
+def test_a_clearly_worse_model_is_refused_under_every_policy(home, kaggle_data, cli):
+    strong, config = _trained_run(kaggle_data, *STRONG)
+    assert _evaluate_and_register(strong, config)[2]
+    weak, _ = _trained_run(kaggle_data, *WEAK)
+    for policy in ("at-least-champion", "significantly-better", "not-significantly-worse"):
+        result = cli("evaluate", "--run", weak.run_id, "--set", f"evaluate.promote_when={policy}")
+        assert result.code == 0, result.err
+        metrics = json.loads((weak.stage_dir("evaluate") / "metrics.json").read_text())
+        assert not metrics["gate"]["passed"] and metrics["gate"]["policy"] == policy
+        assert metrics["comparison"]["p_value"] < 1e-6 and metrics["comparison"]["ci95"][1] < 0
+    versions = stages.registry().versions("digits-kaggle")
+    assert [v.version for v in versions] == ["1"] and versions[0].champion

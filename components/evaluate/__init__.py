@@ -17,8 +17,8 @@ from typing import Callable
 import numpy as np
 
 from components import records
-from schemas import examples as ex
 from schemas.artifacts import Converted, Evaluation, Trained, sha256_file
+from schemas.config import PromoteWhen
 from schemas.dataset import N_CLASSES
 from schemas.errors import DamagedArtifact, DigitsInputError
 from schemas.runs import write_json_atomic
@@ -72,9 +72,33 @@ def load_predict(model_file: Path, sha256: str | None = None) -> Predict:
     return lambda images: np.asarray(model.predict(images[..., None], batch_size=1024, verbose=0))
 
 
-def accuracy_on(model_file: Path, val: ex.Arrays, sha256: str | None = None) -> float:
-    """The accuracy of a saved model on these images: how a champion is re-measured on a run's val split."""
-    return float((load_predict(model_file, sha256)(val.images).argmax(axis=1) == val.labels).mean())
+def predictions_of(model_file: Path, images: np.ndarray, sha256: str | None = None) -> np.ndarray:
+    """A saved model's predicted labels for these images: how a champion is re-measured on a run's val split."""
+    return load_predict(model_file, sha256)(images).argmax(axis=1)
+
+
+def compare(labels: np.ndarray, candidate: np.ndarray, champion: np.ndarray, z: float = 1.959964) -> dict:
+    """Candidate and champion on the same images: the 2x2 agreement counts, the accuracy difference with its
+    95 % confidence interval (paired: only the images one gets right and the other wrong count), and the
+    two-sided exact McNemar p-value (a binomial test on those discordant images)."""
+    from scipy.stats import binomtest
+
+    right_candidate, right_champion = candidate == labels, champion == labels
+    n = len(labels)
+    both = int((right_candidate & right_champion).sum())
+    candidate_only = int((right_candidate & ~right_champion).sum())
+    champion_only = int((~right_candidate & right_champion).sum())
+    neither = n - both - candidate_only - champion_only
+    discordant = candidate_only + champion_only
+    difference = (candidate_only - champion_only) / n if n else 0.0
+    # variance of the paired difference of proportions (Fleiss): ((b + c) - (b - c)^2 / n) / n^2
+    spread = z * np.sqrt(max(discordant - (candidate_only - champion_only) ** 2 / n, 0.0)) / n if n else 0.0
+    p_value = float(binomtest(min(candidate_only, champion_only), discordant, 0.5).pvalue) if discordant else 1.0
+    return {"images": n, "candidate_accuracy": (both + candidate_only) / n if n else 0.0,
+            "champion_accuracy": (both + champion_only) / n if n else 0.0, "both_right": both,
+            "candidate_only_right": candidate_only,
+            "champion_only_right": champion_only, "both_wrong": neither, "difference": difference,
+            "ci95": [float(difference - spread), float(difference + spread)], "p_value": min(p_value, 1.0)}
 
 
 def _one_hot(labels: np.ndarray) -> np.ndarray:
@@ -84,7 +108,10 @@ def _one_hot(labels: np.ndarray) -> np.ndarray:
 
 
 def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: float, champion: Champion | None,
+        policy: PromoteWhen = PromoteWhen.at_least_champion, alpha: float = 0.05,
         progress: Progress = lambda _: None) -> Evaluation:
+    """Score the model on the val split, compare it with the champion on the same images, gate it, and
+    write metrics.json, the pictures and report.html into out_dir."""
     from components.evaluate import report
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -95,12 +122,13 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
     metrics = classification_metrics(val.labels, probabilities)
     progress("robustness sweep (rotation, shift, noise)")
     robustness = robustness_sweep(predict, val.images, val.labels)
-    champion_accuracy = None
+    comparison = None
     if champion is not None:
         progress(f"re-measuring the champion (version {champion.version}) on the same images")
-        champion_accuracy = accuracy_on(champion.model_file, val, champion.sha256)
-    gate = decide(metrics["val_accuracy"], threshold, champion, champion_accuracy)
-    metrics = {**metrics, "gate": gate, "model": trained.model, "val_rows": len(val.ids),
+        comparison = {"champion_version": champion.version, **compare(
+            val.labels, probabilities.argmax(axis=1), predictions_of(champion.model_file, val.images, champion.sha256))}
+    gate = decide(metrics["val_accuracy"], threshold, comparison, policy, alpha)
+    metrics = {**metrics, "gate": gate, "comparison": comparison, "model": trained.model, "val_rows": len(val.ids),
                "data_fingerprint": converted.fingerprint}
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(out_dir / "robustness.json", robustness)
@@ -112,7 +140,7 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
              f"{gate['reason']}")
     return Evaluation(dir=out_dir, val_accuracy=metrics["val_accuracy"], passed=gate["passed"],
                       reason=gate["reason"], threshold=threshold, champion_version=gate["champion_version"],
-                      champion_val_accuracy=champion_accuracy, model=trained.model)
+                      champion_val_accuracy=gate["champion_val_accuracy"], model=trained.model, comparison=comparison)
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict:
@@ -130,17 +158,31 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
     }
 
 
-def decide(accuracy: float, threshold: float, champion: Champion | None, champion_accuracy: float | None) -> dict:
-    """The gate: value threshold AND no worse than the champion on the same validation data."""
+def decide(accuracy: float, threshold: float, comparison: dict | None,
+           policy: PromoteWhen = PromoteWhen.at_least_champion, alpha: float = 0.05) -> dict:
+    """The gate: the value threshold AND, against the champion measured on the same validation images
+    (comparison, see compare), the promotion policy: at least as accurate; significantly better (McNemar's
+    p < alpha and more accurate); or not significantly worse."""
     above_threshold = accuracy >= threshold
-    beats_champion = champion is None or accuracy >= champion_accuracy
-    passed = above_threshold and beats_champion
-    against_champion = ("no champion yet" if champion is None else
-                        f"{'>=' if beats_champion else 'below'} champion version {champion.version}'s "
-                        f"{champion_accuracy:.4%} on the same validation data")
+    against = "no champion yet"
+    beats_champion = True
+    champion_accuracy = None
+    if comparison is not None:
+        difference, p_value = comparison["difference"], comparison["p_value"]
+        champion_accuracy = comparison["champion_accuracy"]
+        significant = p_value < alpha
+        beats_champion = {PromoteWhen.at_least_champion: difference >= 0,
+                          PromoteWhen.significantly_better: difference > 0 and significant,
+                          PromoteWhen.not_significantly_worse: not (difference < 0 and significant)}[policy]
+        low, high = comparison["ci95"]
+        against = (f"{'>=' if difference >= 0 else 'below'} champion version {comparison['champion_version']}'s "
+                   f"{champion_accuracy:.4%} on the same validation data (difference {100 * difference:+.2f} pt, "
+                   f"95 % CI {100 * low:+.2f} to {100 * high:+.2f} pt, McNemar p = {p_value:.3g}; {policy.value}: "
+                   f"{'met' if beats_champion else 'not met'})")
     reason = (f"val_accuracy {accuracy:.4%} {'>=' if above_threshold else 'is below'} the threshold "
-              f"{threshold:.2%}; {against_champion}")
-    return {"passed": passed, "threshold": threshold, "champion_version": champion.version if champion else None,
+              f"{threshold:.2%}; {against}")
+    return {"passed": above_threshold and beats_champion, "threshold": threshold, "policy": policy.value,
+            "alpha": alpha, "champion_version": comparison["champion_version"] if comparison else None,
             "champion_val_accuracy": champion_accuracy, "reason": reason}
 
 

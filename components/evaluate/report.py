@@ -93,6 +93,22 @@ def _img(path: Path) -> str:
     return f'<img alt="{path.stem}" src="data:image/png;base64,{data}">'
 
 
+def _comparison(comparison: dict | None) -> str:
+    """The paired comparison with the champion: who got which images right, the difference and its test."""
+    if not comparison:
+        return "<p>No champion yet: nothing to compare with.</p>"
+    c = comparison
+    return (f"<h2>Against champion version {html_escape.escape(str(c['champion_version']))}</h2>"
+            f"<p>The same {c['images']:,} validation images, paired:</p><table>"
+            "<tr><th></th><th>champion right</th><th>champion wrong</th></tr>"
+            f"<tr><th>candidate right</th><td>{c['both_right']:,}</td><td>{c['candidate_only_right']:,}</td></tr>"
+            f"<tr><th>candidate wrong</th><td>{c['champion_only_right']:,}</td><td>{c['both_wrong']:,}</td></tr></table>"
+            f"<p>Accuracy {100 * c['candidate_accuracy']:.2f}% against {100 * c['champion_accuracy']:.2f}%: difference "
+            f"<b>{100 * c['difference']:+.2f} points</b> (95 % CI {100 * c['ci95'][0]:+.2f} to {100 * c['ci95'][1]:+.2f}); "
+            f"exact McNemar test on the {c['candidate_only_right'] + c['champion_only_right']:,} images they disagree "
+            f"on: p = {c['p_value']:.3g}.</p>")
+
+
 def html(metrics: dict, robustness: dict, path: Path) -> None:
     """One self-contained page: the gate's decision, the metrics table and the three pictures."""
     gate = metrics["gate"]
@@ -111,7 +127,7 @@ img{{max-width:100%;display:block;margin:1em 0}}</style></head><body>
 <h1>Evaluation of <code>{html_escape.escape(metrics['model'])}</code></h1>
 <p>Validation accuracy <b>{100 * metrics['val_accuracy']:.2f}%</b> on {metrics['val_rows']:,} validation digits.</p>
 <p class="{'passed' if gate['passed'] else 'refused'}"><b>Gate {'passed' if gate['passed'] else 'refused'}</b>:
-{html_escape.escape(gate['reason'])}</p>
+{html_escape.escape(gate['reason'])}</p>{_comparison(metrics.get('comparison'))}
 <h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>
 <h2>Confusion</h2>{_img(out / 'confusion.png')}
 <h2>Misclassified digits</h2>{_img(out / 'errors.png')}
