@@ -93,10 +93,10 @@ def prepare_files(images: Sequence[Path], max_pixels: int = MAX_PIXELS) -> np.nd
     return np.stack([prepare(read(path, max_pixels), str(path)) for path in images])
 
 
-def classify(model: Model, batch: np.ndarray) -> list[tuple[int, float]]:
-    """(label, probability) per canonical image."""
+def classify(model: Model, batch: np.ndarray) -> list[list[tuple[int, float]]]:
+    """Per canonical image, every class with its probability, the most probable first."""
     probabilities = model(batch)
-    return [(int(p.argmax()), float(p.max())) for p in probabilities]
+    return [[(int(c), float(p[c])) for c in np.argsort(-p, kind="stable")] for p in probabilities]
 
 
 def read(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:

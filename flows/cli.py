@@ -163,6 +163,9 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="PNG/JPEG files of one handwritten digit each")],
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="refuse larger images, from their header, "
                                             "before decoding them")] = 40_000_000,
+    min_confidence: Annotated[Optional[float], typer.Option(
+        "--min-confidence", min=0, max=1, help="below this probability the label is '?' and the two most likely "
+                                               "digits are listed (choose it from the reliability diagram)")] = None,
 ) -> None:
     """Classify images of handwritten digits: label and probability per image.
 
@@ -177,9 +180,17 @@ def predict(
 
     batch = predict_component.prepare_files(images, max_pixels)  # bad images fail before the model is loaded
     model = predict_component.load(model_uri, stages.registry)
-    rows = [(str(path), str(label), f"{probability:.4f}")
-            for path, (label, probability) in zip(images, predict_component.classify(model, batch))]
-    _print_rows([Column("image", overflow="fold"), Column("label"), Column("probability")], rows)
+    rows = []
+    for path, ranked in zip(images, predict_component.classify(model, batch)):
+        (label, probability), (second, second_probability) = ranked[0], ranked[1]
+        row = [str(path), str(label), f"{probability:.4f}"]
+        if min_confidence is not None:
+            unsure = probability < min_confidence
+            row[1] = "?" if unsure else row[1]
+            row.append(f"{label} ({probability:.4f}) or {second} ({second_probability:.4f})" if unsure else "")
+        rows.append(tuple(row))
+    columns = [Column("image", overflow="fold"), Column("label"), Column("probability")]
+    _print_rows(columns + ([Column("candidates")] if min_confidence is not None else []), rows)
 
 
 def serve() -> None:

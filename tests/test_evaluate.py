@@ -58,7 +58,8 @@ def test_a_weaker_model_never_replaces_the_champion_and_rollback_restores_it(hom
                                "champion_version": None, "champion_val_accuracy": None, "reason": first.reason}
     assert metrics["comparison"] is None
     assert np.array(metrics["confusion"]).sum() == 100 and set(metrics["per_class"]) == {str(c) for c in range(10)}
-    for name in ("confusion.png", "errors.png", "robustness.png", "report.html"):
+    assert 0 <= metrics["calibration"]["ece"] <= 1 and metrics["calibration"]["reliability"]
+    for name in ("confusion.png", "errors.png", "robustness.png", "reliability.png", "report.html"):
         assert (strong.stage_dir("evaluate") / name).stat().st_size > 1000, name
     assert "Gate passed" in (strong.stage_dir("evaluate") / "report.html").read_text()
     record = strong.load()
@@ -276,3 +277,19 @@ def test_a_clearly_worse_model_is_refused_under_every_policy(home, kaggle_data, 
         assert metrics["comparison"]["p_value"] < 1e-6 and metrics["comparison"]["ci95"][1] < 0
     versions = stages.registry().versions("digits-kaggle")
     assert [v.version for v in versions] == ["1"] and versions[0].champion
+
+
+def test_the_calibration_error_is_the_gap_between_confidence_and_accuracy():
+    from components.evaluate import calibration
+
+    labels = np.zeros(100, int)
+    confident = np.full((100, 10), 0.1 / 9)
+    confident[:, 0] = 0.9  # every top probability 0.9 ...
+    right_90 = confident.copy()
+    right_90[90:] = np.roll(right_90[90:], 1, axis=1)  # ... and 90 of 100 right: calibrated
+    assert calibration(labels, right_90)["ece"] == pytest.approx(0.0, abs=1e-9)
+    right_60 = confident.copy()
+    right_60[60:] = np.roll(right_60[60:], 1, axis=1)  # 60 of 100 right at 0.9: over-confident by 0.3
+    found = calibration(labels, right_60)
+    assert found["ece"] == pytest.approx(0.3) and len(found["reliability"]) == 1
+    assert found["reliability"][0]["images"] == 100 and found["reliability"][0]["accuracy"] == pytest.approx(0.6)

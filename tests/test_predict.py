@@ -82,3 +82,24 @@ def test_drawn_digits_off_centre_on_white_are_recognised(cli, tmp_path, mnist_mo
     assert all(0 < float(line[2]) <= 1 for line in lines)
     correct = sum(p == d for d, p in enumerate(predicted))
     assert correct >= 9, f"predicted {predicted} for 0..9"
+
+
+def test_min_confidence_turns_unsure_labels_into_a_question_mark_with_two_candidates(cli, tmp_path):
+    import keras
+
+    from components.train import models
+    from schemas.config import TrainConfig
+
+    untrained = tmp_path / "untrained.keras"  # random weights: about 1/10 for every digit
+    models.build(TrainConfig(model="baseline", augment=False), keras).save(untrained)
+    digit = draw_digit(7, tmp_path / "seven.png")
+    sure = cli("predict", str(untrained), str(digit), "--min-confidence", "0")
+    assert sure.code == 0, sure.err
+    (fields,) = [line.split("\t") for line in sure.out.rstrip("\n").splitlines()]
+    assert fields[1] != "?" and fields[3] == ""  # no candidates listed for a label it is sure enough of
+    unsure = cli("predict", str(untrained), str(digit), "--min-confidence", "0.9")
+    (fields,) = [line.split("\t") for line in unsure.out.rstrip("\n").splitlines()]
+    assert fields[1] == "?" and float(fields[2]) < 0.9
+    first, second = fields[3].split(" or ")
+    assert first.startswith(f"{sure.out.split(chr(9))[1]} (") and int(second[0]) != int(first[0])
+    assert cli("predict", str(untrained), str(digit), "--min-confidence", "1.5").code == 2

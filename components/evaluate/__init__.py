@@ -129,12 +129,13 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
             val.labels, probabilities.argmax(axis=1), predictions_of(champion.model_file, val.images, champion.sha256))}
     gate = decide(metrics["val_accuracy"], threshold, comparison, policy, alpha)
     metrics = {**metrics, "gate": gate, "comparison": comparison, "model": trained.model, "val_rows": len(val.ids),
-               "data_fingerprint": converted.fingerprint}
+               "data_fingerprint": converted.fingerprint, "calibration": calibration(val.labels, probabilities)}
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(out_dir / "robustness.json", robustness)
     report.confusion_png(np.array(metrics["confusion"]), out_dir / "confusion.png")
     report.errors_png(val, probabilities, out_dir / "errors.png")
     report.robustness_png(robustness, out_dir / "robustness.png")
+    report.reliability_png(metrics["calibration"], out_dir / "reliability.png")
     report.html(metrics, robustness, out_dir / "report.html")
     progress(f"val_accuracy {metrics['val_accuracy']:.2%}; gate {'passed' if gate['passed'] else 'refused'}: "
              f"{gate['reason']}")
@@ -184,6 +185,32 @@ def decide(accuracy: float, threshold: float, comparison: dict | None,
     return {"passed": above_threshold and beats_champion, "threshold": threshold, "policy": policy.value,
             "alpha": alpha, "champion_version": comparison["champion_version"] if comparison else None,
             "champion_val_accuracy": champion_accuracy, "reason": reason}
+
+
+CALIBRATION_BINS = 15
+
+
+def calibration(labels: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
+    """How well the top probability matches how often the model is right: the reliability table (the top
+    probabilities cut into equal-width bins; per bin its images, mean confidence and accuracy) and the
+    expected calibration error (ECE: the bins' |accuracy - confidence| weighted by their share of images)."""
+    confidence = probabilities.max(axis=1)
+    right = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        members = which == b
+        count = int(members.sum())
+        if not count:
+            continue
+        mean_confidence, accuracy = float(confidence[members].mean()), float(right[members].mean())
+        ece += count / len(labels) * abs(accuracy - mean_confidence)
+        table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "images": count,
+                      "confidence": mean_confidence, "accuracy": accuracy})
+    return {"ece": float(ece), "bins": bins, "reliability": table,
+            "mean_confidence": float(confidence.mean()) if len(labels) else 0.0,
+            "accuracy": float(right.mean()) if len(labels) else 0.0}
 
 
 def robustness_sweep(predict: Predict, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:

@@ -88,6 +88,30 @@ def robustness_png(robustness: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def reliability_png(calibration: dict, path: Path) -> None:
+    """The reliability diagram: accuracy against confidence per bin (a calibrated model is on the diagonal),
+    and how many images fall in each bin."""
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.6, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    table = calibration["reliability"]
+    centres = [(row["low"] + row["high"]) / 2 for row in table]
+    width = 1 / calibration["bins"]
+    top.plot([0, 1], [0, 1], color="#999", linestyle="--", linewidth=1, label="calibrated")
+    top.bar(centres, [row["accuracy"] for row in table], width=width * 0.9, color="#4a7fb5", label="accuracy")
+    top.plot([row["confidence"] for row in table], [row["accuracy"] for row in table], "o", color="#c0392b",
+             markersize=4, label="mean confidence")
+    top.set_ylabel("accuracy in the bin")
+    top.set_ylim(0, 1.02)
+    top.legend(loc="upper left")
+    top.set_title(f"reliability on the validation split (ECE {calibration['ece']:.4f})")
+    bottom.bar(centres, [row["images"] for row in table], width=width * 0.9, color="#888")
+    bottom.set_yscale("log")
+    bottom.set_xlabel("top probability (confidence)")
+    bottom.set_ylabel("images")
+    bottom.set_xlim(0, 1)
+    _save(fig, path)
+
+
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{path.stem}" src="data:image/png;base64,{data}">'
@@ -132,6 +156,11 @@ img{{max-width:100%;display:block;margin:1em 0}}</style></head><body>
 <h2>Confusion</h2>{_img(out / 'confusion.png')}
 <h2>Misclassified digits</h2>{_img(out / 'errors.png')}
 <h2>Robustness</h2>{_img(out / 'robustness.png')}<table>{sweep}</table>
+<h2>Calibration</h2><p>Expected calibration error <b>{metrics['calibration']['ece']:.4f}</b>: mean confidence
+{100 * metrics['calibration']['mean_confidence']:.2f}% against accuracy {100 * metrics['calibration']['accuracy']:.2f}%
+({metrics['calibration']['bins']} bins). Label smoothing makes a model under-confident (bars above the diagonal).
+<code>digits predict --min-confidence P</code> answers <code>?</code> below P: pick P where the bars fall below the
+accuracy you need.</p>{_img(out / 'reliability.png')}
 </body></html>
 """
     partial = path.with_name(f".{path.name}.partial")
