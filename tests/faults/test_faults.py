@@ -424,3 +424,28 @@ def test_two_runs_started_at_once_on_a_new_prefect_home_both_complete(tmp_path):
     assert [err for _, err in outputs] == ["", ""]
     runs = list((tmp_path / "home" / "runs").iterdir())
     assert len(runs) == 2 and all(_record(run)["status"] == "completed" for run in runs)
+
+
+def test_a_run_record_is_still_written_on_a_disk_with_no_space_left(tmp_path, monkeypatch):
+    """The failure handler's own write must not fail on a full disk: run.json is rewritten in place,
+    compactly, into the blocks it already holds."""
+    from schemas.config import default_config
+    from schemas.runs import RunFolder
+
+    home = tmp_path / "tiny"
+    if not _mount_tmpfs(home, "1m"):
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        folder = RunFolder.create("train-kaggle", default_config("train-kaggle").model_dump(mode="json"), home)
+        with (home / "filler").open("wb", buffering=0) as fh:  # every block taken
+            try:
+                while True:
+                    fh.write(b"\0" * 4096)
+            except OSError:
+                pass
+        with pytest.raises(OSError):
+            (home / "probe").write_bytes(b"x" * 8192)
+        folder.update(lambda record: setattr(record, "status", "failed"))
+        assert folder.load().status == "failed"
+    finally:
+        subprocess.run(["umount", "-l", str(home)], capture_output=True)
