@@ -4,9 +4,10 @@ set, else SQLite under $DIGITS_HOME (see flows.stages)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from schemas.errors import DigitsInputError, ServiceUnavailable, chain
 
@@ -25,13 +26,40 @@ def mlflow_client(uri: str):
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    if uri.startswith("sqlite:///") and uri not in _CREATED:
+        with _creation_lock(Path(uri.removeprefix("sqlite:///"))):
+            client = _open(MlflowClient, uri)
+            client.search_experiments(max_results=1)  # the tracking store's tables, created or migrated
+            client.search_registered_models(max_results=1)  # the registry store's
+        _CREATED.add(uri)
+        return client
+    return _open(MlflowClient, uri)
+
+
+_CREATED: set[str] = set()  # SQLite stores this process has opened (and so created or migrated)
+
+
+def _open(client_class, uri: str):
     try:
-        return _Reachable(MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
+        return _Reachable(client_class(tracking_uri=uri, registry_uri=uri), uri)
     except Exception as exc:
         shown = _one_line(exc, uri)
         if shown is exc:
             raise
         raise shown from None
+
+
+@contextlib.contextmanager
+def _creation_lock(database: Path) -> Iterator[None]:
+    """A lock beside a SQLite store, held while a process first opens it: MLflow creates or migrates its
+    tables then, and two processes doing that at once on a new home collided (a UNIQUE constraint, a
+    half-made schema)."""
+    import fcntl
+
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(f".{database.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 class _Reachable:
