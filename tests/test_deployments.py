@@ -14,13 +14,15 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 
-
 import datagen
+import pytest
+from runs import make, validated_kaggle_run
+
 from flows import deployments, stages
 from flows.local_api import free_port
 from schemas.runs import list_runs
-from runs import make, validated_kaggle_run
 
+pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 

@@ -154,6 +154,7 @@ def _mnist_test_rows(count: int, start: int) -> tuple[np.ndarray, np.ndarray]:
     return labels[start:start + count], images[start:start + count]
 
 
+@pytest.mark.e2e
 @pytest.mark.shared_data
 def test_train_folder_fine_tunes_the_mnist_champion_and_predicts_the_folder(cli, home, tmp_path, prepared_tfds):
     """The acceptance run: a clean-MNIST champion (trained on a slice of MNIST-train), then `digits run

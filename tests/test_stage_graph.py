@@ -43,6 +43,7 @@ def extended(monkeypatch):
     monkeypatch.setattr(schemas.stages, "GRAPH", GRAPH.with_stage(CONFIDENCE, before="evaluate"))
 
 
+@pytest.mark.e2e
 def test_a_stage_declared_in_a_test_runs_reports_goes_stale_and_resumes(cli, home, tmp_path, extended):
     datagen.write_kaggle(tmp_path / "kaggle", n_train=100, n_test=10)
     result = cli("run", "train-kaggle", "--data", tmp_path / "kaggle", "--set", "validate.min_rows=10",

@@ -49,6 +49,7 @@ def _check_submission(path: Path, test_rows: int) -> None:
     assert {int(r[1]) for r in rows[1:]} <= set(range(10)) and all(len(r) == 2 for r in rows)
 
 
+@pytest.mark.e2e
 def test_kaggle_then_noisy_through_the_cli_write_submissions_and_fine_tune_the_champion(cli, home, kaggle_data,
                                                                                        noisy_data):
     """train-kaggle registers a champion; train-noisy fine-tunes it (transfer) and both export a submission."""

@@ -383,6 +383,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     return done.returncode == 0
 
 
+@pytest.mark.e2e
 def test_a_full_disk_is_one_line_and_resume_completes_once_space_is_freed(cli, tmp_path, monkeypatch):
     home = tmp_path / "small"
     if not _mount_tmpfs(home, "24m"):
@@ -410,6 +411,7 @@ def test_a_full_disk_is_one_line_and_resume_completes_once_space_is_freed(cli, t
         subprocess.run(["umount", "-l", str(home)], capture_output=True)
 
 
+@pytest.mark.e2e
 def test_two_runs_started_at_once_on_a_new_prefect_home_both_complete(tmp_path):
     """Their local Prefect API servers take turns creating the new database (one crashed mid-migration)."""
     datagen.write_kaggle(tmp_path / "kaggle", n_train=60, n_test=10)
