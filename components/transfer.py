@@ -26,6 +26,8 @@ from typing import Any, Callable
 import numpy as np
 
 from components import records
+from components.calibrate import LAYER as CALIBRATION_LAYER
+from components.calibrate import load_keras_model
 from components.tracking import Tracking
 from components.train import Segment, fit_keras, phase, prepare_work_dir
 from schemas.artifacts import Converted, Trained, sha256_file
@@ -57,7 +59,7 @@ def run(converted: Converted, config: TrainConfig, transfer: TransferConfig, bas
     progress(f"fine-tuning {base_ref} ({base_name}), mode {transfer.mode.value}")
     return fit_keras(
         train, val, config, seed, work_dir, signature, resume, tracking, progress,
-        build=lambda keras: transferred(keras.models.load_model(work_dir / BASE, safe_mode=True), config,
+        build=lambda keras: transferred(load_keras_model(work_dir / BASE), config,
                                         transfer.mode, keras),
         segments=segments(config, transfer), name=base_name,
         extra_params={"transfer.base": base_ref, "transfer.base_sha256": base_sha,
@@ -116,7 +118,8 @@ def _chain(base, keras) -> tuple[Any, list[Any], Any]:
     if not takes_canonical or len(layers) < 3:
         raise DigitsInputError(f"base model '{base.name}' does not take canonical digit images (input "
                                f"{IMAGE_SIDE}x{IMAGE_SIDE}x1 uint8, first layer Rescaling(1/255)); got input {shape}")
-    body = [layer for layer in layers[1:] if layer.name != "augment"]
+    chain = [layer for layer in layers[1:] if layer.name != "augment"]
+    body = chain[:-1] if chain[-1].name == CALIBRATION_LAYER else chain  # fine-tuning starts uncalibrated
     head = body[-1]
     output_units = tuple(head.output.shape[1:]) if hasattr(head, "output") else None
     if output_units != (N_CLASSES,):
@@ -125,7 +128,7 @@ def _chain(base, keras) -> tuple[Any, list[Any], Any]:
     # the same layers applied in order must be the base model: otherwise its graph is not a chain
     probe = np.random.default_rng(0).integers(0, 256, (8, IMAGE_SIDE, IMAGE_SIDE, 1)).astype("float32")
     x = scale(probe)
-    for layer in body:
+    for layer in chain:
         x = layer(x, training=False)
     if not np.allclose(np.asarray(x), np.asarray(base(probe, training=False)), atol=1e-5):
         raise DigitsInputError(f"base model '{base.name}' is not a single chain of layers; transfer supports "

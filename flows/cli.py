@@ -225,17 +225,50 @@ def registry_list() -> None:
     _print_rows([Column("model", no_wrap=True), Column("champion"), Column("versions")], rows)
 
 
-def registry_show(name: Annotated[str, typer.Argument(help="e.g. digits-mnist")]) -> None:
-    """Every version of a model: aliases, val accuracy, run id, lineage."""
+def registry_show(name: Annotated[str, typer.Argument(help="e.g. digits-mnist")],
+                  version: Annotated[Optional[str], typer.Argument(help="one version: its details and model card")] = None
+                  ) -> None:
+    """Every version of a model (aliases, val accuracy, run id, lineage), or one version with where its
+    model card is."""
     from flows import stages
 
-    versions = stages.registry().versions(name)
+    reg = stages.registry()
+    if version is not None:
+        _show_version(reg, reg.resolve(f"models:/{name}/{version}"))
+        return
+    versions = reg.versions(name)
     if not versions:
         raise DigitsInputError(f"no registered model '{name}' (see `digits registry list`)")
     _print_rows([Column("version"), Column("aliases"), Column("val_accuracy"), Column("model"),
                  Column("run id", no_wrap=True), Column("data", no_wrap=True)],
                 [(v.version, ",".join(v.aliases), v.tags.get("digits.val_accuracy", ""), v.tags.get("digits.model", ""),
                   v.tags.get("digits.run_id", ""), v.tags.get("digits.data_fingerprint", "")[:12]) for v in versions])
+
+
+def _show_version(reg, version) -> None:
+    """One version's facts and where its model card is (the registry's copy, and the run's when on this home)."""
+    from components.model_card import HTML, MARKDOWN
+    from schemas.runs import RunFolder
+
+    tags = version.tags
+    rows = [("version", version.version), ("aliases", ",".join(version.aliases) or "-")]
+    rows += [(key.removeprefix("digits."), tags[key]) for key in (
+        "digits.val_accuracy", "digits.model", "digits.run_id", "digits.pipeline", "digits.base",
+        "digits.seen_val_images", "digits.seen_test_images", "digits.allow_seen_val", "digits.model_sha256")
+        if key in tags]
+    _print_rows([Column("field", no_wrap=True), Column("value", overflow="fold")], rows)
+    card = reg.location_of(version, HTML)
+    if card is None:
+        console.print(f"{version.uri} has no model card (registered before digits wrote them)")
+        return
+    console.print(f"model card: {card}")
+    console.print(f"model card (Markdown): {reg.location_of(version, MARKDOWN)}")
+    try:
+        local = RunFolder.open(tags.get("digits.run_id", "")).stage_dir("register") / HTML
+    except DigitsInputError:
+        return
+    if local.is_file():
+        console.print(f"model card in its run: {local}")
 
 
 def registry_promote(name: Annotated[str, typer.Argument()], version: Annotated[str, typer.Argument()]) -> None:

@@ -308,7 +308,7 @@ def output_of(folder: RunFolder, stage: str) -> Artifact:
 def inputs_of(folder: RunFolder, stage: Stage, config: PipelineConfig) -> dict[str, Artifact]:
     """The artifacts a stage consumes, from the stages of this run that produced them."""
     graph = schemas.stages.GRAPH
-    return {name: output_of(folder, graph.producer(name, config).name) for name in stage.consumes}
+    return {name: output_of(folder, graph.producer(name, config, before=stage.name).name) for name in stage.consumes}
 
 
 def finish_run(folder: RunFolder) -> RunRecord:

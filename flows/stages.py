@@ -91,8 +91,21 @@ def train(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progre
     (same data, seed and config), its MLflow run too."""
     from components import train as train_component
 
-    return train_component.run(converted, config.train, config.seed, out,
-                               tracking=_tracking(folder, config, converted, "train"), progress=progress)
+    trained = train_component.run(converted, config.train, config.seed, out,
+                                  tracking=_tracking(folder, config, converted, "train"), progress=progress)
+    _seen_of_training(folder, config, converted, progress).save(out / Trained.SEEN)
+    return trained
+
+
+def _seen_of_training(folder: RunFolder, config: PipelineConfig, converted: Converted, progress: Progress):
+    """The fingerprints of this run's train split: what a model trained here has seen (components.lineage)."""
+    from components import records
+    from components.lineage import SeenSet
+
+    progress("fingerprinting the training images (lineage of seen images)")
+    return SeenSet.of(records.load(converted.files("train")).images,
+                      {"model": None, "run": folder.run_id, "pipeline": config.pipeline.value,
+                       "data": f"train split {converted.fingerprint[:12]}"})
 
 
 def transfer(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progress, *,
@@ -102,13 +115,19 @@ def transfer(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
     from components import transfer as transfer_component
 
     with tempfile.TemporaryDirectory(prefix="digits-base-") as scratch:
-        base_file, base_ref = _base_model(config.transfer.base, Path(scratch), progress)
-        return transfer_component.run(converted, config.train, config.transfer, base_file, base_ref, config.seed, out,
-                                      tracking=_tracking(folder, config, converted, "transfer"), progress=progress)
+        base_file, base_ref, base_seen = _base_model(config.transfer.base, Path(scratch), progress)
+        trained = transfer_component.run(converted, config.train, config.transfer, base_file, base_ref, config.seed,
+                                         out, tracking=_tracking(folder, config, converted, "transfer"),
+                                         progress=progress)
+    seen = _seen_of_training(folder, config, converted, progress).joined(base_seen, {"model": base_ref})
+    seen.save(out / Trained.SEEN)
+    return trained
 
 
-def _base_model(base: str, scratch: Path, progress: Progress) -> tuple[Path, str]:
-    """(local .keras file, pinned reference) of transfer.base: a registry URI resolved to its version now."""
+def _base_model(base: str, scratch: Path, progress: Progress):
+    """(local .keras file, pinned reference, its seen-image set or None when unknown) of transfer.base:
+    a registry URI resolved to its version now."""
+    from components.lineage import SeenSet
     if base.startswith("models:/"):
         reg = registry()
         try:
@@ -122,12 +141,16 @@ def _base_model(base: str, scratch: Path, progress: Progress) -> tuple[Path, str
         model_file = reg.download(version, scratch)
         if model_file.suffix != ".keras":
             raise DigitsInputError(f"{base} is a {model_file.suffix} model; only Keras models can be fine-tuned")
-        return model_file, version.uri
+        seen_file = reg.fetch(version, Trained.SEEN, scratch / "seen")
+        if seen_file is None:
+            progress(f"{version.uri} has no record of the images it was trained on: its lineage is incomplete")
+        return model_file, version.uri, SeenSet.load(seen_file) if seen_file else None
     path = Path(base).expanduser()
     if path.suffix != ".keras" or not path.is_file():
         raise DigitsInputError(f"transfer.base '{base}': no such .keras file (expected 'scratch', "
                                "models:/NAME@ALIAS, models:/NAME/VERSION or a .keras file)")
-    return path, str(path.resolve())
+    progress(f"{path}: a model file does not say which images it was trained on: the lineage is incomplete")
+    return path, str(path.resolve()), None
 
 
 def _tracking(folder: RunFolder, config: PipelineConfig, converted: Converted, stage: str) -> Tracking:
@@ -140,6 +163,16 @@ def _tracking(folder: RunFolder, config: PipelineConfig, converted: Converted, s
                     artifact_root=home / "mlartifacts")
 
 
+# --- calibrate --------------------------------------------------------------------------------------
+
+def calibrate(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progress, *,
+              model: Trained, converted: Converted) -> Trained:
+    """evaluate.calibrate=true: temperature scaling fitted on the val split, kept inside the model."""
+    from components import calibrate as calibrate_component
+
+    return calibrate_component.run(model, converted, out, progress=progress)
+
+
 # --- evaluate ---------------------------------------------------------------------------------------
 
 def evaluate(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progress, *,
@@ -147,10 +180,12 @@ def evaluate(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
     """Metrics, pictures, robustness and the gate, with the registry's current champion re-measured on
     this run's validation split."""
     from components import evaluate as evaluate_component
+    from components.lineage import SeenSet
 
     name = model_name(config.source.value)
     reg = registry()
     current = reg.champion(name)
+    seen = SeenSet.load(model.seen_path) if model.seen_path else None
     with tempfile.TemporaryDirectory(prefix="digits-champion-") as scratch:
         champion = None
         if current is not None:
@@ -159,12 +194,20 @@ def evaluate(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
                                                    current.tags.get(MODEL_SHA256))
         return evaluate_component.run(model, converted, out, threshold=config.threshold, champion=champion,
                                       policy=config.evaluate.promote_when, alpha=config.evaluate.alpha,
-                                      progress=progress)
+                                      seen=seen, allow_seen_val=config.evaluate.allow_seen_val, progress=progress)
 
 
 def record_metrics(folder: RunFolder, config: PipelineConfig, evaluation: Evaluation) -> None:
-    folder.update(lambda run: run.metrics.update({"val_accuracy": evaluation.val_accuracy,
-                                                  "gate_passed": evaluation.passed}))
+    def record(run: RunRecord) -> None:
+        run.metrics.update({"val_accuracy": evaluation.val_accuracy, "gate_passed": evaluation.passed,
+                            "seen_val_images": evaluation.seen_val, "seen_test_images": evaluation.seen_test})
+        run.warnings[:] = [w for w in run.warnings if not w.startswith(SEEN_WARNING)]  # a re-evaluation replaces it
+        if evaluation.lineage_warning:
+            run.warnings.append(f"{SEEN_WARNING}{evaluation.lineage_warning}")
+    folder.update(record)
+
+
+SEEN_WARNING = "evaluate: seen images: "
 
 
 # --- register ---------------------------------------------------------------------------------------
@@ -204,7 +247,9 @@ def register(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
         candidate = evaluate_component.predictions_of(model.path, val.images, model.hashes.get(model.file))
         comparison = {"champion_version": current.version, **evaluate_component.compare(val.labels, candidate, champion)}
         decision = evaluate_component.decide(evaluation.val_accuracy, config.threshold, comparison,
-                                             config.evaluate.promote_when, config.evaluate.alpha)
+                                             config.evaluate.promote_when, config.evaluate.alpha,
+                                             seen_val=evaluation.seen_val,
+                                             allow_seen_val=config.evaluate.allow_seen_val)
         reason = decision["reason"] + " (champion replaced during this run)"
         return decision["passed"]
 
@@ -217,14 +262,48 @@ def register(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
                **({"digits.mlflow_run_id": model.mlflow_run_id} if model.mlflow_run_id else {}),
                **({"digits.comparison": json.dumps(evaluation.comparison)} if evaluation.comparison else {}),
                "digits.promote_when": config.evaluate.promote_when.value,
+               "digits.seen_val_images": str(evaluation.seen_val), "digits.seen_test_images": str(evaluation.seen_test),
+               **({"digits.allow_seen_val": "true"} if evaluation.seen_val and config.evaluate.allow_seen_val else {}),
                **({"digits.base": model.base, "digits.transfer_mode": model.transfer_mode} if model.base else {}),
                **{f"digits.input.{Path(k).name}": v for k, v in record.data_fingerprints.items()}}
     check_not_replaced(digits_home(), reg, name, allow_new=config.evaluate.allow_new_registry)
-    version, promoted = reg.register(name, model.path, lineage, gate)
+    seen_file = model.seen_path
+    version, promoted = reg.register(name, model.path, lineage, gate,
+                                     files={Trained.SEEN: seen_file} if seen_file else None)
     remember(digits_home(), reg, version)
     progress(f"registered {name} version {version.version}" + (" as champion" if promoted else ", not champion"))
+    card = write_model_card(out, folder, config, model, converted, evaluation, version, promoted)
+    reg.attach(version, {path.name: path for path in card})
+    progress(f"model card: {out / 'model_card.html'}")
     return _registration(out, Registration(dir=out, model_name=name, version=version.version, promoted=promoted,
-                                           reason=reason))
+                                           reason=reason, model_card="model_card.html"))
+
+
+def write_model_card(out: Path, folder: RunFolder, config: PipelineConfig, model: Trained, converted: Converted,
+                     evaluation: Evaluation, version: Version, promoted: bool) -> list[Path]:
+    """The version's model card (components.model_card) from this run's artifacts, into out."""
+    import datetime
+
+    from components import model_card
+    from schemas.sources import source_spec
+
+    evaluation.verify("metrics.json")
+    robustness = evaluation.dir / "robustness.json"
+    record = folder.load()
+    training = {"model": model.model, "parameters": model.parameters, "epochs": model.epochs, "device": model.device,
+                "seconds": model.seconds, "base": model.base, "transfer_mode": model.transfer_mode,
+                "config": {**{f"train.{k}": v for k, v in config.train.model_dump(mode="json").items()},
+                           **({f"transfer.{k}": v for k, v in config.transfer.model_dump(mode="json").items()}
+                              if model.base else {}), "seed": config.seed}}
+    facts = {"name": version.name, "version": version.version, "promoted": promoted, "run_id": folder.run_id,
+             "code_version": record.code_version, "model_sha256": version.tags.get(MODEL_SHA256, ""),
+             "registered_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "source_title": source_spec(config.source.value).title, "pipeline": config.pipeline.value,
+             "counts": converted.counts, "data_fingerprint": converted.fingerprint,
+             "inputs": dict(record.data_fingerprints), "training": training,
+             "metrics": json.loads((evaluation.dir / "metrics.json").read_text()),
+             "robustness": json.loads(robustness.read_text()) if robustness.is_file() else {}}
+    return model_card.write(out, facts, evaluation.dir)
 
 
 def _registration(out: Path, registration: Registration) -> Registration:
@@ -246,8 +325,10 @@ def export(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progr
     """submission.csv for the test split (with the file of each row for a folder of images), SavedModel
     + .keras, infra-validated in a fresh process before the stage folder appears."""
     from components import export as export_component
+    from components.lineage import SeenSet
 
-    return export_component.run(model, converted, out, seed=config.seed, files=examples.files("test"),
+    seen = SeenSet.load(model.seen_path) if model.seen_path else None
+    return export_component.run(model, converted, out, seed=config.seed, files=examples.files("test"), seen=seen,
                                 progress=progress)
 
 

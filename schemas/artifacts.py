@@ -216,7 +216,8 @@ class Converted(Artifact):
 
 @dataclass(frozen=True)
 class Trained(Artifact):
-    """The train stage's model: `model.keras` (or `model.joblib` for pca-svm), checkpoints/, logs/
+    """The train stage's model: `model.keras` (or `model.joblib` for pca-svm), seen.npz (the fingerprints
+    of every image it was trained on, its base's included: components.lineage), checkpoints/, logs/
     (TensorBoard), history.csv (per-epoch metrics)."""
 
     model: str = ""  # the zoo name
@@ -233,8 +234,11 @@ class Trained(Artifact):
     mlflow_run_id: str | None = None
     base: str | None = None  # transfer: the model it started from (e.g. models:/digits-mnist/3); None: scratch
     transfer_mode: str | None = None  # transfer: full | frozen | gradual
+    temperature: float | None = None  # calibrate: the temperature inside the model (components.calibrate)
+    calibration: dict[str, Any] | None = None  # calibrate: ECE before / after, fitted on val
 
-    CONTENT = ("model.keras", "model.joblib")
+    SEEN = "seen.npz"
+    CONTENT = ("model.keras", "model.joblib", SEEN)
 
     @property
     def path(self) -> Path:
@@ -242,8 +246,18 @@ class Trained(Artifact):
         self.verify(self.file)
         return self.dir / self.file
 
+    @property
+    def seen_path(self) -> Path | None:
+        """seen.npz, verified; None for a model trained before digits recorded seen images."""
+        if self.SEEN not in self.hashes and not (self.dir / self.SEEN).is_file():
+            return None
+        self.verify(self.SEEN)
+        return self.dir / self.SEEN
+
     def describe(self) -> str:
         origin = f" from {self.base} ({self.transfer_mode})" if self.base else ""
+        if self.temperature is not None:
+            origin += f", calibrated (temperature {self.temperature:.3f})"
         resumed = f", resumed at epoch {self.resumed_at_epoch}" if self.resumed_at_epoch else ""
         return (f"{self.model}{origin}: val_accuracy {self.val_accuracy:.2%} ({self.epochs} epochs, "
                 f"{self.seconds:.1f} s this attempt{resumed}): {self.dir / self.file}")
@@ -260,6 +274,7 @@ class Exported(Artifact):
     max_probability_diff: float = 0.0
     predict_seconds: float = 0.0  # in-flow prediction of every test row
     label_counts: dict[str, int] = field(default_factory=dict)
+    seen_test: int | None = None  # test rows the model was trained on (seen-test-images.csv); None: unknown
 
     CONTENT = ("submission.csv", "model.keras", "model.joblib", "saved_model/**/*")
 
@@ -269,6 +284,8 @@ class Exported(Artifact):
 
     def describe(self) -> str:
         submitted = f"{self.test_rows:,} test rows: {self.submission_path}" if self.submission else "no test split"
+        if self.seen_test:
+            submitted += f" (warning: {self.seen_test:,} of them were seen in training: seen-test-images.csv)"
         return (f"{submitted}; {self.model} agreed with the in-flow predictions on {self.infra_rows} rows in a "
                 "fresh process")
 
@@ -292,6 +309,9 @@ class Evaluation(Artifact):
     champion_val_accuracy: float | None = None
     model: str = ""  # the zoo name of the model evaluated
     comparison: dict[str, Any] | None = None  # paired with the champion on the same images (evaluate.compare)
+    seen_val: int = 0  # val images the model was trained on (its seen set, components.lineage)
+    seen_test: int = 0  # test images it was trained on
+    lineage_warning: str | None = None  # test images seen, or a lineage not (fully) known
 
     CONTENT = ("metrics.json",)
 
@@ -300,8 +320,9 @@ class Evaluation(Artifact):
         return self.dir / "report.html"
 
     def describe(self) -> str:
-        return (f"val_accuracy {self.val_accuracy:.2%}; gate {'passed' if self.passed else 'refused'}: {self.reason}; "
-                f"report {self.report}")
+        warning = f"; warning: {self.lineage_warning}" if self.lineage_warning else ""
+        return (f"val_accuracy {self.val_accuracy:.2%}; gate {'passed' if self.passed else 'refused'}: {self.reason}"
+                f"{warning}; report {self.report}")
 
     def publications(self) -> list[Publication]:
         champion = (f"champion version {self.champion_version}: {self.champion_val_accuracy:.4%} on the same data"
@@ -317,8 +338,10 @@ class Evaluation(Artifact):
         return [Publication("markdown", "evaluation-summary", f"evaluation of run {run}", (
             f"## Evaluation of run `{run}`\n\n| | |\n|---|---|\n| model | `{self.model}` |\n"
             f"| val_accuracy | **{self.val_accuracy:.4%}** |\n| threshold | {self.threshold:.2%} |\n"
-            f"| champion | {champion} |\n{paired}| gate | **{'passed' if self.passed else 'refused'}** |\n\n"
-            f"{self.reason}\n\nReport: `{self.report}`\n"))]
+            f"| champion | {champion} |\n{paired}| seen in training | val {self.seen_val:,}, test {self.seen_test:,} |\n"
+            f"| gate | **{'passed' if self.passed else 'refused'}** |\n\n{self.reason}\n\n"
+            + (f"**Warning:** {self.lineage_warning}\n\n" if self.lineage_warning else "")
+            + f"Report: `{self.report}`\n"))]
 
 
 @dataclass(frozen=True)
@@ -330,6 +353,7 @@ class Registration(Artifact):
     version: str | None = None
     promoted: bool = False
     reason: str = ""
+    model_card: str | None = None  # model_card.html (and .md) in dir, kept with the version in the registry
 
     CONTENT = ("registration.json",)
 
@@ -341,5 +365,9 @@ class Registration(Artifact):
     def publications(self) -> list[Publication]:
         if self.version is None:
             return []
-        return [Publication("link", "registry-version", "champion" if self.promoted else "registered, not champion",
-                            f"models:/{self.model_name}/{self.version}", f"{self.model_name} version {self.version}")]
+        found = [Publication("link", "registry-version", "champion" if self.promoted else "registered, not champion",
+                             f"models:/{self.model_name}/{self.version}", f"{self.model_name} version {self.version}")]
+        if self.model_card:
+            found.append(Publication("link", "model-card", f"model card of {self.model_name} version {self.version}",
+                                     (self.dir / self.model_card).as_uri(), "model card"))
+        return found

@@ -150,6 +150,10 @@ class EvaluateConfig(_Model):
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of that test")
     allow_new_registry: bool = Field(False, description="register into a registry that has lost the versions "
                                                         "this home registered there (deleted or replaced)")
+    calibrate: bool = Field(False, description="fit a temperature on the val split and keep it inside the model "
+                                               "(the calibrate stage): calibrated probabilities everywhere after")
+    allow_seen_val: bool = Field(False, description="let a model whose val split holds images it (or its base) "
+                                                    "was trained on pass the gate; recorded in the registry")
 
 
 class PipelineConfig(_Model):

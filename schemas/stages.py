@@ -1,7 +1,7 @@
 """The stage graph, declared once: every stage's name, the artifacts it consumes and produces, how it is
 reused, whether it resumes, the reports it writes and its help.
 
-    ingest -> validate -> convert -> train | transfer -> evaluate -> register -> export
+    ingest -> validate -> convert -> train | transfer -> [calibrate] -> evaluate -> register -> export
 
 The Prefect flow (flows.pipeline) runs `GRAPH.plan(config)` in order, handing each stage the artifacts
 it consumes by name; the per-stage CLI commands, `digits reports`, the run's entry page, stale-marking
@@ -134,9 +134,14 @@ class Graph:
         """The stages a pipeline runs, in order."""
         return [s for s in self.stages if s.applies_to(config)]
 
-    def producer(self, artifact: str, config: PipelineConfig) -> Stage:
-        """The stage of this pipeline that produces an artifact."""
-        return next(s for s in self.plan(config) if s.produces == artifact)
+    def producer(self, artifact: str, config: PipelineConfig, before: str | None = None) -> Stage:
+        """The stage of this pipeline that produces an artifact: the last one (a later stage may refine an
+        artifact, as calibrate does the model), or the last one before the stage `before`."""
+        plan = self.plan(config)
+        if before is not None:
+            order = self.names()
+            plan = [s for s in plan if order.index(s.name) < order.index(before)]
+        return [s for s in plan if s.produces == artifact][-1]
 
     def downstream(self, name: str) -> list[str]:
         """Every stage that consumes what `name` produced, directly or through other stages, in order."""
@@ -169,6 +174,10 @@ def _fine_tuned(config: PipelineConfig) -> bool:
     return config.transfer.base != SCRATCH
 
 
+def _calibrated(config: PipelineConfig) -> bool:
+    return config.evaluate.calibrate
+
+
 GRAPH = Graph((
     Stage("ingest", produces="examples", artifact=Examples, run="flows.stages:ingest",
           settings=("pipeline", "ingest.limit", "ingest.on_bad_rows"),
@@ -187,27 +196,34 @@ GRAPH = Graph((
           reports=(Report("convert manifest", "manifest.json"),),
           help="Split train/val (stratified) and write sharded gzip TFRecords with Apache Beam."),
     Stage("train", produces="model", artifact=Trained, run="flows.stages:train", consumes=("converted",),
-          settings=("seed", "train"), code=("components/train",), resumable=True, applies=_from_scratch,
+          settings=("seed", "train"), code=("components/train", "components/lineage.py"), resumable=True, applies=_from_scratch,
           reports=(Report("model", "model.keras"), Report("TensorBoard logs", "logs")),
           help="Train train.model from random weights, or fine-tune transfer.base; an interrupted training resumes."),
     Stage("transfer", produces="model", artifact=Trained, run="flows.stages:transfer", consumes=("converted",),
-          settings=("seed", "train", "transfer"), code=("components/transfer.py", "components/train"), resumable=True,
+          settings=("seed", "train", "transfer"), code=("components/transfer.py", "components/train", "components/lineage.py"), resumable=True,
           applies=_fine_tuned, command="train",
           reports=(Report("fine-tuned model", "model.keras"), Report("TensorBoard logs", "logs")),
           help="Fine-tune transfer.base (train-noisy and train-folder: the clean-MNIST champion); resumes like train."),
+    Stage("calibrate", produces="model", artifact=Trained, run="flows.stages:calibrate", consumes=("model", "converted"),
+          settings=("evaluate.calibrate",), code=("components/calibrate.py", "components/evaluate"),
+          applies=_calibrated, command="evaluate",
+          reports=(Report("calibrated model", "model.keras"), Report("calibration", "calibration.json")),
+          help="evaluate.calibrate=true: fit a temperature on the val split and keep it inside the model."),
     Stage("evaluate", produces="evaluation", artifact=Evaluation, run="flows.stages:evaluate",
-          consumes=("model", "converted"), settings=("pipeline", "evaluate"), code=("components/evaluate",),
+          consumes=("model", "converted"), settings=("pipeline", "evaluate"), code=("components/evaluate", "components/lineage.py"),
           after="flows.stages:record_metrics", reports=(Report("evaluation report", "report.html"),),
           help="Score the model on the val split, gate it against the threshold and the champion."),
     Stage("register", produces="registration", artifact=Registration, run="flows.stages:register",
           consumes=("model", "converted", "evaluation"), settings=("pipeline", "evaluate"),
-          code=("components/registry",), after="flows.stages:record_promotion", command="evaluate",
-          run_fields=("registry_version", "promoted", "promotion_reason"),
-          reports=(Report("registration", "registration.json"),),
+          code=("components/registry", "components/model_card.py"), after="flows.stages:record_promotion",
+          command="evaluate", run_fields=("registry_version", "promoted", "promotion_reason"),
+          reports=(Report("registration", "registration.json"), Report("model card", "model_card.html")),
           help="Register a gate-passing model as a new version and make it champion."),
     Stage("export", produces="exported", artifact=Exported, run="flows.stages:export",
-          consumes=("model", "converted", "examples"), settings=("seed",), code=("components/export",),
-          reports=(Report("submission", "submission.csv"), Report("SavedModel", "saved_model")),
+          consumes=("model", "converted", "examples"), settings=("seed",),
+          code=("components/export", "components/lineage.py"),
+          reports=(Report("submission", "submission.csv"), Report("SavedModel", "saved_model"),
+                   Report("test rows seen in training", "seen-test-images.csv")),
           help="Write submission.csv and export the model (SavedModel + .keras), checked in a fresh process."),
 ))
 """The pipeline's stages. Read it as `schemas.stages.GRAPH` at call time (a test may extend it)."""

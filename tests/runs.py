@@ -12,10 +12,14 @@ from schemas.runs import RunFolder
 
 
 def make(folder: RunFolder, config: PipelineConfig, artifact: str) -> Artifact:
-    """Run the stage of this pipeline that produces `artifact` ("examples", "converted", "model", ...) on
-    the run's upstream outputs, through the stage runner, as its per-stage command does."""
-    stage = schemas.stages.GRAPH.producer(artifact, config)
-    return runner.run_stage(folder, stage, config, runner.inputs_of(folder, stage, config)).artifact
+    """Run the stages of this pipeline that produce `artifact` ("examples", "converted", "model", ...; the
+    model's are train or transfer, then calibrate when it applies) on the run's upstream outputs, through
+    the stage runner, as their per-stage command does. Returns the last one's artifact."""
+    made = None
+    for stage in schemas.stages.GRAPH.plan(config):
+        if stage.produces == artifact:
+            made = runner.run_stage(folder, stage, config, runner.inputs_of(folder, stage, config)).artifact
+    return made
 
 
 def output(folder: RunFolder, artifact: str) -> Artifact:

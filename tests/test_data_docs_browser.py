@@ -91,3 +91,33 @@ def test_the_runs_entry_page_shows_every_suite_and_the_evaluation_offline(cli, h
     taken = _chromium(*offline, f"--screenshot={shot}", "--window-size=1100,1400", (run / "index.html").as_uri(),
                       profile=tmp_path / "profile")
     assert taken.returncode == 0 and shot.stat().st_size > 20_000
+
+
+def test_the_model_card_of_a_registered_version_renders_its_sections_offline(cli, home, tmp_path):
+    """`digits registry show NAME VERSION` says where the version's model card is; the registry's copy
+    opens in Chromium with no network and shows every section, its tables and its pictures."""
+    from components.model_card import SECTIONS
+
+    folder = tmp_path / "kaggle"
+    datagen.write_kaggle(folder, n_train=200, n_test=20, seed=5)
+    result = cli("run", "train-kaggle", "--data", folder, "--set", "validate.min_rows=10", "--set", "train.epochs=1",
+                 "--set", "train.model=baseline", "--set", "evaluate.threshold=0")
+    assert result.code == 0, result.err
+    shown = cli("registry", "show", "digits-kaggle", "1")
+    assert shown.code == 0, shown.err
+    card_uri = next(line.split(": ", 1)[1] for line in shown.out.splitlines() if line.startswith("model card: "))
+    assert card_uri.startswith("file://") and card_uri.endswith("/version-1/model_card.html")
+
+    offline = ["--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND"]
+    dom = _chromium(*offline, "--dump-dom", card_uri, profile=tmp_path / "profile")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    text = dom.stdout
+    assert "Model card: digits-kaggle version 1" in text
+    for section in SECTIONS:
+        assert f"<h2>{section}</h2>" in text, section
+    assert text.count('src="data:image/png;base64,') == 3  # robustness, calibration, confusion: inlined
+    assert "Wilson" in text and "seen.npz" in text and "train split" in text
+    shot = tmp_path / "card.png"
+    taken = _chromium(*offline, f"--screenshot={shot}", "--window-size=1100,3000", card_uri,
+                      profile=tmp_path / "profile")
+    assert taken.returncode == 0 and shot.stat().st_size > 50_000

@@ -55,7 +55,8 @@ def test_a_weaker_model_never_replaces_the_champion_and_rollback_restores_it(hom
     assert first.passed and (version, promoted) == ("1", True)
     metrics = json.loads((strong.stage_dir("evaluate") / "metrics.json").read_text())
     assert metrics["gate"] == {"passed": True, "threshold": 0.2, "policy": "at-least-champion", "alpha": 0.05,
-                               "champion_version": None, "champion_val_accuracy": None, "reason": first.reason}
+                               "champion_version": None, "champion_val_accuracy": None, "reason": first.reason,
+                               "seen_val": 0, "allow_seen_val": False}
     assert metrics["comparison"] is None
     assert np.array(metrics["confusion"]).sum() == 100 and set(metrics["per_class"]) == {str(c) for c in range(10)}
     assert 0 <= metrics["calibration"]["ece"] <= 1 and metrics["calibration"]["reliability"]
@@ -293,3 +294,116 @@ def test_the_calibration_error_is_the_gap_between_confidence_and_accuracy():
     found = calibration(labels, right_60)
     assert found["ece"] == pytest.approx(0.3) and len(found["reliability"]) == 1
     assert found["reliability"][0]["images"] == 100 and found["reliability"][0]["accuracy"] == pytest.approx(0.6)
+
+
+def _image_set(images: np.ndarray) -> set[bytes]:
+    return {image.tobytes() for image in images}
+
+
+def test_a_fine_tuned_model_is_refused_when_its_base_saw_its_val_images_and_warned_of_seen_test_rows(
+        home, kaggle_data, tmp_path, cli):
+    """Lineage of seen images: the base's training images travel through transfer; a val split holding some
+    of them refuses the gate with the count; test rows it saw are a warning, listed next to the submission."""
+    from components import records
+    from runs import output
+
+    base, config = _trained_run(kaggle_data, *STRONG)
+    assert _evaluate_and_register(base, config)[1:] == ("1", True)
+    labels, train = datagen.digits(1000, 0)  # kaggle_data's own train rows: 800 as train, 20 others as test
+    reused = tmp_path / "kaggle-again"
+    datagen.write_kaggle_arrays(reused, labels[:800], train[:800], train[800:820])
+    folder, config = validated_kaggle_run(reused, "evaluate.threshold=0.2", "seed=7", "train.model=baseline",
+                                          "train.epochs=1", "train.augment=false", "transfer.mode=full",
+                                          "transfer.base=models:/digits-kaggle/1")
+    converted = make(folder, config, "converted")
+    make(folder, config, "model")
+
+    # what the base trained on (its train split) against this run's val and test images, counted by bytes
+    base_seen = _image_set(records.load(output(base, "converted").files("train")).images)
+    own_seen = _image_set(records.load(converted.files("train")).images)
+    val, test = records.load(converted.files("val")), records.load(converted.files("test"))
+    expected_val = sum(image.tobytes() in base_seen | own_seen for image in val.images)
+    expected_test = sorted(int(i) for i, image in zip(test.ids, test.images) if image.tobytes() in base_seen | own_seen)
+    assert 0 < expected_val < len(val.ids) and 0 < len(expected_test) < 20
+
+    evaluation = make(folder, config, "evaluation")
+    assert not evaluation.passed and evaluation.seen_val == expected_val
+    assert evaluation.reason.startswith(f"the val split holds {expected_val:,} images this model (or a model it was "
+                                        "fine-tuned from) was trained on: its val score is contaminated")
+    assert evaluation.seen_test == len(expected_test)
+    metrics = json.loads((folder.stage_dir("evaluate") / "metrics.json").read_text())
+    chain = metrics["lineage"]["chain"]
+    assert [link.get("model") for link in chain] == [None, "models:/digits-kaggle/1"] and metrics["lineage"]["complete"]
+    assert [link["images"] for link in chain] == [len(own_seen), len(base_seen)]
+    record = json.loads(folder.path.read_text())
+    assert any(f"{len(expected_test)} of 20 test images were seen in training" in w for w in record["warnings"])
+    assert "Seen images" in (folder.stage_dir("evaluate") / "report.html").read_text()
+    registration = make(folder, config, "registration")
+    assert registration.version is None and "contaminated" in registration.reason
+
+    exported = make(folder, config, "exported")
+    with (folder.stage_dir("export") / "seen-test-images.csv").open() as handle:
+        listed = [int(line.split(",")[0]) for line in handle.read().splitlines()[1:]]
+    assert listed == expected_test and exported.seen_test == len(expected_test)
+
+    # the override: recorded, and the seen images no longer refuse (the champion comparison still applies)
+    result = cli("evaluate", "--run", folder.run_id, "--set", "evaluate.allow_seen_val=true",
+                 "--set", "evaluate.promote_when=not-significantly-worse")
+    assert result.code == 0, result.err
+    gate = json.loads((folder.stage_dir("evaluate") / "metrics.json").read_text())["gate"]
+    assert gate["allow_seen_val"] and "(allowed by evaluate.allow_seen_val=true)" in gate["reason"]
+    assert "contaminated" not in gate["reason"]
+
+
+def test_temperature_scaling_recovers_a_known_over_confidence():
+    """Labels drawn from softmax(z); the model says softmax(2 z): the fitted temperature is about 2 and the
+    calibration error falls, on images the temperature was not fitted on too (cross-fitted)."""
+    from components import calibrate
+    from components.evaluate import calibration
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2.0, (20_000, 10))
+    truth = calibrate.scaled(np.exp(logits), 1.0)
+    labels = np.array([rng.choice(10, p=p) for p in truth])
+    over_confident = calibrate.scaled(np.exp(logits), 0.5)
+    temperature = calibrate.fit_temperature(over_confident, labels)
+    assert abs(temperature - 2.0) < 0.1
+    before = calibration(labels, over_confident)["ece"]
+    after = calibration(labels, calibrate.scaled(over_confident, temperature))["ece"]
+    assert after < before / 5 and calibrate.cross_fitted_ece(over_confident, labels) < before / 5
+    assert (calibrate.scaled(over_confident, temperature).argmax(1) == over_confident.argmax(1)).all()
+
+
+def test_a_calibrated_model_keeps_its_temperature_everywhere_it_goes(home, kaggle_data, cli, tmp_path):
+    """evaluate.calibrate=true: the calibrate stage puts the temperature inside the model; evaluate reports
+    ECE before and after with the accuracy unchanged; the registry's model (what predict and transfer load,
+    in safe mode) gives the scaled probabilities; the export serves them."""
+    from components import calibrate, records
+    from components.evaluate import load_predict
+    from flows import runner
+    from runs import output
+
+    folder, config = _trained_run(kaggle_data, *STRONG, "evaluate.calibrate=true")
+    trained = runner.output_of(folder, "train")
+    calibrated = output(folder, "model")  # the last producer of the model: calibrate
+    assert calibrated.dir.name == "calibrate" and calibrated.temperature is not None
+    evaluation, version, promoted = _evaluate_and_register(folder, config)
+    assert (version, promoted) == ("1", True)
+    scaling = json.loads((folder.stage_dir("evaluate") / "metrics.json").read_text())["calibration"]["scaling"]
+    assert scaling["temperature"] == calibrated.temperature and scaling["ece_after"] < scaling["ece_before"]
+    val = records.load(output(folder, "converted").files("val"))
+    raw = load_predict(trained.path, trained.hashes[trained.file])(val.images)
+    assert evaluation.val_accuracy == float((raw.argmax(1) == val.labels).mean())  # argmax unchanged
+
+    with __import__("tempfile").TemporaryDirectory() as scratch:
+        reg = stages.registry()
+        registered = reg.download(reg.resolve("models:/digits-kaggle@champion"), Path(scratch))
+        served = load_predict(registered, reg.resolve("models:/digits-kaggle/1").tags["digits.model_sha256"])(val.images)
+    np.testing.assert_allclose(served, calibrate.scaled(raw, calibrated.temperature), atol=1e-4)
+    assert "Temperature-scaled" in (folder.stage_dir("evaluate") / "report.html").read_text()
+
+    exported = make(folder, config, "exported")
+    assert exported.infra_rows > 0 and exported.max_probability_diff < 1e-4  # the SavedModel, in a fresh process
+    record = json.loads(folder.path.read_text())
+    assert list(record["stages"]) == ["ingest", "validate", "convert", "train", "calibrate", "evaluate", "register",
+                                      "export"]

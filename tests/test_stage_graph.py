@@ -89,8 +89,20 @@ def test_the_graph_refuses_a_stage_whose_inputs_nothing_produces():
 
 
 def test_downstream_follows_the_artifacts_not_the_order():
-    assert GRAPH.downstream("convert") == ["train", "transfer", "evaluate", "register", "export"]
+    assert GRAPH.downstream("convert") == ["train", "transfer", "calibrate", "evaluate", "register", "export"]
     assert GRAPH.downstream("evaluate") == ["register"]  # export reads the model, not the evaluation
+    assert GRAPH.downstream("calibrate") == ["evaluate", "register", "export"]  # it refines the model
+
+
+def test_a_stage_reads_the_last_refinement_of_an_artifact_made_before_it():
+    from schemas.config import apply_overrides, default_config
+
+    plain = default_config("train-mnist")
+    calibrated = apply_overrides(plain, ["evaluate.calibrate=true"])
+    assert GRAPH.producer("model", plain, before="evaluate").name == "train"
+    assert GRAPH.producer("model", calibrated, before="evaluate").name == "calibrate"
+    assert GRAPH.producer("model", calibrated, before="calibrate").name == "train"
+    assert [s.name for s in GRAPH.commands()["evaluate"]] == ["calibrate", "evaluate", "register"]
     assert GRAPH.downstream("ingest") == GRAPH.names()[1:]
 
 

@@ -3,8 +3,10 @@ robustness, and decide whether it may become champion.
 
 Everything is measured on the run's `val` shards (never on test): accuracy, per-class precision,
 recall and F1, the 10x10 confusion matrix, a gallery of misclassified digits, and accuracy under
-increasing rotation, shift and noise. The gate passes when accuracy >= the threshold AND >= the
-current champion's accuracy re-measured on the same images in the same run.
+increasing rotation, shift and noise. The gate passes when accuracy >= the threshold AND the promotion
+policy holds against the current champion re-measured on the same images in the same run (a paired
+comparison), AND no val image is one the model (or a model it was fine-tuned from) was trained on —
+its seen set (components.lineage); test images it has seen are reported as a warning.
 """
 
 from __future__ import annotations
@@ -59,13 +61,10 @@ def load_predict(model_file: Path, sha256: str | None = None) -> Predict:
         return lambda images: _one_hot(model.predict(images.reshape(len(images), -1) / 255.0))
     if model_file.suffix != ".keras":
         raise DigitsInputError(f"{model_file}: not a model file (expected .keras, or a recorded .joblib)")
-    from components.tensorflow_runtime import import_tensorflow
-
-    import_tensorflow()
-    import keras
+    from components.calibrate import load_keras_model
 
     try:
-        model = keras.models.load_model(model_file, safe_mode=True)
+        model = load_keras_model(model_file)
     except Exception as exc:  # Keras raises ValueError, TypeError, KeyError, OSError ... for a bad file
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DigitsInputError(f"{model_file}: not a loadable Keras model ({type(exc).__name__}: {first})") from None
@@ -108,8 +107,8 @@ def _one_hot(labels: np.ndarray) -> np.ndarray:
 
 
 def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: float, champion: Champion | None,
-        policy: PromoteWhen = PromoteWhen.at_least_champion, alpha: float = 0.05,
-        progress: Progress = lambda _: None) -> Evaluation:
+        policy: PromoteWhen = PromoteWhen.at_least_champion, alpha: float = 0.05, seen=None,
+        allow_seen_val: bool = False, progress: Progress = lambda _: None) -> Evaluation:
     """Score the model on the val split, compare it with the champion on the same images, gate it, and
     write metrics.json, the pictures and report.html into out_dir."""
     from components.evaluate import report
@@ -127,9 +126,14 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
         progress(f"re-measuring the champion (version {champion.version}) on the same images")
         comparison = {"champion_version": champion.version, **compare(
             val.labels, probabilities.argmax(axis=1), predictions_of(champion.model_file, val.images, champion.sha256))}
-    gate = decide(metrics["val_accuracy"], threshold, comparison, policy, alpha)
+    lineage = seen_overlaps(seen, val, converted, progress)
+    seen_val = lineage["val"]["seen"] if lineage.get("val") else 0
+    gate = decide(metrics["val_accuracy"], threshold, comparison, policy, alpha, seen_val=seen_val,
+                  allow_seen_val=allow_seen_val)
     metrics = {**metrics, "gate": gate, "comparison": comparison, "model": trained.model, "val_rows": len(val.ids),
-               "data_fingerprint": converted.fingerprint, "calibration": calibration(val.labels, probabilities)}
+               "data_fingerprint": converted.fingerprint,
+               "calibration": {**calibration(val.labels, probabilities), "scaling": trained.calibration},
+               "lineage": lineage}
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(out_dir / "robustness.json", robustness)
     report.confusion_png(np.array(metrics["confusion"]), out_dir / "confusion.png")
@@ -141,8 +145,42 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
              f"{gate['reason']}")
     return Evaluation(dir=out_dir, val_accuracy=metrics["val_accuracy"], passed=gate["passed"],
                       reason=gate["reason"], threshold=threshold, champion_version=gate["champion_version"],
-                      champion_val_accuracy=gate["champion_val_accuracy"], model=trained.model, comparison=comparison)
+                      champion_val_accuracy=gate["champion_val_accuracy"], model=trained.model, comparison=comparison,
+                      seen_val=seen_val, seen_test=lineage["test"]["seen"] if lineage.get("test") else 0,
+                      lineage_warning=lineage_warning(lineage))
 
+
+def seen_overlaps(seen, val, converted: Converted, progress: Progress = lambda _: None) -> dict:
+    """This run's val and test images looked up in the model's seen set (components.lineage.SeenSet; None:
+    unknown, a model trained before digits recorded them)."""
+    if seen is None:
+        return {"known": False, "complete": False, "chain": [], "seen_images": None, "val": None, "test": None}
+    progress(f"looking the val and test images up in the {seen.images:,} images the model has seen")
+    test = None
+    if converted.counts.get("test"):
+        test_split = records.load(converted.files("test"))
+        test = seen.overlap(test_split.images, test_split.ids).summary()
+    return {"known": True, "complete": seen.complete, "chain": seen.chain, "seen_images": seen.images,
+            "val": seen.overlap(val.images, val.ids).summary(), "test": test}
+
+
+def lineage_warning(lineage: dict) -> str | None:
+    """One line when test images (or, allowed, val images) were seen in training, or the lineage is unknown."""
+    from components.lineage import describe_chain
+
+    parts = []
+    if lineage.get("test") and lineage["test"]["seen"]:
+        t = lineage["test"]
+        shifted = f" ({t['shifted']:,} shifted copies)" if t["shifted"] else ""
+        parts.append(f"{t['seen']:,} of {t['images']:,} test images{shifted} were seen in training (ids "
+                     f"{', '.join(map(str, t['example_ids']))}{', ...' if t['seen'] > len(t['example_ids']) else ''}): "
+                     "accuracy on them says nothing about new digits")
+    if not lineage.get("known"):
+        parts.append("the model records no seen images (trained before digits kept them): overlap not checked")
+    elif not lineage.get("complete"):
+        parts.append(f"part of the lineage is unknown ({describe_chain(lineage['chain'])}): overlap checked "
+                     "against the known part only")
+    return "; ".join(parts) or None
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict:
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
@@ -160,10 +198,12 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
 
 
 def decide(accuracy: float, threshold: float, comparison: dict | None,
-           policy: PromoteWhen = PromoteWhen.at_least_champion, alpha: float = 0.05) -> dict:
+           policy: PromoteWhen = PromoteWhen.at_least_champion, alpha: float = 0.05, *, seen_val: int = 0,
+           allow_seen_val: bool = False) -> dict:
     """The gate: the value threshold AND, against the champion measured on the same validation images
     (comparison, see compare), the promotion policy: at least as accurate; significantly better (McNemar's
-    p < alpha and more accurate); or not significantly worse."""
+    p < alpha and more accurate); or not significantly worse. AND none of the val images was seen in
+    training (seen_val, see seen_overlaps): otherwise the score is contaminated, unless allow_seen_val."""
     above_threshold = accuracy >= threshold
     against = "no champion yet"
     beats_champion = True
@@ -182,9 +222,20 @@ def decide(accuracy: float, threshold: float, comparison: dict | None,
                    f"{'met' if beats_champion else 'not met'})")
     reason = (f"val_accuracy {accuracy:.4%} {'>=' if above_threshold else 'is below'} the threshold "
               f"{threshold:.2%}; {against}")
-    return {"passed": above_threshold and beats_champion, "threshold": threshold, "policy": policy.value,
+    clean = True
+    if seen_val:
+        seen = (f"the val split holds {seen_val:,} images this model (or a model it was fine-tuned from) was "
+                "trained on")
+        if allow_seen_val:
+            reason += f"; {seen} (allowed by evaluate.allow_seen_val=true)"
+        else:
+            clean = False
+            reason = (f"{seen}: its val score is contaminated (--set evaluate.allow_seen_val=true to promote "
+                      f"anyway); {reason}")
+    return {"passed": above_threshold and beats_champion and clean, "threshold": threshold, "policy": policy.value,
             "alpha": alpha, "champion_version": comparison["champion_version"] if comparison else None,
-            "champion_val_accuracy": champion_accuracy, "reason": reason}
+            "champion_val_accuracy": champion_accuracy, "reason": reason, "seen_val": seen_val,
+            "allow_seen_val": allow_seen_val}
 
 
 CALIBRATION_BINS = 15

@@ -133,6 +133,40 @@ def _comparison(comparison: dict | None) -> str:
             f"on: p = {c['p_value']:.3g}.</p>")
 
 
+def _lineage(lineage: dict | None) -> str:
+    """The seen-images section: the model's lineage chain and how many val and test images it has seen."""
+    from components.lineage import describe_chain
+
+    if not lineage:
+        return ""
+    if not lineage.get("known"):
+        return ("<h2>Seen images</h2><p class=\"refused\">The model records no seen images (trained before digits "
+                "kept them): whether it was trained on val or test images is not known.</p>")
+
+    def row(split: str) -> str:
+        o = lineage.get(split)
+        if o is None:
+            return f"<tr><th>{split}</th><td colspan=4>no {split} split</td></tr>"
+        ids = ", ".join(map(str, o["example_ids"])) + (", ..." if o["seen"] > len(o["example_ids"]) else "")
+        return (f"<tr class=\"{'refused' if o['seen'] else 'passed'}\"><th>{split}</th><td>{o['images']:,}</td>"
+                f"<td>{o['exact']:,}</td><td>{o['shifted']:,}</td><td>{html_escape.escape(ids) or '-'}</td></tr>")
+    incomplete = ("" if lineage.get("complete") else
+                  "<p class=\"refused\">Part of the lineage is unknown: overlap is checked against the known part.</p>")
+    return (f"<h2>Seen images</h2><p>The model and the models it was fine-tuned from were trained on "
+            f"{lineage['seen_images']:,} distinct images: {html_escape.escape(describe_chain(lineage['chain']))}.</p>"
+            f"{incomplete}<table><tr><th>split</th><th>images</th><th>seen (exact)</th><th>seen (shifted)</th>"
+            f"<th>example ids</th></tr>{row('val')}{row('test')}</table>")
+
+
+def _scaling(scaling: dict | None) -> str:
+    if not scaling:
+        return "Not temperature-scaled (<code>--set evaluate.calibrate=true</code> fits a temperature on val and keeps it in the model)."
+    return (f"Temperature-scaled (evaluate.calibrate): temperature <b>{scaling['temperature']:.3f}</b> fitted on these "
+            f"validation images; ECE before <b>{scaling['ece_before']:.4f}</b>, after {scaling['ece_after']:.4f} "
+            f"(<b>{scaling['ece_after_cross_fitted']:.4f}</b> with the temperature fitted on the other half of the "
+            "images: the honest number).")
+
+
 def html(metrics: dict, robustness: dict, path: Path) -> None:
     """One self-contained page: the gate's decision, the metrics table and the three pictures."""
     gate = metrics["gate"]
@@ -152,6 +186,7 @@ img{{max-width:100%;display:block;margin:1em 0}}</style></head><body>
 <p>Validation accuracy <b>{100 * metrics['val_accuracy']:.2f}%</b> on {metrics['val_rows']:,} validation digits.</p>
 <p class="{'passed' if gate['passed'] else 'refused'}"><b>Gate {'passed' if gate['passed'] else 'refused'}</b>:
 {html_escape.escape(gate['reason'])}</p>{_comparison(metrics.get('comparison'))}
+{_lineage(metrics.get('lineage'))}
 <h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>
 <h2>Confusion</h2>{_img(out / 'confusion.png')}
 <h2>Misclassified digits</h2>{_img(out / 'errors.png')}
@@ -159,6 +194,7 @@ img{{max-width:100%;display:block;margin:1em 0}}</style></head><body>
 <h2>Calibration</h2><p>Expected calibration error <b>{metrics['calibration']['ece']:.4f}</b>: mean confidence
 {100 * metrics['calibration']['mean_confidence']:.2f}% against accuracy {100 * metrics['calibration']['accuracy']:.2f}%
 ({metrics['calibration']['bins']} bins). Label smoothing makes a model under-confident (bars above the diagonal).
+{_scaling(metrics['calibration'].get('scaling'))}
 <code>digits predict --min-confidence P</code> answers <code>?</code> below P: pick P where the bars fall below the
 accuracy you need.</p>{_img(out / 'reliability.png')}
 </body></html>

@@ -8,6 +8,8 @@ export/
                      upright, 0 background, 255 ink) -> label int64 [N], probabilities float32 [N, 10]
   model.keras        the Keras model (or model.joblib for pca-svm, which has no SavedModel)
   infra_validation.json   what the fresh process predicted against the in-flow predictions
+  seen-test-images.csv    only when the model was trained on some test rows (its seen set,
+                     components.lineage): `ImageId,Seen` (exact | shifted) — its answers there are memory
 
 Before the stage completes, a fresh Python process loads the exported model from disk — the
 SavedModel through TensorFlow alone, no Keras or digits code — predicts a sample of test rows and
@@ -17,6 +19,7 @@ stage fails and no export/ folder appears.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -38,15 +41,18 @@ Progress = Callable[[str], None]
 SUBMISSION = "submission.csv"
 SAVED_MODEL = "saved_model"
 INFRA = "infra_validation.json"
+SEEN_TEST = "seen-test-images.csv"
 SIGNATURE = "serving_default"
 TOLERANCE = 1e-4
 
 
 def run(trained: Trained, converted: Converted, out_dir: Path, *, sample: int = 512, seed: int = 0,
-        files: dict[int, str] | None = None, progress: Progress = lambda _: None) -> Exported:
+        files: dict[int, str] | None = None, seen=None, progress: Progress = lambda _: None) -> Exported:
     """Write the submission and the exported model into out_dir and infra-validate the export.
 
     files: test id -> the file that row was read from (a folder of images), added to the submission.
+    seen: the model's seen-image set (components.lineage); test rows in it are listed next to the
+    submission (SEEN_TEST), as a warning that its score on them says nothing about new digits.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     predict = load_predict(trained.path, trained.hashes.get(trained.file))
@@ -64,10 +70,14 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, sample: int = 
         labels = probabilities.argmax(axis=1)
         write_submission(out_dir / SUBMISSION, ids, labels, files)
         submission = SUBMISSION
+        if seen is not None:
+            seen_test = write_seen_test(out_dir / SEEN_TEST, ids, *seen.membership(images))
+            if seen_test:
+                progress(f"warning: {seen_test:,} of {len(ids):,} test rows were seen in training: listed in {SEEN_TEST}")
     else:  # a source without a test split (a folder of images with no test/): nothing to submit
         progress("no test split: no submission; infra-validating on validation images")
         images = records.load(converted.files("val")).images
-        ids, predict_seconds, submission = np.zeros(0, np.int64), 0.0, ""
+        ids, predict_seconds, submission, seen_test = np.zeros(0, np.int64), 0.0, "", 0
         probabilities = predict(images)
         labels = np.zeros(0, np.int64)
 
@@ -85,8 +95,23 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, sample: int = 
     (out_dir / INFRA).write_text(json.dumps({"model": served.name, "rows": len(rows), **check}, indent=2))
     return Exported(dir=out_dir, submission=submission, test_rows=len(ids), model=served.name,
                     infra_rows=len(rows), max_probability_diff=check["max_probability_diff"],
-                    predict_seconds=round(predict_seconds, 3),
+                    predict_seconds=round(predict_seconds, 3), seen_test=seen_test if seen is not None else None,
                     label_counts={str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))})
+
+
+def write_seen_test(path: Path, ids: np.ndarray, exact: np.ndarray, shifted: np.ndarray) -> int:
+    """`ImageId,Seen` (exact | shifted) for the test rows the model was trained on, written under a temporary
+    name and renamed; no file when there are none. Returns how many."""
+    rows = np.flatnonzero(exact | shifted)
+    if not len(rows):
+        return 0
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ImageId", "Seen"])
+        writer.writerows((int(ids[r]), "exact" if exact[r] else "shifted") for r in rows)
+    os.replace(partial, path)
+    return len(rows)
 
 
 def write_submission(path: Path, ids: np.ndarray, labels: np.ndarray, files: dict[int, str] | None = None) -> None:
@@ -109,7 +134,9 @@ def export_saved_model(model_file: Path, target: Path) -> None:
     tf = import_tensorflow()
     import keras
 
-    model = keras.models.load_model(model_file, safe_mode=True)
+    from components.calibrate import load_keras_model
+
+    model = load_keras_model(model_file)
     archive = keras.export.ExportArchive()
     archive.track(model)
 

@@ -7,7 +7,9 @@ implementation (components.registry.mlflow), opened by `open_registry`. Users na
 
 Every version records the file name and sha256 of its model (tags `digits.model_file`,
 `digits.model_sha256`) when it is registered; `download` returns exactly that file and refuses one
-whose bytes differ, so nothing but the registered model is ever loaded from the registry.
+whose bytes differ, so nothing but the registered model is ever loaded from the registry. Documents
+kept with a version (its seen-image set, its model card) are recorded the same way (`digits.files`)
+and read back only through `fetch`, which checks them too.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ CHAMPION = "champion"
 PREVIOUS = "digits.previous_champion"  # on a promoted version: the champion it replaced (for rollback)
 MODEL_FILE = "digits.model_file"
 MODEL_SHA256 = "digits.model_sha256"
+FILES = "digits.files"  # JSON {file name: sha256} of the documents kept with a version (seen.npz, the model card)
 
 
 def model_name(source: str) -> str:
@@ -92,10 +95,26 @@ class Registry(abc.ABC):
         Raises DigitsInputError when the version has no recorded file or its bytes differ."""
 
     @abc.abstractmethod
-    def register(self, name: str, model_file: Path, lineage: dict[str, str], gate: Gate) -> tuple[Version, bool]:
-        """Register model_file as a new version of name with the lineage tags, and make it champion when
-        gate(current champion) says so, that champion read under the registry's lock (two racing
-        registrations cannot both win against a stale one). Returns (version, promoted)."""
+    def register(self, name: str, model_file: Path, lineage: dict[str, str], gate: Gate,
+                 files: dict[str, Path] | None = None) -> tuple[Version, bool]:
+        """Register model_file as a new version of name with the lineage tags and the documents `files`
+        (name -> local file, see attach), and make it champion when gate(current champion) says so, that
+        champion read under the registry's lock (two racing registrations cannot both win against a stale
+        one). Returns (version, promoted)."""
+
+    @abc.abstractmethod
+    def attach(self, version: Version, files: dict[str, Path]) -> dict[str, str]:
+        """Keep documents with a version (name -> local file; a name already kept is replaced), their
+        sha256 recorded. Returns name -> where the registry keeps each (a URI people can open)."""
+
+    @abc.abstractmethod
+    def fetch(self, version: Version, name: str, dst: Path) -> Path | None:
+        """A document kept with the version, copied under dst and checked against its recorded sha256;
+        None when the version has none of that name. Raises DigitsInputError when its bytes differ."""
+
+    @abc.abstractmethod
+    def location_of(self, version: Version, name: str) -> str | None:
+        """Where the registry keeps a document of the version (a URI), or None."""
 
     @abc.abstractmethod
     def promote(self, name: str, version: str) -> Version:
@@ -104,6 +123,17 @@ class Registry(abc.ABC):
     @abc.abstractmethod
     def rollback(self, name: str) -> Version:
         """Move champion back to the version the current champion replaced. Raises DigitsInputError."""
+
+
+def kept_files(version: Version) -> dict[str, str]:
+    """name -> sha256 of the documents kept with a version."""
+    import json
+
+    try:
+        found = json.loads(version.tags.get(FILES, "{}"))
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 LEDGER = "registry-ledger.json"  # in $DIGITS_HOME: the versions this home registered, per registry location

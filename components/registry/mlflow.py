@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 from pathlib import Path
 from typing import Iterator
 
 from components.registry import (
     CHAMPION,
+    FILES,
     MODEL_FILE,
     MODEL_SHA256,
     PREVIOUS,
     Gate,
     Registry,
     Version,
+    kept_files,
     parse_model_uri,
 )
 from components.tracking import is_missing, log_model_file, mlflow_client
@@ -97,7 +100,42 @@ class MlflowRegistry(Registry):
         return local
 
     # writing
-    def register(self, name: str, model_file: Path, lineage: dict[str, str], gate: Gate) -> tuple[Version, bool]:
+    def fetch(self, version: Version, name: str, dst: Path) -> Path | None:
+        expected = kept_files(version).get(name)
+        if expected is None or "/" in name:
+            return None
+        run_id = self._client().get_model_version(version.name, version.version).run_id
+        local = Path(self._client().download_artifacts(run_id, f"{self._folder(version.version)}/{name}", str(dst)))
+        if not local.is_file() or sha256_file(local) != expected:
+            raise DigitsInputError(f"{version.uri}: its {name} in the registry is not the one recorded (its sha256 "
+                                   "differs); refusing to use it")
+        return local
+
+    def location_of(self, version: Version, name: str) -> str | None:
+        if name not in kept_files(version):
+            return None
+        run_id = self._client().get_model_version(version.name, version.version).run_id
+        return f"{self._client().get_run(run_id).info.artifact_uri}/{self._folder(version.version)}/{name}"
+
+    @staticmethod
+    def _folder(version: str) -> str:
+        return f"version-{version}"  # a training run registered twice keeps each version's documents apart
+
+    def attach(self, version: Version, files: dict[str, Path]) -> dict[str, str]:
+        client = self._client()
+        run_id = client.get_model_version(version.name, version.version).run_id
+        for name, path in files.items():
+            if path.name != name:
+                raise ValueError(f"a document is kept under its file name: {name} != {path.name}")
+            client.log_artifact(run_id, str(path), artifact_path=self._folder(version.version))
+        current = kept_files(self._version(client.get_model_version(version.name, version.version), {}))
+        kept = {**current, **{name: sha256_file(path) for name, path in files.items()}}
+        client.set_model_version_tag(version.name, version.version, FILES, json.dumps(kept, sort_keys=True))
+        root = client.get_run(run_id).info.artifact_uri
+        return {name: f"{root}/{self._folder(version.version)}/{name}" for name in files}
+
+    def register(self, name: str, model_file: Path, lineage: dict[str, str], gate: Gate,
+                 files: dict[str, Path] | None = None) -> tuple[Version, bool]:
         client = self._client()
         run_id = lineage.get(RUN_TAG)
         if not run_id or not self._has_run(client, run_id):  # none, or not in this store (a new registry)
@@ -109,6 +147,8 @@ class MlflowRegistry(Registry):
             if not client.search_registered_models(f"name = '{name}'"):
                 client.create_registered_model(name, description="digits models; alias 'champion' = the promoted one")
             created = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+            if files:
+                self.attach(self._version(created, {}), files)
             current = self.champion(name)
             promoted = gate(current)
             if promoted:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from components import records
+from components.calibrate import load_keras_model
 from components.tensorflow_runtime import import_tensorflow
 from components.tracking import Tracking
 from schemas import examples as ex
@@ -139,7 +140,7 @@ def fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, 
     epochs = segments[-1].end
     with strategy.scope():
         if resume is not None:
-            model = keras.models.load_model(work_dir / CHECKPOINTS / resume["checkpoint"], safe_mode=True)
+            model = load_keras_model(work_dir / CHECKPOINTS / resume["checkpoint"])
             initial_epoch = resume["epoch"]
             progress(f"resuming at epoch {initial_epoch + 1} of {epochs} from {resume['checkpoint']}")
         else:

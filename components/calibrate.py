@@ -1,0 +1,141 @@
+"""The calibrate stage (evaluate.calibrate=true): temperature scaling fitted on the val split and kept
+inside the model, so every later use of it — evaluate, the registry, the exported SavedModel, `digits
+predict` — gives calibrated probabilities.
+
+A digits model ends in softmax probabilities p. Temperature scaling (Guo et al., 2017) replaces them by
+softmax(log(p) / T), with the one number T that minimises the negative log-likelihood of the val labels:
+T > 1 softens an over-confident model, T < 1 sharpens an under-confident one (label smoothing makes
+ours under-confident). The predicted class never changes, so accuracy and the gate do not either.
+
+The calibrated model is the same functional graph with one more layer, `Temperature` (a Keras layer
+registered under the package `digits`, loadable in safe mode: no code in the file runs). Besides the
+ECE before and after on the val split the temperature was fitted on (in-sample, optimistic), the stage
+reports a 2-fold cross-fitted ECE: T fitted on one half of the val images, measured on the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from schemas.artifacts import Converted, Trained
+from schemas.errors import DigitsInputError
+
+Progress = Callable[[str], None]
+LAYER = "temperature"  # the layer's name in a calibrated model
+REPORT = "calibration.json"
+BOUNDS = (0.05, 20.0)
+_EPSILON = 1e-12
+_CLASS: Any = None
+
+
+def temperature_layer(keras) -> type:
+    """The `Temperature` layer class, registered with Keras' serialization (package `digits`) on first use."""
+    global _CLASS
+    if _CLASS is None:
+        @keras.saving.register_keras_serializable(package="digits")
+        class Temperature(keras.layers.Layer):
+            """softmax(log(p) / temperature) of class probabilities p."""
+
+            def __init__(self, temperature: float = 1.0, **kwargs):
+                super().__init__(**kwargs)
+                self.temperature = float(temperature)
+
+            def call(self, probabilities):
+                logits = keras.ops.log(keras.ops.maximum(probabilities, _EPSILON))
+                return keras.ops.softmax(logits / self.temperature, axis=-1)
+
+            def compute_output_shape(self, input_shape):
+                return input_shape
+
+            def get_config(self):
+                return {**super().get_config(), "temperature": self.temperature}
+
+        _CLASS = Temperature
+    return _CLASS
+
+
+def load_keras_model(path: Path):
+    """A .keras file loaded in safe mode, with digits' own layers known (every digits load goes through here)."""
+    from components.tensorflow_runtime import import_tensorflow
+
+    import_tensorflow()
+    import keras
+
+    temperature_layer(keras)
+    return keras.models.load_model(path, safe_mode=True)
+
+
+def scaled(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    logits = np.log(np.maximum(probabilities.astype(np.float64), _EPSILON)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """The T in BOUNDS minimising the mean negative log-likelihood of labels under softmax(log(p) / T)."""
+    from scipy.optimize import minimize_scalar
+
+    rows = np.arange(len(labels))
+
+    def nll(t: float) -> float:
+        return float(-np.log(np.maximum(scaled(probabilities, t)[rows, labels], _EPSILON)).mean())
+
+    return float(minimize_scalar(nll, bounds=BOUNDS, method="bounded", options={"xatol": 1e-4}).x)
+
+
+def cross_fitted_ece(probabilities: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
+    """ECE of temperature scaling on images it was not fitted on: two halves, each scaled with the T of the other."""
+    from components.evaluate import calibration
+
+    order = np.random.default_rng(seed).permutation(len(labels))
+    halves = (order[: len(order) // 2], order[len(order) // 2:])
+    ece = 0.0
+    for fit_on, measure_on in (halves, halves[::-1]):
+        t = fit_temperature(probabilities[fit_on], labels[fit_on])
+        ece += len(measure_on) / len(labels) * calibration(labels[measure_on], scaled(probabilities[measure_on], t))["ece"]
+    return ece
+
+
+def run(trained: Trained, converted: Converted, out_dir: Path, *, progress: Progress = lambda _: None) -> Trained:
+    """Fit T on converted's val split and write the model with T inside (model.keras), its seen-image set and
+    calibration.json into out_dir."""
+    from components import records
+    from components.evaluate import calibration, load_predict
+    from schemas.runs import write_json_atomic
+
+    if trained.file != "model.keras":
+        raise DigitsInputError(f"evaluate.calibrate=true needs a Keras model; {trained.model} is a {trained.file}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    val = records.load(converted.files("val"))
+    progress(f"fitting a temperature on {len(val.ids):,} validation images")
+    probabilities = load_predict(trained.path, trained.hashes.get(trained.file))(val.images)
+    temperature = fit_temperature(probabilities, val.labels)
+    before = calibration(val.labels, probabilities)["ece"]
+    after = calibration(val.labels, scaled(probabilities, temperature))["ece"]
+    held_out = cross_fitted_ece(probabilities, val.labels)
+    summary = {"temperature": temperature, "ece_before": before, "ece_after": after, "ece_after_cross_fitted": held_out,
+               "val_images": len(val.ids)}
+
+    import keras
+
+    model = load_keras_model(trained.path)
+    if model.layers[-1].name == LAYER:
+        raise DigitsInputError(f"{trained.path}: this model is calibrated already (it ends in a temperature layer)")
+    outputs = temperature_layer(keras)(temperature, name=LAYER, dtype="float32")(model.outputs[0])
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs  # as the zoo builds them
+    calibrated = keras.Model(inputs, outputs, name=model.name)
+    partial = out_dir / "model.partial.keras"
+    calibrated.save(partial)
+    os.replace(partial, out_dir / "model.keras")
+    if trained.seen_path is not None:
+        shutil.copyfile(trained.seen_path, out_dir / Trained.SEEN)
+    write_json_atomic(out_dir / REPORT, summary)
+    progress(f"temperature {temperature:.3f}: ECE {before:.4f} -> {after:.4f} on val ({held_out:.4f} cross-fitted)")
+    return dataclasses.replace(trained, dir=out_dir, hashes={}, temperature=temperature, calibration=summary)
