@@ -139,7 +139,7 @@ class MlflowRegistry(Registry):
         client = self._client()
         run_id = lineage.get(RUN_TAG)
         if not run_id or not self._has_run(client, run_id):  # none, or not in this store (a new registry)
-            run_id = self._holding_run(client, name)
+            run_id = self._holding_run(client, name, self.lock_dir / "mlartifacts")
         log_model_file(self.uri, run_id, model_file)
         source = f"{client.get_run(run_id).info.artifact_uri}/model"
         tags = {**lineage, RUN_TAG: run_id, MODEL_FILE: model_file.name, MODEL_SHA256: sha256_file(model_file)}
@@ -190,10 +190,13 @@ class MlflowRegistry(Registry):
         return True
 
     @staticmethod
-    def _holding_run(client, name: str) -> str:
-        """A new run of the `digits-registry` experiment to hold a model registered without a training run."""
+    def _holding_run(client, name: str, artifacts: Path) -> str:
+        """A new run of the `digits-registry` experiment to hold a model registered without a training run;
+        its files under the home's mlartifacts/ like every digits experiment's (MLflow's default would be
+        ./mlruns in whatever folder the command ran from)."""
         found = client.get_experiment_by_name(EXPERIMENT)
-        experiment = found.experiment_id if found else client.create_experiment(EXPERIMENT)
+        experiment = found.experiment_id if found else client.create_experiment(
+            EXPERIMENT, artifact_location=artifacts.resolve().as_uri())
         run_id = client.create_run(experiment, run_name=name).info.run_id
         client.set_terminated(run_id, status="FINISHED")
         return run_id

@@ -305,6 +305,8 @@ def test_registry_errors_are_one_line(cli, run, home):
     assert "a new or empty registry" in _digits(home, "registry", "list").out  # nothing registered there
     allowed = _digits(home, "evaluate", "--run", run.name, "--set", "evaluate.allow_new_registry=true")
     assert allowed.code == 0, allowed.err
+    shown = _digits(home, "registry", "show", "digits-kaggle", "1").out  # its files stay in the home
+    assert f"model card: {(home / 'mlartifacts').as_uri()}/" in shown, shown
 
 
 # --- the home -----------------------------------------------------------------------------------------
