@@ -7,8 +7,8 @@ softmax(log(p) / T), with the one number T that minimises the negative log-likel
 T > 1 softens an over-confident model, T < 1 sharpens an under-confident one (label smoothing makes
 ours under-confident). The predicted class never changes, so accuracy and the gate do not either.
 
-The calibrated model is the same functional graph with one more layer, `Temperature` (a Keras layer
-registered under the package `digits`, loadable in safe mode: no code in the file runs). Besides the
+The calibrated model is the same functional graph with one more layer, `Temperature`
+(components.keras_layers: registered with Keras, loadable in safe mode: no code in the file runs). Besides the
 ECE before and after on the val split the temperature was fitted on (in-sample, optimistic), the stage
 reports a 2-fold cross-fitted ECE: T fitted on one half of the val images, measured on the other.
 """
@@ -19,7 +19,7 @@ import dataclasses
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -31,44 +31,6 @@ LAYER = "temperature"  # the layer's name in a calibrated model
 REPORT = "calibration.json"
 BOUNDS = (0.05, 20.0)
 _EPSILON = 1e-12
-_CLASS: Any = None
-
-
-def temperature_layer(keras) -> type:
-    """The `Temperature` layer class, registered with Keras' serialization (package `digits`) on first use."""
-    global _CLASS
-    if _CLASS is None:
-        @keras.saving.register_keras_serializable(package="digits")
-        class Temperature(keras.layers.Layer):
-            """softmax(log(p) / temperature) of class probabilities p."""
-
-            def __init__(self, temperature: float = 1.0, **kwargs):
-                super().__init__(**kwargs)
-                self.temperature = float(temperature)
-
-            def call(self, probabilities):
-                logits = keras.ops.log(keras.ops.maximum(probabilities, _EPSILON))
-                return keras.ops.softmax(logits / self.temperature, axis=-1)
-
-            def compute_output_shape(self, input_shape):
-                return input_shape
-
-            def get_config(self):
-                return {**super().get_config(), "temperature": self.temperature}
-
-        _CLASS = Temperature
-    return _CLASS
-
-
-def load_keras_model(path: Path):
-    """A .keras file loaded in safe mode, with digits' own layers known (every digits load goes through here)."""
-    from components.tensorflow_runtime import import_tensorflow
-
-    import_tensorflow()
-    import keras
-
-    temperature_layer(keras)
-    return keras.models.load_model(path, safe_mode=True)
 
 
 def scaled(probabilities: np.ndarray, temperature: float) -> np.ndarray:
@@ -125,10 +87,12 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, progress: Prog
 
     import keras
 
+    from components.keras_layers import classes, load_keras_model
+
     model = load_keras_model(trained.path)
     if model.layers[-1].name == LAYER:
         raise DigitsInputError(f"{trained.path}: this model is calibrated already (it ends in a temperature layer)")
-    outputs = temperature_layer(keras)(temperature, name=LAYER, dtype="float32")(model.outputs[0])
+    outputs = classes(keras)["Temperature"](temperature, name=LAYER, dtype="float32")(model.outputs[0])
     inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs  # as the zoo builds them
     calibrated = keras.Model(inputs, outputs, name=model.name)
     partial = out_dir / "model.partial.keras"

@@ -14,7 +14,8 @@ Preprocessing: a digits model takes the canonical images (28x28x1 uint8, upright
 255 ink) and scales them itself (its `scale` layer, x / 255). Every source's ingest produces that
 canonical form (the noisy set is transposed back and its [0, 1] floats mapped to 0..255), so the new
 data reaches the base layers exactly as its training data did; a base model that does not take
-canonical images is refused. The base's own augmentation layers are replaced by this run's (train.augment).
+canonical images is refused. The base's own augmentation layers are replaced by this run's (train.augment
+and the robustness augmentations, components.train.models.augmentation).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 from components import records
 from components.calibrate import LAYER as CALIBRATION_LAYER
-from components.calibrate import load_keras_model
+from components.keras_layers import load_keras_model
 from components.tracking import Tracking
 from components.train import Segment, fit_keras, phase, prepare_work_dir
 from schemas.artifacts import Converted, Trained, sha256_file
@@ -94,9 +95,9 @@ def transferred(base, config: TrainConfig, mode: TransferMode, keras) -> Any:
     scale, features, head = _chain(base, keras)
     inputs = keras.Input((IMAGE_SIDE, IMAGE_SIDE, 1), name="image")
     x = scale(inputs)
-    if config.augment:
-        from components.train.models import augmentation
+    from components.train.models import augmentation, augments
 
+    if augments(config):
         x = augmentation(config, keras)(x)
     for layer in features:
         x = layer(x)

@@ -103,6 +103,14 @@ class TrainConfig(_Model):
     rotation_degrees: float = Field(10.0, ge=0, le=180)
     shift: float = Field(0.1, ge=0, lt=1, description="largest shift, as a fraction of the image side")
     zoom: float = Field(0.1, ge=0, lt=1, description="largest zoom in or out, as a fraction")
+    background_noise: float = Field(0.0, ge=0, le=1, description="robustness: background pixels become uniform "
+                                    "noise up to a level drawn per image from [0, this] (0: off)")
+    pixel_noise: float = Field(0.0, ge=0, le=1, description="robustness: additive Gaussian noise, sigma drawn per "
+                                                            "image from [0, this], of full ink (0: off)")
+    occlusion: float = Field(0.0, ge=0, le=1, description="robustness: share of images with a random rectangle "
+                                                          "(sides up to 40 %) erased (0: off)")
+    contrast: float = Field(0.0, ge=0, lt=1, description="robustness: contrast jitter, factor in [1 - this, 1 + this]")
+    brightness: float = Field(0.0, ge=0, le=1, description="robustness: brightness jitter, offset in [-this, this]")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="share of each target spread evenly over all "
                                                                  "classes (a softer target, less over-confidence)")
     svm_rows: PositiveInt = Field(10_000, description="pca-svm: train rows it fits on (an RBF SVC is quadratic)")

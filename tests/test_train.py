@@ -133,3 +133,73 @@ def test_every_zoo_model_scores_raw_pixels_and_reloads_in_safe_mode(name, tmp_pa
     model.save(tmp_path / "m.keras")
     again = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
     assert np.allclose(again.predict(images, verbose=0), probabilities, atol=1e-5)
+
+
+ROBUST = TrainConfig(augment=True, background_noise=1.0, pixel_noise=0.3, occlusion=0.5, contrast=0.3, brightness=0.2)
+
+
+def _scaled_digits(n: int = 64) -> np.ndarray:
+    return (datagen.digits(n, seed=9)[1][..., None] / 255.0).astype("float32")
+
+
+def test_robustness_augmentation_runs_in_order_and_only_while_training():
+    import keras
+
+    from components.train import models
+
+    block = models.augmentation(ROBUST, keras)
+    assert [layer.name for layer in block.layers][-4:] == ["occlusion", "contrast_brightness", "background_noise",
+                                                           "pixel_noise"]  # after the geometric ones (black fill)
+    assert isinstance(block.layers[0], keras.layers.RandomRotation)
+    images = _scaled_digits()
+    assert np.array_equal(np.asarray(block(images, training=False)), images)  # inference: unchanged
+    trained = np.asarray(block(images, training=True))
+    assert trained.min() >= 0 and trained.max() <= 1 and not np.allclose(trained, images)
+    assert not models.augments(TrainConfig(augment=False))
+    assert models.augments(TrainConfig(augment=False, pixel_noise=0.1))
+
+
+def test_random_backgrounds_fill_only_the_background():
+    import keras
+
+    from components.keras_layers import classes
+
+    images = _scaled_digits()
+    noisy = np.asarray(classes(keras)["BackgroundNoise"](max_level=1.0, seed=1)(images, training=True))
+    background = images < 0.1
+    assert np.array_equal(noisy[~background], images[~background])  # the ink is untouched
+    assert (noisy[background] > images[background]).mean() > 0.9 and noisy.max() <= 1
+    levels = np.array([image[mask].max() for image, mask in zip(noisy, background)])
+    assert levels.std() > 0.1  # a level of its own per image
+
+
+def test_occlusion_erases_a_rectangle_to_background_in_the_chosen_images():
+    import keras
+
+    from components.keras_layers import classes
+
+    images = np.ones((32, 28, 28, 1), "float32")
+    erased = np.asarray(classes(keras)["Occlusion"](rate=1.0, max_side=0.4, seed=2)(images, training=True))
+    for image in erased[..., 0]:
+        rows, cols = np.nonzero(image == 0)
+        if len(rows):  # a rectangle: every pixel of its bounding box is erased
+            assert (image[rows.min():rows.max() + 1, cols.min():cols.max() + 1] == 0).all()
+            assert rows.max() - rows.min() < 12 and cols.max() - cols.min() < 12
+    assert (erased == 0).any(axis=(1, 2, 3)).mean() > 0.7
+    kept = np.asarray(classes(keras)["Occlusion"](rate=0.0, seed=2)(images, training=True))
+    assert np.array_equal(kept, images)
+
+
+def test_a_robust_model_trains_and_reloads_in_safe_mode_scoring_as_before(home, kaggle_data):
+    from components.keras_layers import load_keras_model
+
+    folder, config = _converted_run(kaggle_data, "train.epochs=1", "train.model=baseline", "train.background_noise=1",
+                                    "train.pixel_noise=0.3", "train.occlusion=0.5", "train.contrast=0.3",
+                                    "train.brightness=0.2")
+    trained = make(folder, config, "model")
+    model = load_keras_model(trained.path)
+    assert {"background_noise", "pixel_noise", "occlusion", "contrast_brightness"} <= {
+        layer.name for layer in model.get_layer("augment").layers}
+    val = records.load(output(folder, "converted").files("val"))
+    accuracy = float((model.predict(val.images[..., None], verbose=0).argmax(1) == val.labels).mean())
+    assert accuracy == pytest.approx(trained.val_accuracy)

@@ -61,7 +61,7 @@ def load_predict(model_file: Path, sha256: str | None = None) -> Predict:
         return lambda images: _one_hot(model.predict(images.reshape(len(images), -1) / 255.0))
     if model_file.suffix != ".keras":
         raise DigitsInputError(f"{model_file}: not a model file (expected .keras, or a recorded .joblib)")
-    from components.calibrate import load_keras_model
+    from components.keras_layers import load_keras_model
 
     try:
         model = load_keras_model(model_file)

@@ -134,7 +134,7 @@ def export_saved_model(model_file: Path, target: Path) -> None:
     tf = import_tensorflow()
     import keras
 
-    from components.calibrate import load_keras_model
+    from components.keras_layers import load_keras_model
 
     model = load_keras_model(model_file)
     archive = keras.export.ExportArchive()

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from components import records
-from components.calibrate import load_keras_model
+from components.keras_layers import load_keras_model
 from components.tensorflow_runtime import import_tensorflow
 from components.tracking import Tracking
 from schemas import examples as ex

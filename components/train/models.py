@@ -18,22 +18,43 @@ def build(config: TrainConfig, keras) -> "keras.Model":
     body = _BODIES[config.model]
     inputs = keras.Input((IMAGE_SIDE, IMAGE_SIDE, 1), name="image")
     x = keras.layers.Rescaling(1 / 255, name="scale")(inputs)
-    if config.augment:
+    if augments(config):
         x = augmentation(config, keras)(x)
     outputs = body(x, keras, width=config.width) if config.model is ModelName.digits_net else body(x, keras)
     return keras.Model(inputs, outputs, name=config.model.value)
 
 
+def augments(config: TrainConfig) -> bool:
+    """Whether a model built for this config has an `augment` block."""
+    return config.augment or any((config.background_noise, config.pixel_noise, config.occlusion, config.contrast,
+                                  config.brightness))
+
+
 def augmentation(config: TrainConfig, keras) -> "keras.Sequential":
-    """Random rotation, shift and zoom, active only while training; out-of-image pixels are background."""
+    """The `augment` block, active only while training, on images scaled to [0, 1]: random rotation, shift
+    and zoom (train.augment; out-of-image pixels are background), then the robustness augmentations
+    (components.keras_layers) — occlusion, contrast/brightness jitter, random backgrounds, pixel noise. The
+    geometric ones come first: they fill with black, which must not cut holes in a noise background."""
+    from components.keras_layers import classes
+
     fill = {"fill_mode": "constant", "fill_value": 0.0}
+    robust = classes(keras)
     layers = []
-    if config.rotation_degrees:
+    if config.augment and config.rotation_degrees:
         layers.append(keras.layers.RandomRotation(config.rotation_degrees / 360, **fill))
-    if config.shift:
+    if config.augment and config.shift:
         layers.append(keras.layers.RandomTranslation(config.shift, config.shift, **fill))
-    if config.zoom:
+    if config.augment and config.zoom:
         layers.append(keras.layers.RandomZoom(config.zoom, config.zoom, **fill))
+    if config.occlusion:
+        layers.append(robust["Occlusion"](rate=config.occlusion, name="occlusion"))
+    if config.contrast or config.brightness:
+        layers.append(robust["ContrastBrightness"](contrast=config.contrast, brightness=config.brightness,
+                                                   name="contrast_brightness"))
+    if config.background_noise:
+        layers.append(robust["BackgroundNoise"](max_level=config.background_noise, name="background_noise"))
+    if config.pixel_noise:
+        layers.append(robust["PixelNoise"](max_sigma=config.pixel_noise, name="pixel_noise"))
     return keras.Sequential(layers, name="augment")
 
 

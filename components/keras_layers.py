@@ -1,0 +1,155 @@
+"""digits' own Keras layers, registered with Keras' serialization (package `digits`) so that a model
+holding them loads in safe mode — nothing in a model file runs as code — and `load_keras_model`, the
+one way digits loads a .keras file.
+
+- `Temperature`: softmax(log(p) / T) of class probabilities (components.calibrate).
+- Robustness augmentation (components.train.models.augmentation), active only while training, on
+  images scaled to [0, 1] (light ink on a dark background):
+  `BackgroundNoise` (background pixels replaced by uniform noise of a random level per image, as the noisy
+  MNIST variant's random backgrounds), `PixelNoise` (additive Gaussian noise of a random sigma per image),
+  `Occlusion` (a random rectangle erased to background) and `ContrastBrightness` (jitter). Each draws
+  its randomness per image and leaves inference unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+_EPSILON = 1e-12
+_CLASSES: dict[str, Any] = {}
+
+
+def classes(keras) -> dict[str, type]:
+    """The layer classes by name, defined and registered on first use (keras is imported lazily)."""
+    if _CLASSES:
+        return _CLASSES
+    ops = keras.ops
+    register = keras.saving.register_keras_serializable(package="digits")
+
+    @register
+    class Temperature(keras.layers.Layer):
+        """softmax(log(p) / temperature) of class probabilities p."""
+
+        def __init__(self, temperature: float = 1.0, **kwargs):
+            super().__init__(**kwargs)
+            self.temperature = float(temperature)
+
+        def call(self, probabilities):
+            return ops.softmax(ops.log(ops.maximum(probabilities, _EPSILON)) / self.temperature, axis=-1)
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+        def get_config(self):
+            return {**super().get_config(), "temperature": self.temperature}
+
+    class _Random(keras.layers.Layer):
+        """A training-only image augmentation with its own seed generator."""
+
+        def __init__(self, seed: int | None = None, **kwargs):
+            super().__init__(**kwargs)
+            self.seed = seed
+            self.generator = keras.random.SeedGenerator(seed)
+
+        def call(self, images, training=None):
+            return self.augment(images) if training else images
+
+        def per_image(self, images, low: float, high: float):
+            """One uniform draw per image, shaped to broadcast over (batch, height, width, channels)."""
+            return keras.random.uniform((ops.shape(images)[0], 1, 1, 1), low, high, seed=self.generator)
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+        def get_config(self):
+            return {**super().get_config(), "seed": self.seed}
+
+    @register
+    class BackgroundNoise(_Random):
+        """Background pixels (below `ink`) become uniform noise in [0, level], level ~ U(0, max_level) per image."""
+
+        def __init__(self, max_level: float = 1.0, ink: float = 0.1, **kwargs):
+            super().__init__(**kwargs)
+            self.max_level, self.ink = float(max_level), float(ink)
+
+        def augment(self, images):
+            level = self.per_image(images, 0.0, self.max_level)
+            noise = keras.random.uniform(ops.shape(images), 0.0, 1.0, seed=self.generator) * level
+            return ops.where(images < self.ink, ops.maximum(images, noise), images)
+
+        def get_config(self):
+            return {**super().get_config(), "max_level": self.max_level, "ink": self.ink}
+
+    @register
+    class PixelNoise(_Random):
+        """images + N(0, sigma^2), sigma ~ U(0, max_sigma) per image, clipped to [0, 1]."""
+
+        def __init__(self, max_sigma: float = 0.3, **kwargs):
+            super().__init__(**kwargs)
+            self.max_sigma = float(max_sigma)
+
+        def augment(self, images):
+            sigma = self.per_image(images, 0.0, self.max_sigma)
+            noise = keras.random.normal(ops.shape(images), seed=self.generator) * sigma
+            return ops.clip(images + noise, 0.0, 1.0)
+
+        def get_config(self):
+            return {**super().get_config(), "max_sigma": self.max_sigma}
+
+    @register
+    class Occlusion(_Random):
+        """With probability `rate`, a rectangle of sides up to `max_side` of the image's is erased to background."""
+
+        def __init__(self, rate: float = 0.5, max_side: float = 0.4, **kwargs):
+            super().__init__(**kwargs)
+            self.rate, self.max_side = float(rate), float(max_side)
+
+        def augment(self, images):
+            shape = ops.shape(images)
+            height, width = shape[1], shape[2]
+            side_h = self.per_image(images, 0.0, self.max_side) * ops.cast(height, "float32")
+            side_w = self.per_image(images, 0.0, self.max_side) * ops.cast(width, "float32")
+            top = self.per_image(images, 0.0, 1.0) * (ops.cast(height, "float32") - side_h)
+            left = self.per_image(images, 0.0, 1.0) * (ops.cast(width, "float32") - side_w)
+            rows = ops.reshape(ops.cast(ops.arange(height), "float32"), (1, -1, 1, 1))
+            cols = ops.reshape(ops.cast(ops.arange(width), "float32"), (1, 1, -1, 1))
+            inside = (rows >= top) & (rows < top + side_h) & (cols >= left) & (cols < left + side_w)
+            chosen = self.per_image(images, 0.0, 1.0) < self.rate
+            return ops.where(inside & chosen, ops.zeros_like(images), images)
+
+        def get_config(self):
+            return {**super().get_config(), "rate": self.rate, "max_side": self.max_side}
+
+    @register
+    class ContrastBrightness(_Random):
+        """(x - mean) * c + mean + b per image, c ~ U(1 - contrast, 1 + contrast), b ~ U(-brightness,
+        brightness), clipped to [0, 1]."""
+
+        def __init__(self, contrast: float = 0.3, brightness: float = 0.2, **kwargs):
+            super().__init__(**kwargs)
+            self.contrast, self.brightness = float(contrast), float(brightness)
+
+        def augment(self, images):
+            mean = ops.mean(images, axis=(1, 2, 3), keepdims=True)
+            c = self.per_image(images, 1.0 - self.contrast, 1.0 + self.contrast)
+            b = self.per_image(images, -self.brightness, self.brightness)
+            return ops.clip((images - mean) * c + mean + b, 0.0, 1.0)
+
+        def get_config(self):
+            return {**super().get_config(), "contrast": self.contrast, "brightness": self.brightness}
+
+    _CLASSES.update({cls.__name__: cls for cls in (Temperature, BackgroundNoise, PixelNoise, Occlusion,
+                                                     ContrastBrightness)})
+    return _CLASSES
+
+
+def load_keras_model(path: Path):
+    """A .keras file loaded in safe mode, with digits' own layers known (every digits load goes through here)."""
+    from components.tensorflow_runtime import import_tensorflow
+
+    import_tensorflow()
+    import keras
+
+    classes(keras)
+    return keras.models.load_model(path, safe_mode=True)
