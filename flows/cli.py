@@ -22,6 +22,7 @@ from components.tensorflow_runtime import import_tensorflow
 from flows.local_api import LocalAPI
 from schemas.config import Pipeline, PipelineConfig, apply_overrides, default_config
 from schemas.errors import DigitsInputError, OutOfSpace, ServiceUnavailable, chain
+from schemas.presets import PRESETS, preset
 from schemas.runs import RunFolder, scan_runs
 from schemas.sources import SOURCES, Source
 
@@ -36,10 +37,18 @@ PipelineArgument = Annotated[Pipeline, typer.Argument(
     help=" | ".join(f"{s.pipeline} ({s.title})" for s in SOURCES))]
 
 
-def _config(pipeline: Pipeline | str, data: Path | None, overrides: list[str] | None) -> PipelineConfig:
+PresetOption = Annotated[Optional[str], typer.Option(
+    "--preset", help="a named set of settings, applied before --set: " + "; ".join(f"{p.name}: {p.help}"
+                                                                                for p in PRESETS))]
+
+
+def _config(pipeline: Pipeline | str, data: Path | None, overrides: list[str] | None,
+            preset_name: str | None = None) -> PipelineConfig:
     pairs = list(overrides or [])
     if data is not None:
         pairs.insert(0, f"ingest.data={data.expanduser().resolve()}")
+    if preset_name is not None:
+        pairs[:0] = preset(preset_name).overrides
     return apply_overrides(default_config(pipeline), pairs)
 
 
@@ -47,11 +56,12 @@ def run(
     pipeline: PipelineArgument,
     data: DataOption = None,
     overrides: SetOption = None,
+    preset_name: PresetOption = None,
     require_promotion: Annotated[bool, typer.Option(
         "--require-promotion", help="exit 3 when the evaluation gate refuses to promote the model")] = False,
 ) -> None:
     """Run a whole pipeline through the Prefect flow `digits` (ephemeral API), in this process."""
-    config = _config(pipeline, data, overrides)
+    config = _config(pipeline, data, overrides, preset_name)
     api = LocalAPI.launch()  # boots while TensorFlow and Prefect are imported
     from flows.stages import start_run
 

@@ -203,3 +203,13 @@ def test_a_robust_model_trains_and_reloads_in_safe_mode_scoring_as_before(home, 
     val = records.load(output(folder, "converted").files("val"))
     accuracy = float((model.predict(val.images[..., None], verbose=0).argmax(1) == val.labels).mean())
     assert accuracy == pytest.approx(trained.val_accuracy)
+
+
+def test_the_robust_preset_sets_the_robustness_augmentation_and_set_still_wins(cli):
+    from flows.cli import _config
+
+    config = _config("train-mnist", None, ["train.pixel_noise=0.1"], "robust")
+    assert (config.train.background_noise, config.train.pixel_noise, config.train.contrast) == (1.0, 0.1, 0.2)
+    assert config.train.augment  # on top of rotation, shift and zoom
+    result = cli("run", "train-mnist", "--preset", "nosuch")
+    assert result.code == 2 and result.err.strip() == "digits: error: unknown preset 'nosuch'; known: robust"
