@@ -92,23 +92,25 @@ class MlflowRegistry(Registry):
         if not recorded or not expected or "/" in recorded:
             raise DigitsInputError(f"{version.uri} has no recorded model file and sha256 (registered before "
                                    "digits recorded them): register the model again")
-        run_id = self._client().get_model_version(version.name, version.version).run_id
-        local = Path(self._client().download_artifacts(run_id, f"model/{recorded}", str(dst)))
-        if not local.is_file() or sha256_file(local) != expected:
-            raise DigitsInputError(f"{version.uri}: the model file {recorded} in {version.source} is not the one "
-                                   "registered (its sha256 differs); refusing to load it")
-        return local
+        return self._checked(version, f"model/{recorded}", expected, dst,
+                             f"{version.uri}: the model file {recorded} in {version.source} is not the one "
+                             "registered (its sha256 differs); refusing to load it")
 
-    # writing
     def fetch(self, version: Version, name: str, dst: Path) -> Path | None:
         expected = kept_files(version).get(name)
         if expected is None or "/" in name:
             return None
+        return self._checked(version, f"{self._folder(version.version)}/{name}", expected, dst,
+                             f"{version.uri}: its {name} in the registry is not the one recorded (its sha256 "
+                             "differs); refusing to use it")
+
+    def _checked(self, version: Version, artifact: str, sha256: str, dst: Path, refusal: str) -> Path:
+        """A file of the version's MLflow run copied under dst, refused (DigitsInputError) unless its sha256 is
+        the recorded one."""
         run_id = self._client().get_model_version(version.name, version.version).run_id
-        local = Path(self._client().download_artifacts(run_id, f"{self._folder(version.version)}/{name}", str(dst)))
-        if not local.is_file() or sha256_file(local) != expected:
-            raise DigitsInputError(f"{version.uri}: its {name} in the registry is not the one recorded (its sha256 "
-                                   "differs); refusing to use it")
+        local = Path(self._client().download_artifacts(run_id, artifact, str(dst)))
+        if not local.is_file() or sha256_file(local) != sha256:
+            raise DigitsInputError(refusal)
         return local
 
     def location_of(self, version: Version, name: str) -> str | None:
@@ -121,6 +123,7 @@ class MlflowRegistry(Registry):
     def _folder(version: str) -> str:
         return f"version-{version}"  # a training run registered twice keeps each version's documents apart
 
+    # writing
     def attach(self, version: Version, files: dict[str, Path]) -> dict[str, str]:
         client = self._client()
         run_id = client.get_model_version(version.name, version.version).run_id
