@@ -65,3 +65,8 @@ class ServiceUnavailable(Exception):
     """A server the pipeline talks to (an MLflow tracking server) cannot be reached. Not bad input: it
     may pass on a later try (`digits resume` continues the run once it is back; the ingest task's
     Prefect retries count it as transient, like every error that is not bad input)."""
+
+
+class TrainingDiverged(DigitsInputError):
+    """A training whose loss became NaN or infinite: its settings (a learning rate too high) are the user's to
+    change. Nothing after it runs, so no such model is evaluated or registered."""

@@ -152,6 +152,7 @@ def fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, 
     if resume is not None:  # rows of epochs after the checkpoint (killed before it was written) are redone
         _truncate_history(work_dir / "history.csv", initial_epoch)
     callbacks = [  # in this order: an epoch is logged everywhere, then committed by its checkpoint
+        cb.StopOnNaN(),
         cb.EpochTimer(),
         keras.callbacks.CSVLogger(str(work_dir / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(work_dir / "logs"), write_graph=False, profile_batch=0),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Callable
 import keras
 
 from schemas.artifacts import sha256_file
+from schemas.errors import TrainingDiverged
 from schemas.runs import write_json_atomic
 
 STATE = "state.json"
@@ -50,6 +52,20 @@ class EpochCheckpoint(keras.callbacks.Callback):
                                                    "sha256": sha256_file(self.directory / name)})
         for old in sorted(self.directory.glob("epoch-*.keras"))[:-KEEP_CHECKPOINTS]:
             old.unlink()
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops training at the first batch whose loss is NaN or infinite, with TrainingDiverged (one line):
+    every later weight would be garbage, and Keras would go on and save it."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise TrainingDiverged(f"the training loss became {float(loss)} at epoch {self._epoch + 1}, batch "
+                                   f"{batch + 1}: lower train.learning_rate (or transfer.learning_rate)")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
 
 
 class EpochReport(keras.callbacks.Callback):
