@@ -144,12 +144,13 @@ def classes(keras) -> dict[str, type]:
     return _CLASSES
 
 
-def load_keras_model(path: Path):
-    """A .keras file loaded in safe mode, with digits' own layers known (every digits load goes through here)."""
+def load_keras_model(path: Path, compile: bool = True):
+    """A .keras file loaded in safe mode, with digits' own layers known (every digits load goes through here);
+    compile=False leaves out its optimizer (a model only predicted with, or nested in another)."""
     from components.tensorflow_runtime import import_tensorflow
 
     import_tensorflow()
     import keras
 
     classes(keras)
-    return keras.models.load_model(path, safe_mode=True)
+    return keras.models.load_model(path, safe_mode=True, compile=compile)

@@ -80,7 +80,8 @@ def validation_gate(folder: RunFolder, config: PipelineConfig, validation: Valid
 def convert(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progress, *,
             examples: Examples, validation: Validation) -> Converted:
     """TFRecord shards of the examples that validation let through (passed, or warn)."""
-    return convert_component.run(examples, config.convert, config.seed, out, progress=progress)
+    return convert_component.run(examples, config.convert, config.seed, out, dask_address=config.dask.address,
+                                 progress=progress)
 
 
 # --- train / transfer -------------------------------------------------------------------------------
@@ -91,10 +92,28 @@ def train(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progre
     (same data, seed and config), its MLflow run too."""
     from components import train as train_component
 
-    trained = train_component.run(converted, config.train, config.seed, out,
-                                  tracking=_tracking(folder, config, converted, "train"), progress=progress)
+    tracking = _tracking(folder, config, converted, "train")
+    if config.train.ensemble:
+        from components.train import ensemble
+
+        trained = ensemble.run(converted, config.train, config.seed, out, execute=_members_executor(config, progress),
+                               tracking=tracking, progress=progress)
+    else:
+        trained = train_component.run(converted, config.train, config.seed, out, tracking=tracking, progress=progress)
     _seen_of_training(folder, config, converted, progress).save(out / Trained.SEEN)
     return trained
+
+
+def _members_executor(config: PipelineConfig, progress: Progress):
+    """Where an ensemble's members train: in this process one after another (train.workers=1, no dask.address),
+    or as Prefect tasks on a Dask cluster (flows.ensemble)."""
+    from components.train import ensemble
+
+    if config.train.workers == 1 and not config.dask.address:
+        return ensemble.in_process(progress)
+    from flows.ensemble import on_dask
+
+    return on_dask(config.dask.address, config.train.workers, progress)
 
 
 def _seen_of_training(folder: RunFolder, config: PipelineConfig, converted: Converted, progress: Progress):
@@ -116,9 +135,16 @@ def transfer(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
 
     with tempfile.TemporaryDirectory(prefix="digits-base-") as scratch:
         base_file, base_ref, base_seen = _base_model(config.transfer.base, Path(scratch), progress)
-        trained = transfer_component.run(converted, config.train, config.transfer, base_file, base_ref, config.seed,
-                                         out, tracking=_tracking(folder, config, converted, "transfer"),
-                                         progress=progress)
+        tracking = _tracking(folder, config, converted, "transfer")
+        if config.train.ensemble:
+            from components.train import ensemble
+
+            trained = ensemble.run(converted, config.train, config.seed, out,
+                                   execute=_members_executor(config, progress), tracking=tracking, progress=progress,
+                                   transfer=config.transfer, base_file=base_file, base_ref=base_ref)
+        else:
+            trained = transfer_component.run(converted, config.train, config.transfer, base_file, base_ref,
+                                             config.seed, out, tracking=tracking, progress=progress)
     seen = _seen_of_training(folder, config, converted, progress).joined(base_seen, {"model": base_ref})
     seen.save(out / Trained.SEEN)
     return trained

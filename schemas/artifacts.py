@@ -236,6 +236,7 @@ class Trained(Artifact):
     transfer_mode: str | None = None  # transfer: full | frozen | gradual
     temperature: float | None = None  # calibrate: the temperature inside the model (components.calibrate)
     calibration: dict[str, Any] | None = None  # calibrate: ECE before / after, fitted on val
+    members: list[dict[str, Any]] | None = None  # an ensemble's members: name, model, seed, val_accuracy, worker...
 
     SEEN = "seen.npz"
     CONTENT = ("model.keras", "model.joblib", SEEN)
@@ -312,6 +313,7 @@ class Evaluation(Artifact):
     seen_val: int = 0  # val images the model was trained on (its seen set, components.lineage)
     seen_test: int = 0  # test images it was trained on
     lineage_warning: str | None = None  # test images seen, or a lineage not (fully) known
+    members: list[dict[str, Any]] | None = None  # an ensemble's members, each scored alone on the same images
 
     CONTENT = ("metrics.json",)
 
@@ -339,9 +341,14 @@ class Evaluation(Artifact):
             f"## Evaluation of run `{run}`\n\n| | |\n|---|---|\n| model | `{self.model}` |\n"
             f"| val_accuracy | **{self.val_accuracy:.4%}** |\n| threshold | {self.threshold:.2%} |\n"
             f"| champion | {champion} |\n{paired}| seen in training | val {self.seen_val:,}, test {self.seen_test:,} |\n"
-            f"| gate | **{'passed' if self.passed else 'refused'}** |\n\n{self.reason}\n\n"
+            f"| gate | **{'passed' if self.passed else 'refused'}** |\n{self._members_rows()}\n{self.reason}\n\n"
             + (f"**Warning:** {self.lineage_warning}\n\n" if self.lineage_warning else "")
             + f"Report: `{self.report}`\n"))]
+
+
+    def _members_rows(self) -> str:
+        return "".join(f"| {m['name']} ({m['model']}, seed {m['seed']}) | {m['val_accuracy']:.4%} alone |\n"
+                       for m in self.members or [])
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from schemas.errors import ConfigError
 from schemas.sources import SOURCES, Source, SourceSpec
@@ -75,9 +75,8 @@ class ConvertConfig(_Model):
     runner: str = Field("direct", description="direct (Beam DirectRunner, in-process) | dask (Beam DaskRunner on "
                                               "dask.distributed) | any other Beam runner name, e.g. FlinkRunner, "
                                               "configured through beam_args")
-    dask_address: str | None = Field(None, description="scheduler address for runner=dask; None starts a "
-                                                       "LocalCluster on 127.0.0.1 for the conversion")
-    dask_workers: PositiveInt = Field(2, description="worker processes of that LocalCluster")
+    dask_workers: PositiveInt = Field(2, description="runner=dask without dask.address: worker processes of the "
+                                                     "LocalCluster started on 127.0.0.1 for the conversion")
     beam_args: str = Field("", description="extra Beam pipeline options, passed through untouched "
                                            "(e.g. '--flink_master=host:8081 --environment_type=LOOPBACK')")
 
@@ -115,6 +114,34 @@ class TrainConfig(_Model):
                                                                  "classes (a softer target, less over-confidence)")
     svm_rows: PositiveInt = Field(10_000, description="pca-svm: train rows it fits on (an RBF SVC is quadratic)")
     mixed_precision: bool = Field(True, description="float16 compute on a GPU (ignored on CPU)")
+    members: PositiveInt = Field(1, description="ensemble: train this many models (seeds seed, seed+1, ...) and "
+                                                "average their probabilities in one model (1: a single model)")
+    member_models: list[ModelName] = Field([], description="ensemble: the members' architectures, cycled over the "
+                                           "members (e.g. digits-net,bn-cnn); empty: train.model for every member")
+    workers: PositiveInt = Field(1, description="ensemble: members trained at once, each in a worker process of a "
+                                                "Dask LocalCluster on 127.0.0.1 (1: one after another, in-process); "
+                                                "with dask.address set, members run on that cluster instead")
+
+    @field_validator("member_models", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _ensemble_of_networks(self) -> TrainConfig:
+        if ModelName.pca_svm in self.member_models or (self.members > 1 and self.model is ModelName.pca_svm
+                                                        and not self.member_models):
+            raise ValueError("an ensemble averages Keras networks' probabilities: pca-svm cannot be a member")
+        return self
+
+    @property
+    def ensemble(self) -> bool:
+        return self.members > 1
+
+    def member(self, index: int) -> TrainConfig:
+        """The config of ensemble member `index`: its architecture, as a single model."""
+        model = self.member_models[index % len(self.member_models)] if self.member_models else self.model
+        return self.model_copy(update={"model": model, "members": 1, "member_models": [], "workers": 1})
 
 
 class TransferMode(StrEnum):
@@ -138,6 +165,15 @@ class TransferConfig(_Model):
                                                          "frozen or gradual's first phase, uses train.learning_rate)")
     fine_tune_learning_rate: float = Field(3e-4, gt=0, description="gradual: peak learning rate once the base's "
                                                                    "layers are unfrozen (low, as in keras-io's recipe)")
+
+
+class DaskConfig(_Model):
+    """The Dask cluster that work is spread over: convert.runner=dask (Beam's DaskRunner) and ensemble members."""
+
+    address: str | None = Field(None, description="an existing scheduler (tcp://host:8786) for convert.runner=dask "
+                                "and for ensemble members; its workers must import digits and see $DIGITS_HOME "
+                                "at the same path. None: digits starts a LocalCluster on 127.0.0.1 when one is "
+                                "needed (convert.dask_workers, train.workers processes)")
 
 
 class PromoteWhen(StrEnum):
@@ -175,6 +211,7 @@ class PipelineConfig(_Model):
     train: TrainConfig = TrainConfig()
     transfer: TransferConfig = TransferConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    dask: DaskConfig = DaskConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -242,7 +279,9 @@ def apply_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineCon
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"invalid value for '{where}': {first['msg']} (got {first.get('input')!r})") from None
+        given = first.get("input")  # a whole section (a check across its fields) is not shown
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        raise ConfigError(f"invalid value for '{where}': {first['msg'].removeprefix('Value error, ')}{shown}") from None
 
 
 def _fields(model: type[BaseModel]) -> dict[str, Any]:

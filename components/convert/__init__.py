@@ -49,10 +49,11 @@ def input_fingerprint(examples: Examples) -> str:
     return digest.hexdigest()
 
 
-def run(examples: Examples, config: ConvertConfig, seed: int, out_dir: Path, *,
+def run(examples: Examples, config: ConvertConfig, seed: int, out_dir: Path, *, dask_address: str | None = None,
         progress: Progress = lambda _: None) -> Converted:
     """Convert a run's canonical dataset into TFRecord shards in out_dir. The same data, seed, val_fraction
-    and rows_per_shard give byte-identical shards on every runner."""
+    and rows_per_shard give byte-identical shards on every runner. dask_address: the scheduler that
+    runner=dask uses (None: a LocalCluster of config.dask_workers processes on 127.0.0.1)."""
     progress("fingerprinting the canonical data")
     input_fp = input_fingerprint(examples)
     train = examples.parquet(Split.train)
@@ -72,7 +73,7 @@ def run(examples: Examples, config: ConvertConfig, seed: int, out_dir: Path, *,
     progress(f"{', '.join(f'{s} {n:,}' for s, n in plan.counts.items())} rows -> {total} shards "
              f"on {runner_label(config)}")
     with _watch_shards(out_dir, total, progress):
-        _run_beam(config, lambda pipeline: _build(pipeline, train, test, plan, out_dir))
+        _run_beam(config, dask_address, lambda pipeline: _build(pipeline, train, test, plan, out_dir))
     manifest = _write_manifest(out_dir, plan, input_fp, config)
     return Converted(dir=out_dir, counts=manifest["counts"], shards={s: len(v["shards"]) for s, v in manifest["splits"].items()},
                      label_counts={s: v["label_counts"] for s, v in manifest["splits"].items()},
@@ -95,7 +96,7 @@ def runner_label(config: ConvertConfig) -> str:
     return _runner_name(config).rsplit(".", 1)[-1]
 
 
-def _run_beam(config: ConvertConfig, build: Callable[[object], None]) -> None:
+def _run_beam(config: ConvertConfig, dask_address: str | None, build: Callable[[object], None]) -> None:
     from components.convert.transforms import import_beam
 
     beam = import_beam()
@@ -111,7 +112,7 @@ def _run_beam(config: ConvertConfig, build: Callable[[object], None]) -> None:
     # A failing DoFn is raised to us, and we report it; Beam also logs it, traceback and all, on the
     # console (stderr, where errors are one line)
     logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
-    with _runner_args(config) as runner_args:
+    with _runner_args(config, dask_address) as runner_args:
         try:
             pipeline = beam.Pipeline(options=PipelineOptions([*runner_args, *extra]))
         except ValueError as exc:
@@ -127,7 +128,7 @@ def _run_beam(config: ConvertConfig, build: Callable[[object], None]) -> None:
 
 
 @contextlib.contextmanager
-def _runner_args(config: ConvertConfig) -> Iterator[list[str]]:
+def _runner_args(config: ConvertConfig, dask_address: str | None) -> Iterator[list[str]]:
     runner = _runner_name(config)
     if runner != RUNNERS["dask"]:
         yield [f"--runner={runner}"]
@@ -135,8 +136,8 @@ def _runner_args(config: ConvertConfig) -> Iterator[list[str]]:
     # One Create element (a Parquet row group) per dask partition, so every worker reads and encodes;
     # the DaskRunner's default packs 128 elements into one partition.
     partitions = [] if "--dask_npartitions" in config.beam_args else ["--dask_partition_size=1"]
-    if config.dask_address:
-        yield [f"--runner={runner}", f"--dask_client_address={config.dask_address}", *partitions]
+    if dask_address:
+        yield [f"--runner={runner}", f"--dask_client_address={dask_address}", *partitions]
         return
     from dask.distributed import LocalCluster
 

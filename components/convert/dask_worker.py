@@ -3,7 +3,7 @@
 A worker unpickles the pipeline's DoFns, which imports Apache Beam; imported plainly, Beam's BigQuery
 client logs a warning through the root logger that would land on the user's terminal once per
 worker. Importing it here, quietly, first keeps the workers' stderr for real errors. Workers of a
-cluster you run yourself (`convert.dask_address`) can preload this module too:
+cluster you run yourself (`dask.address`) can preload this module too:
 `dask worker --preload components.convert.dask_worker SCHEDULER`.
 
 When the conversion is done the cluster closes its workers, then its scheduler. On a busy machine a

@@ -126,6 +126,7 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
         progress(f"re-measuring the champion (version {champion.version}) on the same images")
         comparison = {"champion_version": champion.version, **compare(
             val.labels, probabilities.argmax(axis=1), predictions_of(champion.model_file, val.images, champion.sha256))}
+    members = member_scores(trained, val, progress)
     lineage = seen_overlaps(seen, val, converted, progress)
     seen_val = lineage["val"]["seen"] if lineage.get("val") else 0
     gate = decide(metrics["val_accuracy"], threshold, comparison, policy, alpha, seen_val=seen_val,
@@ -133,7 +134,7 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
     metrics = {**metrics, "gate": gate, "comparison": comparison, "model": trained.model, "val_rows": len(val.ids),
                "data_fingerprint": converted.fingerprint,
                "calibration": {**calibration(val.labels, probabilities), "scaling": trained.calibration},
-               "lineage": lineage}
+               "lineage": lineage, "members": members}
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(out_dir / "robustness.json", robustness)
     report.confusion_png(np.array(metrics["confusion"]), out_dir / "confusion.png")
@@ -147,7 +148,26 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
                       reason=gate["reason"], threshold=threshold, champion_version=gate["champion_version"],
                       champion_val_accuracy=gate["champion_val_accuracy"], model=trained.model, comparison=comparison,
                       seen_val=seen_val, seen_test=lineage["test"]["seen"] if lineage.get("test") else 0,
-                      lineage_warning=lineage_warning(lineage))
+                      lineage_warning=lineage_warning(lineage), members=members)
+
+
+def member_scores(trained: Trained, val, progress: Progress = lambda _: None) -> list[dict] | None:
+    """An ensemble's members, each scored alone on the same val images (None for a single model)."""
+    if not trained.members:
+        return None
+    from components.keras_layers import load_keras_model
+    from components.train.ensemble import members_of
+
+    progress(f"scoring each of the {len(trained.members)} members alone")
+    import keras
+
+    model = load_keras_model(trained.path, compile=False)
+    image = keras.Input(model.inputs[0].shape[1:], name="members_input")
+    each = keras.Model(image, [member(image) for member in members_of(model)])  # all members in one pass
+    outputs = each.predict(val.images[..., None], batch_size=1024, verbose=0)
+    return [{"name": record["name"], "model": record["model"], "seed": record["seed"],
+             "val_accuracy": float((np.asarray(probabilities).argmax(axis=1) == val.labels).mean()),
+             "worker": record.get("worker")} for record, probabilities in zip(trained.members, outputs)]
 
 
 def seen_overlaps(seen, val, converted: Converted, progress: Progress = lambda _: None) -> dict:

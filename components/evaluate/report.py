@@ -167,6 +167,18 @@ def _scaling(scaling: dict | None) -> str:
             "images: the honest number).")
 
 
+def _members(members: list[dict] | None, ensemble: float) -> str:
+    if not members:
+        return ""
+    rows = "".join(f"<tr><td>{html_escape.escape(m['name'])}</td><td>{html_escape.escape(m['model'])}</td>"
+                   f"<td>{m['seed']}</td><td>{100 * m['val_accuracy']:.2f}%</td>"
+                   f"<td>{html_escape.escape(str(m.get('worker') or 'this process'))}</td></tr>" for m in members)
+    return (f"<h2>Members</h2><p>The ensemble averages the probabilities of {len(members)} members; each alone on the "
+            f"same images:</p><table><tr><th>member</th><th>model</th><th>seed</th><th>val accuracy</th>"
+            f"<th>trained on</th></tr>{rows}<tr><th colspan=3>ensemble</th><th>{100 * ensemble:.2f}%</th><td></td>"
+            "</tr></table>")
+
+
 def html(metrics: dict, robustness: dict, path: Path) -> None:
     """One self-contained page: the gate's decision, the metrics table and the three pictures."""
     gate = metrics["gate"]
@@ -186,7 +198,7 @@ img{{max-width:100%;display:block;margin:1em 0}}</style></head><body>
 <p>Validation accuracy <b>{100 * metrics['val_accuracy']:.2f}%</b> on {metrics['val_rows']:,} validation digits.</p>
 <p class="{'passed' if gate['passed'] else 'refused'}"><b>Gate {'passed' if gate['passed'] else 'refused'}</b>:
 {html_escape.escape(gate['reason'])}</p>{_comparison(metrics.get('comparison'))}
-{_lineage(metrics.get('lineage'))}
+{_lineage(metrics.get('lineage'))}{_members(metrics.get('members'), metrics['val_accuracy'])}
 <h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>
 <h2>Confusion</h2>{_img(out / 'confusion.png')}
 <h2>Misclassified digits</h2>{_img(out / 'errors.png')}

@@ -1,0 +1,228 @@
+"""Ensembles: `train.members=N` trains N members and averages their class probabilities in ONE Keras model.
+
+Member i is train.model (or train.member_models[i % len]) trained from random weights with seed
+`seed + i`, or — in the transfer stage — the base model fine-tuned with that seed. Each member trains
+in its own folder `members/member-NN/` through the same code, checkpoints and resume as a single
+model (components.train), and writes `member.json` (its record, with the sha256 of its model file)
+when it is done: an attempt that was killed part-way trains only the members without one, each
+resuming at its last checkpoint.
+
+Where the members train is the caller's choice (`execute`): one after another in this process, or as
+Prefect tasks on a Dask cluster (flows.ensemble). A job is plain data and `MemberJob.run` the whole
+of a member's work, so it can be pickled to a worker process on another machine that sees the run's
+folder at the same path.
+
+The ensemble model is the members (each a nested model named `member-NN`) applied to the same input
+and averaged by a `probabilities` layer: evaluate, the registry, export, `digits predict` and calibrate
+take it like any model, and evaluate scores each member beside it (`members_of`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from components import records
+from components.tracking import Tracking
+from schemas.artifacts import Converted, Trained, sha256_file
+from schemas.config import TrainConfig, TransferConfig
+from schemas.errors import TrainingDiverged
+from schemas.runs import write_json_atomic
+
+Progress = Callable[[str], None]
+MEMBERS = "members"
+RECORD = "member.json"
+STATE = "ensemble.json"
+MODEL = "model.keras"
+PREFIX = "member-"
+
+
+@dataclass(frozen=True)
+class MemberJob:
+    """Everything one member's training needs, picklable: where it reads, where it writes, how it trains."""
+
+    index: int
+    seed: int
+    config: TrainConfig  # the member's own config: one model of its architecture
+    converted: Converted
+    work_dir: Path
+    tracking: Tracking | None = None
+    base_file: Path | None = None  # transfer: the base model, copied into the stage folder (workers read it)
+    base_ref: str | None = None
+    transfer: TransferConfig | None = None
+    signature: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{PREFIX}{self.index:02d}"
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.config.model.value}, seed {self.seed})"
+
+    def done(self) -> dict | None:
+        """The member's record, when an earlier attempt finished it with these settings and its model file
+        is still the one it recorded."""
+        try:
+            record = json.loads((self.work_dir / RECORD).read_text())
+            if record.get("signature") == self.signature and \
+                    sha256_file(self.work_dir / record["file"]) == record["sha256"]:
+                return record
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return None
+
+    def run(self, progress: Progress = lambda _: None, worker: str | None = None) -> dict:
+        """Train the member (or return its record when already trained); returns its record."""
+        record = self.done()
+        if record is not None:
+            progress(f"{self.describe()}: trained by an earlier attempt, val_accuracy {record['val_accuracy']:.2%}")
+            return record
+        said = lambda message: progress(f"{self.name}: {message}")  # noqa: E731
+        try:
+            if self.transfer is None:
+                from components import train
+
+                trained = train.run(self.converted, self.config, self.seed, self.work_dir, tracking=self.tracking,
+                                    progress=said)
+            else:
+                from components import transfer
+
+                trained = transfer.run(self.converted, self.config, self.transfer, self.base_file, self.base_ref,
+                                       self.seed, self.work_dir, tracking=self.tracking, progress=said)
+        except TrainingDiverged as exc:
+            raise TrainingDiverged(f"ensemble {self.describe()}: {exc}") from None
+        record = {"name": self.name, "index": self.index, "model": self.config.model.value, "seed": self.seed,
+                  "val_accuracy": trained.val_accuracy, "epochs": trained.epochs, "seconds": trained.seconds,
+                  "resumed_at_epoch": trained.resumed_at_epoch, "parameters": trained.parameters,
+                  "mlflow_run_id": trained.mlflow_run_id, "worker": worker, "file": trained.file,
+                  "sha256": sha256_file(self.work_dir / trained.file), "signature": self.signature}
+        write_json_atomic(self.work_dir / RECORD, record)
+        return record
+
+
+Execute = Callable[[list[MemberJob]], list[dict]]
+
+
+def in_process(progress: Progress) -> Execute:
+    """Train the members one after another in this process."""
+    return lambda jobs: [job.run(progress) for job in jobs]
+
+
+def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *, execute: Execute,
+        tracking: Tracking | None = None, progress: Progress = lambda _: None,
+        transfer: TransferConfig | None = None, base_file: Path | None = None, base_ref: str | None = None) -> Trained:
+    """Train config.members members through `execute` and combine them into work_dir/model.keras.
+
+    work_dir may hold an earlier attempt at the same ensemble (same data, seed and config): its finished
+    members are kept and its unfinished ones resume; otherwise it is cleared."""
+    signature = {"data": converted.fingerprint, "seed": seed, "config": config.model_dump(mode="json"),
+                 "base": base_ref, "transfer": transfer.model_dump(mode="json") if transfer else None}
+    state = _state(work_dir, signature)
+    (work_dir / MEMBERS).mkdir(parents=True, exist_ok=True)
+    if base_file is not None:  # where every worker can read it, whatever machine it is on
+        kept = work_dir / "base.keras"
+        if not kept.is_file() or sha256_file(kept) != sha256_file(base_file):
+            partial = work_dir / ".base.keras.partial"
+            shutil.copyfile(base_file, partial)
+            partial.replace(kept)
+        base_file = kept
+    parent = tracking.start(state.get("mlflow_run_id"), {
+        **{f"train.{k}": v for k, v in config.model_dump(mode="json").items()}, "seed": seed,
+        "members": config.members}) if tracking else None
+    write_json_atomic(work_dir / STATE, {"signature": signature, "mlflow_run_id": parent})
+    jobs = [_job(i, converted, config, seed, work_dir, tracking, parent, transfer, base_file, base_ref)
+            for i in range(config.members)]
+    progress(f"ensemble of {len(jobs)} members: " + ", ".join(job.describe() for job in jobs))
+    started = time.perf_counter()
+    members = sorted(execute(jobs), key=lambda record: record["index"])
+    progress("combining the members into one model")
+    val = records.load(converted.files("val"))
+    model = combine([work_dir / MEMBERS / m["name"] / m["file"] for m in members], work_dir / MODEL)
+    val_accuracy = float((np.argmax(model.predict(val.images[..., None], batch_size=1024, verbose=0), axis=1)
+                          == val.labels).mean())
+    seconds = time.perf_counter() - started
+    if tracking:
+        tracking.log_metrics({f"{m['name']}.val_accuracy": m["val_accuracy"] for m in members}, step=0)
+        tracking.finish({"final_val_accuracy": val_accuracy}, step=0)
+    best = max(m["val_accuracy"] for m in members)
+    scores = ", ".join(f"{m['val_accuracy']:.2%}" for m in members)
+    progress(f"ensemble val_accuracy {val_accuracy:.2%} (members {scores}; best member {best:.2%})")
+    return Trained(dir=work_dir, model=f"ensemble of {len(members)} ({_architectures(members)})", file=MODEL,
+                   epochs=config.epochs, resumed_at_epoch=None, val_accuracy=val_accuracy,
+                   train_rows=converted.counts.get("train", 0), val_rows=len(val.ids),
+                   parameters=int(model.count_params()), seconds=round(seconds, 2), seconds_per_epoch=None,
+                   device=_device(), mlflow_run_id=parent,
+                   base=base_ref, transfer_mode=transfer.mode.value if transfer else None,
+                   members=[{k: m[k] for k in ("name", "model", "seed", "val_accuracy", "epochs", "seconds", "worker",
+                                               "resumed_at_epoch", "mlflow_run_id")} for m in members])
+
+
+def _job(index: int, converted: Converted, config: TrainConfig, seed: int, work_dir: Path, tracking: Tracking | None,
+         parent: str | None, transfer: TransferConfig | None, base_file: Path | None, base_ref: str | None) -> MemberJob:
+    member = config.member(index)
+    job = MemberJob(index=index, seed=seed + index, config=member, converted=converted,
+                    work_dir=work_dir / MEMBERS / f"{PREFIX}{index:02d}", base_file=base_file, base_ref=base_ref,
+                    transfer=transfer,
+                    signature={"data": converted.fingerprint, "seed": seed + index,
+                               "config": member.model_dump(mode="json"), "base": base_ref,
+                               "transfer": transfer.model_dump(mode="json") if transfer else None})
+    if tracking is None:
+        return job
+    child = Tracking(tracking.uri, tracking.experiment, f"{tracking.run_name}-{job.name}",
+                     {**tracking.tags, "digits.member": job.name, **({"mlflow.parentRunId": parent} if parent else {})},
+                     artifact_root=tracking.artifact_root)
+    return MemberJob(**{**job.__dict__, "tracking": child})
+
+
+def _state(work_dir: Path, signature: dict) -> dict:
+    """The earlier attempt's state when it made this ensemble; otherwise work_dir is cleared."""
+    try:
+        state = json.loads((work_dir / STATE).read_text())
+        if state.get("signature") == signature:
+            return state
+    except (OSError, ValueError):
+        pass
+    if work_dir.exists():
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+    return {}
+
+
+def combine(member_files: list[Path], out: Path):
+    """One model: the members (nested, named member-NN) on the same input, probabilities averaged. Saved
+    atomically to `out`; returned."""
+    from components.keras_layers import load_keras_model
+    from components.train.callbacks import save_atomic
+
+    import keras
+
+    members = [load_keras_model(path, compile=False) for path in member_files]
+    image = keras.Input(members[0].inputs[0].shape[1:], name="image")
+    outputs = [keras.Model(m.inputs[0], m.outputs[0], name=f"{PREFIX}{i:02d}")(image) for i, m in enumerate(members)]
+    probabilities = keras.layers.Average(name="probabilities")(outputs)
+    model = keras.Model(image, probabilities, name=f"ensemble-{len(members)}")
+    save_atomic(model, out)
+    return model
+
+
+def members_of(model) -> list:
+    """The member sub-models of an ensemble model, in order (calibrate's model keeps them at its top level);
+    an empty list for a single model."""
+    return [layer for layer in model.layers if layer.name.startswith(PREFIX)]
+
+
+def _architectures(members: list[dict]) -> str:
+    names = [m["model"] for m in members]
+    return ", ".join(f"{names.count(n)} {n}" for n in dict.fromkeys(names))
+
+
+def _device() -> str:
+    from components.tensorflow_runtime import import_tensorflow
+
+    return "GPU" if import_tensorflow().config.list_physical_devices("GPU") else "CPU"

@@ -1,0 +1,111 @@
+"""Ensemble members as Prefect tasks on a Dask cluster, through prefect-dask's DaskTaskRunner.
+
+`train.workers > 1` starts a LocalCluster of that many worker processes on 127.0.0.1 for the members
+(never more workers than members); `dask.address` sends them to a scheduler you run (`dask scheduler`,
+then `dask worker tcp://HOST:8786` on every machine). Each member is one task of the flow
+`ensemble-members`, a sub-flow of the stage that asked for it, so the Prefect UI shows every member's
+state, logs and the worker it ran on.
+
+What a worker needs: digits installed (the same version), the run folder at the same path
+($DIGITS_HOME on a shared file system: NFS, a mounted bucket) — members read the run's TFRecord shards
+and write their checkpoints and model into the stage folder there — and the same MLflow tracking URI
+(a server, not SQLite, when workers are on other machines). A member's TensorFlow gets the host's cores
+divided by the workers on that host, so N workers on one machine do not oversubscribe it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from components.train.ensemble import Execute, MemberJob
+from flows.local_api import LocalAPI
+
+
+def on_dask(address: str | None, workers: int, progress) -> Execute:
+    """An executor that trains the members as Prefect tasks on Dask: on `address`, or on a LocalCluster of
+    `workers` processes."""
+    def execute(jobs: list[MemberJob]) -> list[dict]:
+        api = LocalAPI.launch()  # the workers report to the same Prefect API as this process (inherited env)
+        if api is not None:
+            api.connect()
+        from prefect import flow
+        from prefect_dask import DaskTaskRunner
+
+        from flows.pipeline import console_logs_to_stdout
+
+        if address:
+            runner = DaskTaskRunner(address=address)
+            where = f"the Dask cluster at {address}"
+        else:
+            n = min(workers, len(jobs))
+            runner = DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
+                "n_workers": n, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
+                "dashboard_address": None, "silence_logs": logging.ERROR,
+                "preload": ["components.convert.dask_worker"]})
+            where = f"a LocalCluster of {n} worker processes"
+        progress(f"training {len(jobs)} members on {where}")
+
+        @flow(name="ensemble-members", task_runner=runner, log_prints=True)
+        def ensemble_members() -> list[dict]:
+            console_logs_to_stdout()
+            futures = [_train_member.submit(job) for job in jobs]
+            return [future.result() for future in futures]
+
+        with _quiet("distributed", logging.ERROR), _quiet("prefect.task_runner.dask", logging.WARNING):
+            return ensemble_members()
+
+    return execute
+
+
+@task(name="train-member", cache_policy=NO_CACHE)
+def _train_member(job: MemberJob) -> dict:
+    """One member, in a Dask worker: TensorFlow limited to this host's share of the cores."""
+    from distributed import get_client, get_worker
+    from prefect import get_run_logger
+
+    from flows.pipeline import console_logs_to_stdout
+
+    console_logs_to_stdout()
+    worker = get_worker()
+    host = _host(worker.address)
+    on_host = sum(1 for w in get_client().scheduler_info(n_workers=-1)["workers"] if _host(w) == host) or 1
+    threads = max(1, (os.cpu_count() or 1) // on_host)
+    _limit_tensorflow_threads(threads)
+    logger = get_run_logger()
+    name = worker.name if worker.name is not None else worker.address
+    logger.info("%s on worker %s (%s), %d TensorFlow threads", job.describe(), name, worker.address, threads)
+    return job.run(logger.info, worker=f"{name} ({worker.address})")
+
+
+@contextlib.contextmanager
+def _quiet(logger: str, level: int) -> Iterator[None]:
+    """The cluster's own INFO chatter (every connection, the scheduler's start and close: Prefect's console
+    handler shows the `distributed` loggers) off the console while the members run."""
+    log = logging.getLogger(logger)
+    before = log.level
+    log.setLevel(max(level, before))
+    try:
+        yield
+    finally:
+        log.setLevel(before)
+
+
+def _host(address: str) -> str:
+    return address.split("://", 1)[-1].rsplit(":", 1)[0]
+
+
+def _limit_tensorflow_threads(threads: int) -> None:
+    from components.tensorflow_runtime import import_tensorflow
+
+    tf = import_tensorflow()
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError:  # this worker process trained a member already: its runtime keeps its threads
+        pass

@@ -1,0 +1,153 @@
+"""Ensembles (train.members): members trained in this process or on a Dask cluster through Prefect, combined
+into one Keras model that evaluate, the registry and export take like any model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datagen
+import numpy as np
+import pytest
+from runs import make, output, validated_kaggle_run
+
+from components import records
+from components.keras_layers import load_keras_model
+from components.tracking import tracking_uri
+from flows import stages
+
+DIGITS = str(Path(sys.executable).with_name("digits"))
+
+
+@pytest.fixture(scope="module")
+def kaggle_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("kaggle")
+    datagen.write_kaggle(folder, n_train=400, n_test=50)
+    return folder
+
+
+def _converted_run(data: Path, *overrides: str):
+    folder, config = validated_kaggle_run(data, *overrides)
+    make(folder, config, "converted")
+    return folder, config
+
+
+@pytest.mark.e2e
+def test_a_two_member_ensemble_is_one_model_through_evaluate_registry_and_export(cli, home, kaggle_data):
+    result = cli("run", "train-kaggle", "--data", kaggle_data, "--set", "validate.min_rows=10",
+                 "--set", "train.epochs=1", "--set", "train.members=2", "--set", "train.member_models=digits-net,baseline",
+                 "--set", "evaluate.threshold=0")
+    assert result.code == 0, result.err
+    (run,) = sorted((home / "runs").iterdir())
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "completed"
+    members = record["stages"]["train"]["outputs"]["members"]
+    assert [(m["name"], m["model"], m["seed"]) for m in members] == [("member-00", "digits-net", 42),
+                                                                     ("member-01", "baseline", 43)]
+    assert "member-01: epoch 1/1" in result.out
+
+    # one model: its members nested, their probabilities averaged
+    model = load_keras_model(run / "train/model.keras")
+    val = records.load(output(stages.RunFolder(run), "converted").files("val"))
+    alone = [load_keras_model(run / "train/members" / m["name"] / "model.keras").predict(val.images[..., None], verbose=0)
+             for m in members]
+    assert np.allclose(model.predict(val.images[..., None], verbose=0), np.mean(alone, axis=0), atol=1e-5)
+
+    # evaluate scores every member beside the ensemble, on the same images
+    metrics = json.loads((run / "evaluate/metrics.json").read_text())
+    scored = {m["name"]: m["val_accuracy"] for m in metrics["members"]}
+    for m, probabilities in zip(members, alone):
+        assert scored[m["name"]] == pytest.approx(float((probabilities.argmax(axis=1) == val.labels).mean()))
+    assert "<h2>Members</h2>" in (run / "evaluate/report.html").read_text()
+
+    # registered and exported like any model; MLflow shows the members as child runs of the stage's run
+    assert record["registry_version"] == 1 and (run / "export/saved_model").is_dir()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(home))
+    parent = record["stages"]["train"]["outputs"]["mlflow_run_id"]
+    for m in members:
+        child = client.get_run(m["mlflow_run_id"])
+        assert child.data.tags["mlflow.parentRunId"] == parent and child.data.tags["digits.member"] == m["name"]
+    assert client.get_run(parent).data.metrics["final_val_accuracy"] == pytest.approx(metrics["val_accuracy"])
+
+
+def test_a_member_whose_loss_becomes_nan_fails_the_stage_in_one_line_and_nothing_is_registered(cli, home, kaggle_data):
+    result = cli("run", "train-kaggle", "--data", kaggle_data, "--set", "validate.min_rows=10",
+                 "--set", "train.epochs=1", "--set", "train.members=2", "--set", "train.learning_rate=1e12",
+                 "--set", "evaluate.threshold=0")
+    assert result.code == 2
+    (line,) = result.err.strip().splitlines()
+    assert "member-00 (digits-net, seed 42)" in line and "the training loss became" in line
+    assert "learning_rate" in line and "Traceback" not in result.out
+    (run,) = sorted((home / "runs").iterdir())
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "failed" and record["stages"]["train"]["status"] == "failed"
+    assert "evaluate" not in record["stages"] and record.get("registry_version") is None
+    assert stages.registry().versions("digits-kaggle") == []
+
+
+def test_pca_svm_cannot_be_a_member(cli, home, kaggle_data):
+    result = cli("run", "train-kaggle", "--data", kaggle_data, "--set", "train.members=2",
+                 "--set", "train.member_models=digits-net,pca-svm")
+    assert result.code == 2
+    assert result.err.strip() == ("digits: error: invalid value for 'train': an ensemble averages Keras networks' "
+                                  "probabilities: pca-svm cannot be a member")
+
+
+@pytest.mark.e2e
+def test_members_train_on_a_two_worker_local_cluster_through_prefect(home, kaggle_data):
+    folder, _ = _converted_run(kaggle_data)
+    done = subprocess.run([DIGITS, "train", "--run", folder.run_id, "--set", "train.epochs=1",
+                           "--set", "train.members=2", "--set", "train.workers=2"],
+                          env={**os.environ, "DIGITS_HOME": str(home)}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert "training 2 members on a LocalCluster of 2 worker processes" in done.stdout
+    assert "distributed.scheduler" not in done.stdout  # the cluster's own chatter stays off the console
+    trained = output(folder, "model")
+    workers = [m["worker"] for m in trained.members]
+    assert all(w and "tcp://127.0.0.1:" in w for w in workers) and len(set(workers)) == 2, workers
+    assert json.loads((folder.root / "run.json").read_text())["stages"]["train"]["outputs"]["members"][1]["worker"] \
+        == workers[1]
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["ensemble-members"])))
+    assert any(r.state.is_completed() for r in runs)
+
+
+@pytest.mark.e2e
+def test_a_killed_ensemble_resumes_training_only_the_unfinished_members(home, tmp_path):
+    datagen.write_kaggle(tmp_path / "kaggle", n_train=1500, n_test=20)
+    folder, _ = _converted_run(tmp_path / "kaggle")
+    command = [DIGITS, "train", "--run", folder.run_id, "--set", "train.epochs=2", "--set", "train.members=3"]
+    env = {**os.environ, "DIGITS_HOME": str(home)}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    members = folder.root / ".train.inprogress/members"
+    first = members / "member-00/member.json"
+    deadline = time.monotonic() + 300
+    while not first.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (members / "member-01/member.json").exists(), "killed too late: member-01 had finished"
+    assert not folder.stage_dir("train").exists()
+    kept = (members / "member-00/model.keras").stat().st_mtime_ns
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "member-00 (digits-net, seed 42): trained by an earlier attempt" in done.stdout
+    assert "member-00: epoch" not in done.stdout
+    assert "member-01: epoch 2/2" in done.stdout and "member-02: epoch 2/2" in done.stdout
+    trained = output(folder, "model")
+    assert [m["name"] for m in trained.members] == ["member-00", "member-01", "member-02"]
+    assert (folder.stage_dir("train") / "members/member-00/model.keras").stat().st_mtime_ns == kept
