@@ -153,7 +153,7 @@ def _run_stages(folder: RunFolder, config: PipelineConfig, stages_: list) -> Non
 
     for stage in stages_:
         inputs = runner.inputs_of(folder, stage, config)
-        if stage.resumable:  # epoch lines stay on screen
+        if stage.lines:  # epoch and trial lines stay on screen
             outcome = runner.run_stage(folder, stage, config, inputs,
                                        progress=lambda message, s=stage: console.print(f"{s.name}: {message}"))
         else:

@@ -97,9 +97,10 @@ def digits(config: PipelineConfig, run_id: str | None = None) -> str:
     get_run_logger().info("run %s in %s", folder.run_id, folder.root)
     artifacts: dict[str, Artifact] = {}
     try:
-        for stage in schemas.stages.GRAPH.plan(config):
+        graph = schemas.stages.GRAPH
+        for stage in graph.plan(config):
             artifacts[stage.produces] = _stage_task(stage)(folder.run_id, config,
-                                                           {name: artifacts[name] for name in stage.consumes})
+                                                           {name: artifacts[name] for name in graph.consumed(stage, config)})
     except BaseException as exc:  # a failed stage recorded itself; whatever else failed, the run is not running
         runner.fail_run(folder, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise

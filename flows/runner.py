@@ -64,7 +64,7 @@ def stage_key(stage: Stage, config: PipelineConfig, inputs: dict[str, Artifact])
         if external is None:
             return None
     payload = [KEY_FORMAT, stage.name, stage.code_digest(), stage.settings_of(config),
-               {name: inputs[name].digest for name in stage.consumes}, external]
+               {name: artifact.digest for name, artifact in inputs.items()}, external]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -308,7 +308,8 @@ def output_of(folder: RunFolder, stage: str) -> Artifact:
 def inputs_of(folder: RunFolder, stage: Stage, config: PipelineConfig) -> dict[str, Artifact]:
     """The artifacts a stage consumes, from the stages of this run that produced them."""
     graph = schemas.stages.GRAPH
-    return {name: output_of(folder, graph.producer(name, config, before=stage.name).name) for name in stage.consumes}
+    return {name: output_of(folder, graph.producer(name, config, before=stage.name).name)
+            for name in graph.consumed(stage, config)}
 
 
 def finish_run(folder: RunFolder) -> RunRecord:

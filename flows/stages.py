@@ -8,6 +8,7 @@ stage's output is in place. No Prefect here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -19,7 +20,7 @@ from components import validate as validate_component
 from components.registry import (MODEL_SHA256, Registry, Version, check_not_replaced, model_name, open_registry,
                                  remember)
 from components.tracking import Tracking, log_model_file, tracking_uri
-from schemas.artifacts import Converted, Evaluation, Examples, Exported, Registration, Trained, Validation
+from schemas.artifacts import Converted, Evaluation, Examples, Exported, Registration, Trained, Tuned, Validation
 from schemas.config import FailOn, PipelineConfig
 from schemas.errors import DigitsInputError, ValidationFailed
 from schemas.runs import RunFolder, RunRecord, digits_home, list_runs, write_json_atomic
@@ -84,13 +85,51 @@ def convert(folder: RunFolder, config: PipelineConfig, out: Path, progress: Prog
                                  progress=progress)
 
 
+# --- tune -------------------------------------------------------------------------------------------
+
+def tune(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progress, *,
+         converted: Converted) -> Tuned:
+    """tune.trials > 0: an Optuna study over tune.space; the train stage uses its best settings. The study is
+    named after the run and what it searches, so a killed tune resumes with its finished trials."""
+    import hashlib
+
+    from components import tune as tune_component
+
+    searched = json.dumps([converted.fingerprint, config.seed, config.tune.model_dump(mode="json", exclude={"workers"}),
+                           config.train.model_dump(mode="json", exclude={"members", "member_models", "workers"})],
+                          sort_keys=True)
+    study = f"{folder.run_id}-tune-{hashlib.sha256(searched.encode()).hexdigest()[:12]}"
+    if config.tune.workers == 1 and not config.dask.address:
+        execute = tune_component.in_process(progress)
+    else:
+        from flows.on_dask import on_dask
+
+        execute = on_dask(config.dask.address, config.tune.workers, progress, flow_name="tune-trials",
+                          task_name="tune-trial", what="trials")
+    return tune_component.run(converted, config.tune, config.train, config.seed, out, study=study,
+                              storage=tune_component.storage_url(config.tune, digits_home()), execute=execute,
+                              tracking=_tracking(folder, config, converted, "tune"), progress=progress)
+
+
+def tuned(config: PipelineConfig, tuning: Tuned | None, progress: Progress) -> PipelineConfig:
+    """The run's config with the tune stage's best train settings in it (as is without a tune stage)."""
+    if tuning is None:
+        return config
+    chosen = ", ".join(f"train.{k}={v:.4g}" if isinstance(v, float) else f"train.{k}={v}"
+                       for k, v in tuning.best_params.items())
+    progress(f"training with the tuned settings (best of {tuning.trials} trials): {chosen}")
+    return config.model_copy(update={"train": config.train.model_copy(update=tuning.best_params)})
+
+
 # --- train / transfer -------------------------------------------------------------------------------
 
 def train(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progress, *,
-          converted: Converted) -> Trained:
-    """Fit train.model from random weights; resumable: an attempt killed after epoch k continues at k + 1
-    (same data, seed and config), its MLflow run too."""
+          converted: Converted, tuning: Tuned | None = None) -> Trained:
+    """Fit train.model from random weights (with the tune stage's settings when there is one); resumable: an
+    attempt killed after epoch k continues at k + 1 (same data, seed and config), its MLflow run too."""
     from components import train as train_component
+
+    config = tuned(config, tuning, progress)
 
     tracking = _tracking(folder, config, converted, "train")
     if config.train.ensemble:
@@ -100,6 +139,8 @@ def train(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progre
                                tracking=tracking, progress=progress)
     else:
         trained = train_component.run(converted, config.train, config.seed, out, tracking=tracking, progress=progress)
+    if tuning is not None:
+        trained = dataclasses.replace(trained, tuned=tuning.best_params)
     _seen_of_training(folder, config, converted, progress).save(out / Trained.SEEN)
     return trained
 
@@ -111,7 +152,7 @@ def _members_executor(config: PipelineConfig, progress: Progress):
 
     if config.train.workers == 1 and not config.dask.address:
         return ensemble.in_process(progress)
-    from flows.ensemble import on_dask
+    from flows.on_dask import on_dask
 
     return on_dask(config.dask.address, config.train.workers, progress)
 

@@ -215,6 +215,46 @@ class Converted(Artifact):
 
 
 @dataclass(frozen=True)
+class Tuned(Artifact):
+    """The tune stage: best.json (the winning train settings and their val accuracy), trials.csv (every trial:
+    its state, settings, per-epoch val accuracy), history.png and importances.png (Optuna's pictures),
+    report.html."""
+
+    best_params: dict[str, Any] = field(default_factory=dict)  # train.<field> -> value: what train uses
+    best_value: float = 0.0  # the best trial's val accuracy after tune.epochs epochs
+    best_trial: int | None = None
+    trials: int = 0  # finished trials: complete + pruned + failed
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0  # a trial whose training diverged (NaN) counts here, not as a stage failure
+    study: str = ""  # the Optuna study's name in its storage
+    storage: str = ""  # where the study lives (the SQLAlchemy URL, password removed)
+    resumed_trials: int = 0  # trials an earlier, killed attempt had finished
+    seconds: float = 0.0
+
+    CONTENT = ("best.json",)
+
+    @property
+    def report(self) -> Path:
+        return self.dir / "report.html"
+
+    def describe(self) -> str:
+        chosen = ", ".join(f"{k}={_short(v)}" for k, v in self.best_params.items())
+        return (f"best of {self.trials} trials ({self.complete} complete, {self.pruned} pruned, {self.failed} failed): "
+                f"val_accuracy {self.best_value:.2%} with {chosen}; report {self.report}")
+
+    def publications(self) -> list[Publication]:
+        rows = [{"setting": f"train.{k}", "value": _short(v)} for k, v in self.best_params.items()]
+        return [Publication("table", "tune-best", f"best of {self.trials} trials: val accuracy {self.best_value:.4%}",
+                            rows),
+                Publication("link", "tune-report", "the study's report", self.report.as_uri(), "tune report")]
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
 class Trained(Artifact):
     """The train stage's model: `model.keras` (or `model.joblib` for pca-svm), seen.npz (the fingerprints
     of every image it was trained on, its base's included: components.lineage), checkpoints/, logs/
@@ -237,6 +277,7 @@ class Trained(Artifact):
     temperature: float | None = None  # calibrate: the temperature inside the model (components.calibrate)
     calibration: dict[str, Any] | None = None  # calibrate: ECE before / after, fitted on val
     members: list[dict[str, Any]] | None = None  # an ensemble's members: name, model, seed, val_accuracy, worker...
+    tuned: dict[str, Any] | None = None  # the tune stage's settings it was trained with (train.<field> -> value)
 
     SEEN = "seen.npz"
     CONTENT = ("model.keras", "model.joblib", SEEN)

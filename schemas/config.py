@@ -167,6 +167,81 @@ class TransferConfig(_Model):
                                                                    "layers are unfrozen (low, as in keras-io's recipe)")
 
 
+class Pruner(StrEnum):
+    median = "median"  # stop a trial whose val accuracy at an epoch is below the median of earlier trials there
+    hyperband = "hyperband"  # successive halving over the trials' epochs
+    off = "off"  # every trial runs all its epochs
+
+
+DEFAULT_SPACE = {
+    "learning_rate": "log 3e-4 1e-2",
+    "width": "float 0.5 1.5",
+    "label_smoothing": "float 0 0.2",
+    "batch_size": "choice 64 128 256",
+    "rotation_degrees": "float 0 15",
+    "shift": "float 0 0.15",
+    "zoom": "float 0 0.15",
+}
+SPACE_KINDS = ("float", "log", "int", "choice")
+_NOT_TUNED = {"epochs", "members", "workers", "mixed_precision", "svm_rows"}  # a trial's length, or not the model
+
+
+class TuneConfig(_Model):
+    """The tune stage: an Optuna study over train settings, before train (off at trials=0)."""
+
+    trials: int = Field(0, ge=0, description="trials of the study (0: no tune stage); each is a short training "
+                                             "of train.model on the train split, scored on val")
+    budget_minutes: float | None = Field(None, gt=0, description="no trial starts after this many minutes of "
+                                                                 "the stage (None: no limit)")
+    epochs: PositiveInt = Field(3, description="epochs of each trial (the pruner sees val accuracy after each)")
+    rows: PositiveInt | None = Field(None, description="train rows each trial trains on (the first N of the "
+                                                      "split; None: all): faster trials, a noisier ranking")
+    space: dict[str, str] = Field(DEFAULT_SPACE, description="train.<field> -> 'float LOW HIGH' | 'log LOW HIGH' | "
+                                  "'int LOW HIGH' | 'choice A B ...'; as --set: 'learning_rate=log 1e-4 1e-2; "
+                                  "width=choice 0.5 1'")
+    pruner: Pruner = Pruner.median
+    storage: str | None = Field(None, description="the study's SQLAlchemy URL (None: SQLite "
+                                                  "$DIGITS_HOME/tune/optuna.db); a killed tune resumes from it")
+    workers: PositiveInt = Field(1, description="trials at once, each in a worker process of a Dask LocalCluster "
+                                                "(1: one after another, in-process); with dask.address, trials "
+                                                "run on that cluster")
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _space_from_text(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        found = {}
+        for part in value.split(";"):
+            if part.strip():
+                key, sep, spec = part.partition("=")
+                if not sep:
+                    raise ValueError(f"expected FIELD=SPEC, got {part.strip()!r}")
+                found[key.strip()] = spec.strip()
+        return found
+
+    @field_validator("space")
+    @classmethod
+    def _space_is_of_train_fields(cls, space: dict[str, str]) -> dict[str, str]:
+        tunable = {name for name, f in TrainConfig.model_fields.items()
+                   if f.annotation in (float, int, PositiveInt, bool) or name == "model"} - _NOT_TUNED
+        for key, spec in space.items():
+            if key not in tunable:
+                raise ValueError(f"{key!r} is not a tunable train setting (one of: {', '.join(sorted(tunable))})")
+            kind, *values = spec.split()
+            if kind not in SPACE_KINDS or not values or (kind != "choice" and len(values) != 2):
+                raise ValueError(f"{key}={spec!r}: expected 'float LOW HIGH', 'log LOW HIGH', 'int LOW HIGH' "
+                                 "or 'choice A B ...'")
+            if kind != "choice":
+                try:
+                    low, high = float(values[0]), float(values[1])
+                except ValueError:
+                    raise ValueError(f"{key}={spec!r}: LOW and HIGH must be numbers") from None
+                if not low < high or (kind == "log" and low <= 0):
+                    raise ValueError(f"{key}={spec!r}: needs LOW < HIGH (and LOW > 0 for log)")
+        return space
+
+
 class DaskConfig(_Model):
     """The Dask cluster that work is spread over: convert.runner=dask (Beam's DaskRunner) and ensemble members."""
 
@@ -211,6 +286,7 @@ class PipelineConfig(_Model):
     train: TrainConfig = TrainConfig()
     transfer: TransferConfig = TransferConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    tune: TuneConfig = TuneConfig()
     dask: DaskConfig = DaskConfig()
 
     @model_validator(mode="before")
@@ -228,6 +304,13 @@ class PipelineConfig(_Model):
             value = data.get(section) or {}
             return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
         return {**data, **{section: {**values, **given(section)} for section, values in defaults.items()}}
+
+    @model_validator(mode="after")
+    def _tune_trains_from_scratch(self) -> PipelineConfig:
+        if self.tune.trials and self.transfer.base != SCRATCH:
+            raise ValueError(f"tune.trials: the tune stage searches settings of training from scratch, and this "
+                             f"run fine-tunes {self.transfer.base}; set transfer.base=scratch, or tune.trials=0")
+        return self
 
     @property
     def source(self) -> Source:
@@ -281,7 +364,8 @@ def apply_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineCon
         where = ".".join(str(p) for p in first["loc"])
         given = first.get("input")  # a whole section (a check across its fields) is not shown
         shown = "" if isinstance(given, dict) else f" (got {given!r})"
-        raise ConfigError(f"invalid value for '{where}': {first['msg'].removeprefix('Value error, ')}{shown}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"invalid value for '{where}': {message}{shown}" if where else message) from None
 
 
 def _fields(model: type[BaseModel]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The stage graph, declared once: every stage's name, the artifacts it consumes and produces, how it is
 reused, whether it resumes, the reports it writes and its help.
 
-    ingest -> validate -> convert -> train | transfer -> [calibrate] -> evaluate -> register -> export
+    ingest -> validate -> convert -> [tune] -> train | transfer -> [calibrate] -> evaluate -> register -> export
 
 The Prefect flow (flows.pipeline) runs `GRAPH.plan(config)` in order, handing each stage the artifacts
 it consumes by name; the per-stage CLI commands, `digits reports`, the run's entry page, stale-marking
@@ -30,7 +30,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from schemas.artifacts import Artifact, Converted, Evaluation, Examples, Exported, Registration, Trained, Validation
+from schemas.artifacts import (Artifact, Converted, Evaluation, Examples, Exported, Registration, Trained, Tuned,
+                              Validation)
 from schemas.config import SCRATCH, PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]  # the folder holding the schemas/, components/ and flows/ packages
@@ -52,10 +53,12 @@ class Stage:
     artifact: type[Artifact]
     run: str | Callable[..., Artifact]  # "module:function", or the function
     consumes: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()  # consumed too when a stage of the pipeline's plan produces it (tune's result)
     settings: tuple[str, ...] = ()  # config fields (dotted) that shape the output: part of the key
     code: tuple[str, ...] = ()  # files and folders (relative to ROOT) whose bytes are the stage's code version
     reuse: Reuse = "run"
     resumable: bool = False  # its work folder survives a failed attempt (training checkpoints)
+    lines: bool = False  # its progress lines stay on the console (per epoch, per trial); others update a spinner
     reports: tuple[Report, ...] = ()
     help: str = ""
     command: str | None = None  # the per-stage CLI command that runs it; default: its name
@@ -113,7 +116,7 @@ class Graph:
             raise ValueError(f"stage names repeat: {names}")
         produced: set[str] = set()
         for stage in self.stages:
-            missing = set(stage.consumes) - produced
+            missing = set(stage.consumes + stage.optional) - produced
             if missing:
                 raise ValueError(f"stage {stage.name} consumes {sorted(missing)}, which no earlier stage produces")
             produced.add(stage.produces)
@@ -134,6 +137,14 @@ class Graph:
         """The stages a pipeline runs, in order."""
         return [s for s in self.stages if s.applies_to(config)]
 
+    def consumed(self, stage: Stage, config: PipelineConfig) -> tuple[str, ...]:
+        """The artifacts a stage takes in this pipeline: what it consumes, and those of its optional inputs that
+        an earlier stage of the plan produces."""
+        earlier = self.plan(config)
+        earlier = earlier[:[s.name for s in earlier].index(stage.name)] if stage in earlier else earlier
+        made = {s.produces for s in earlier}
+        return stage.consumes + tuple(name for name in stage.optional if name in made)
+
     def producer(self, artifact: str, config: PipelineConfig, before: str | None = None) -> Stage:
         """The stage of this pipeline that produces an artifact: the last one (a later stage may refine an
         artifact, as calibrate does the model), or the last one before the stage `before`."""
@@ -148,7 +159,7 @@ class Graph:
         reached = {self.stage(name).produces}
         found = []
         for stage in self.stages[self.names().index(name) + 1:]:
-            if reached & set(stage.consumes):
+            if reached & set(stage.consumes + stage.optional):
                 found.append(stage.name)
                 reached.add(stage.produces)
         return found
@@ -174,6 +185,10 @@ def _fine_tuned(config: PipelineConfig) -> bool:
     return config.transfer.base != SCRATCH
 
 
+def _tuned(config: PipelineConfig) -> bool:
+    return config.tune.trials > 0
+
+
 def _calibrated(config: PipelineConfig) -> bool:
     return config.evaluate.calibrate
 
@@ -195,13 +210,22 @@ GRAPH = Graph((
           code=("components/convert", "components/records.py", "schemas/examples.py"), reuse="content",
           reports=(Report("convert manifest", "manifest.json"),),
           help="Split train/val (stratified) and write sharded gzip TFRecords with Apache Beam."),
+    Stage("tune", produces="tuning", artifact=Tuned, run="flows.stages:tune", consumes=("converted",),
+          settings=("seed", "train", "tune.trials", "tune.budget_minutes", "tune.epochs", "tune.rows", "tune.space",
+                    "tune.pruner"),
+          code=("components/tune.py", "components/train"), applies=_tuned, lines=True,
+          reports=(Report("tune report", "report.html"), Report("trials", "trials.csv"),
+                   Report("optimisation history", "history.png")),
+          help="tune.trials > 0: an Optuna study (TPE, pruned on per-epoch val accuracy) over tune.space; its "
+               "best settings go into train. A killed tune resumes with its finished trials."),
     Stage("train", produces="model", artifact=Trained, run="flows.stages:train", consumes=("converted",),
-          settings=("seed", "train"), code=("components/train", "components/lineage.py"), resumable=True, applies=_from_scratch,
+          optional=("tuning",),
+          settings=("seed", "train"), code=("components/train", "components/lineage.py"), resumable=True, lines=True, applies=_from_scratch,
           reports=(Report("model", "model.keras"), Report("TensorBoard logs", "logs")),
           help="Train train.model from random weights, or fine-tune transfer.base; an interrupted training resumes."),
     Stage("transfer", produces="model", artifact=Trained, run="flows.stages:transfer", consumes=("converted",),
           settings=("seed", "train", "transfer"), code=("components/transfer.py", "components/train", "components/lineage.py"), resumable=True,
-          applies=_fine_tuned, command="train",
+          lines=True, applies=_fine_tuned, command="train",
           reports=(Report("fine-tuned model", "model.keras"), Report("TensorBoard logs", "logs")),
           help="Fine-tune transfer.base (train-noisy and train-folder: the clean-MNIST champion); resumes like train."),
     Stage("calibrate", produces="model", artifact=Trained, run="flows.stages:calibrate", consumes=("model", "converted"),

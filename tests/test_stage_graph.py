@@ -89,9 +89,20 @@ def test_the_graph_refuses_a_stage_whose_inputs_nothing_produces():
 
 
 def test_downstream_follows_the_artifacts_not_the_order():
-    assert GRAPH.downstream("convert") == ["train", "transfer", "calibrate", "evaluate", "register", "export"]
+    assert GRAPH.downstream("convert") == ["tune", "train", "transfer", "calibrate", "evaluate", "register", "export"]
+    assert GRAPH.downstream("tune") == ["train", "calibrate", "evaluate", "register", "export"]  # train's optional input
     assert GRAPH.downstream("evaluate") == ["register"]  # export reads the model, not the evaluation
     assert GRAPH.downstream("calibrate") == ["evaluate", "register", "export"]  # it refines the model
+
+
+def test_an_optional_input_is_consumed_only_where_the_plan_produces_it():
+    from schemas.config import apply_overrides, default_config
+
+    plain = default_config("train-kaggle")
+    tuned = apply_overrides(plain, ["tune.trials=2"])
+    train = GRAPH.stage("train")
+    assert GRAPH.consumed(train, plain) == ("converted",)
+    assert GRAPH.consumed(train, tuned) == ("converted", "tuning")
 
 
 def test_a_stage_reads_the_last_refinement_of_an_artifact_made_before_it():

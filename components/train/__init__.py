@@ -37,19 +37,23 @@ SVM_MODEL = "model.joblib"
 
 
 def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
-        tracking: Tracking | None = None, progress: Progress = lambda _: None) -> Trained:
+        tracking: Tracking | None = None, progress: Progress = lambda _: None, rows: int | None = None,
+        callbacks: list | None = None) -> Trained:
     """Train config.model on `converted`'s train split, validating on its val split, in work_dir.
 
     work_dir may hold an earlier, interrupted attempt: it is resumed when it was made from the same
-    data, seed and config, and cleared otherwise.
+    data, seed and config, and cleared otherwise. rows: train on the split's first N rows only (a tune
+    trial); callbacks: more Keras callbacks, after digits' own (a tune trial's pruning).
     """
-    signature = {"data": converted.fingerprint, "seed": seed, "config": config.model_dump(mode="json")}
+    signature = {"data": converted.fingerprint, "seed": seed, "config": config.model_dump(mode="json"), "rows": rows}
     resume = prepare_work_dir(work_dir, signature)
     progress("loading the train and val splits")
     train, val = records.load(converted.files("train")), records.load(converted.files("val"))
+    if rows is not None:
+        train = ex.Arrays(ids=train.ids[:rows], images=train.images[:rows], labels=train.labels[:rows])
     if config.model is ModelName.pca_svm:
         return _fit_svm(train, val, config, seed, work_dir, tracking, progress)
-    return _fit_keras(train, val, config, seed, work_dir, signature, resume, tracking, progress)
+    return _fit_keras(train, val, config, seed, work_dir, signature, resume, tracking, progress, callbacks or [])
 
 
 def prepare_work_dir(work_dir: Path, signature: dict) -> dict | None:
@@ -112,18 +116,19 @@ def phase(start: int, end: int, learning_rate: float, config: TrainConfig,
 
 
 def _fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, work_dir: Path,
-               signature: dict, resume: dict | None, tracking, progress: Progress) -> Trained:
+               signature: dict, resume: dict | None, tracking, progress: Progress, callbacks: list) -> Trained:
     from components.train import models
 
     return fit_keras(train, val, config, seed, work_dir, signature, resume, tracking, progress,
                      build=lambda keras: models.build(config, keras), segments=[phase(0, config.epochs, config.learning_rate, config)],
-                     name=config.model.value)
+                     name=config.model.value, callbacks=callbacks)
 
 
 def fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, work_dir: Path,
               signature: dict, resume: dict | None, tracking, progress: Progress, *,
               build: Callable[[Any], Any], segments: list[Segment], name: str,
-              extra_params: dict[str, Any] | None = None, **trained_fields: Any) -> Trained:
+              extra_params: dict[str, Any] | None = None, callbacks: list | None = None,
+              **trained_fields: Any) -> Trained:
     """Fit the model build(keras) makes through its segments, checkpointing every epoch; resume from
     `resume` (a checkpoint state) when given. Shared by training from scratch and transfer learning."""
     tf = import_tensorflow()
@@ -151,13 +156,14 @@ def fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, 
     val_ds = _dataset(tf, val, 1024)
     if resume is not None:  # rows of epochs after the checkpoint (killed before it was written) are redone
         _truncate_history(work_dir / "history.csv", initial_epoch)
-    callbacks = [  # in this order: an epoch is logged everywhere, then committed by its checkpoint
+    callbacks = [  # in this order: an epoch is logged everywhere, then committed by its checkpoint, then judged
         cb.StopOnNaN(),
         cb.EpochTimer(),
         keras.callbacks.CSVLogger(str(work_dir / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(work_dir / "logs"), write_graph=False, profile_batch=0),
         cb.EpochReport(epochs, progress, tracking),
         cb.EpochCheckpoint(work_dir / CHECKPOINTS, {"signature": signature, "mlflow_run_id": run_id}),
+        *(callbacks or []),
     ]
     progress(f"training {name} ({model.count_params():,} parameters) on {len(train.ids):,} images, "
              f"{hardware['device']}, {epochs} epochs")

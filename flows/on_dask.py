@@ -1,16 +1,17 @@
-"""Ensemble members as Prefect tasks on a Dask cluster, through prefect-dask's DaskTaskRunner.
+"""Ensemble members and tune trials as Prefect tasks on a Dask cluster, through prefect-dask's DaskTaskRunner.
 
-`train.workers > 1` starts a LocalCluster of that many worker processes on 127.0.0.1 for the members
-(never more workers than members); `dask.address` sends them to a scheduler you run (`dask scheduler`,
-then `dask worker tcp://HOST:8786` on every machine). Each member is one task of the flow
-`ensemble-members`, a sub-flow of the stage that asked for it, so the Prefect UI shows every member's
-state, logs and the worker it ran on.
+`train.workers > 1` (`tune.workers > 1`) starts a LocalCluster of that many worker processes on
+127.0.0.1 (never more workers than jobs); `dask.address` sends them to a scheduler you run (`dask
+scheduler`, then `dask worker tcp://HOST:8786` on every machine). Each member (trial) is one task of
+the flow `ensemble-members` (`tune-trials`), a sub-flow of the stage that asked for it, so the Prefect
+UI shows every job's state, logs and the worker it ran on.
 
 What a worker needs: digits installed (the same version), the run folder at the same path
-($DIGITS_HOME on a shared file system: NFS, a mounted bucket) — members read the run's TFRecord shards
-and write their checkpoints and model into the stage folder there — and the same MLflow tracking URI
-(a server, not SQLite, when workers are on other machines). A member's TensorFlow gets the host's cores
-divided by the workers on that host, so N workers on one machine do not oversubscribe it.
+($DIGITS_HOME on a shared file system: NFS, a mounted bucket) — jobs read the run's TFRecord shards
+and write into the stage folder there — the same MLflow tracking URI (a server, not SQLite, when
+workers are on other machines) and, for trials, a study storage they can all reach (tune.storage).
+A job's TensorFlow gets the host's cores divided by the workers on that host, so N workers on one
+machine do not oversubscribe it.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ from typing import Iterator
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from components.train.ensemble import Execute, MemberJob
+from typing import Any, Callable
 from flows.local_api import LocalAPI
 
 
-def on_dask(address: str | None, workers: int, progress) -> Execute:
-    """An executor that trains the members as Prefect tasks on Dask: on `address`, or on a LocalCluster of
-    `workers` processes."""
-    def execute(jobs: list[MemberJob]) -> list[dict]:
+def on_dask(address: str | None, workers: int, progress, *, flow_name: str = "ensemble-members",
+            task_name: str = "train-member", what: str = "members") -> Callable[[list[Any]], list[dict]]:
+    """An executor that runs jobs (ensemble members, tune trials: objects with `run(progress, worker)` and
+    `describe()`) as Prefect tasks on Dask: on `address`, or on a LocalCluster of `workers` processes."""
+    def execute(jobs: list[Any]) -> list[dict]:
         api = LocalAPI.launch()  # the workers report to the same Prefect API as this process (inherited env)
         if api is not None:
             api.connect()
@@ -49,23 +51,24 @@ def on_dask(address: str | None, workers: int, progress) -> Execute:
                 "dashboard_address": None, "silence_logs": logging.ERROR,
                 "preload": ["components.convert.dask_worker"]})
             where = f"a LocalCluster of {n} worker processes"
-        progress(f"training {len(jobs)} members on {where}")
+        progress(f"running {len(jobs)} {what} on {where}")
+        job_task = _run_job.with_options(name=task_name)
 
-        @flow(name="ensemble-members", task_runner=runner, log_prints=True)
-        def ensemble_members() -> list[dict]:
+        @flow(name=flow_name, task_runner=runner, log_prints=True)
+        def jobs_on_dask() -> list[dict]:
             console_logs_to_stdout()
-            futures = [_train_member.submit(job) for job in jobs]
+            futures = [job_task.submit(job) for job in jobs]
             return [future.result() for future in futures]
 
         with _quiet("distributed", logging.ERROR), _quiet("prefect.task_runner.dask", logging.WARNING):
-            return ensemble_members()
+            return jobs_on_dask()
 
     return execute
 
 
-@task(name="train-member", cache_policy=NO_CACHE)
-def _train_member(job: MemberJob) -> dict:
-    """One member, in a Dask worker: TensorFlow limited to this host's share of the cores."""
+@task(name="job", cache_policy=NO_CACHE)
+def _run_job(job: Any) -> dict:
+    """One job, in a Dask worker: TensorFlow limited to this host's share of the cores."""
     from distributed import get_client, get_worker
     from prefect import get_run_logger
 

@@ -1,0 +1,110 @@
+"""The tune stage: an Optuna study whose best settings the train stage uses; a killed tune resumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datagen
+import pytest
+from runs import make, output, validated_kaggle_run
+
+from components.tracking import tracking_uri
+from schemas.stages import GRAPH
+
+DIGITS = str(Path(sys.executable).with_name("digits"))
+
+
+@pytest.fixture(scope="module")
+def kaggle_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("kaggle")
+    datagen.write_kaggle(folder, n_train=300, n_test=20)
+    return folder
+
+
+def test_a_two_trial_tune_feeds_its_best_settings_to_train(cli, home, kaggle_data):
+    result = cli("run", "train-kaggle", "--data", kaggle_data, "--set", "validate.min_rows=10",
+                 "--set", "train.epochs=1", "--set", "tune.trials=2", "--set", "tune.epochs=1",
+                 "--set", "tune.space=learning_rate=log 1e-3 1e-2; width=choice 0.25 0.5")
+    assert result.code == 0, result.err
+    (run,) = sorted((home / "runs").iterdir())
+    record = json.loads((run / "run.json").read_text())
+    assert list(record["stages"])[:5] == ["ingest", "validate", "convert", "tune", "train"]
+    tuned = record["stages"]["tune"]["outputs"]
+    assert (tuned["trials"], tuned["complete"] + tuned["pruned"] + tuned["failed"]) == (2, 2)
+    best = json.loads((run / "tune/best.json").read_text())
+    assert set(best["params"]) == {"learning_rate", "width"} and best["params"] == tuned["best_params"]
+    assert 1e-3 <= best["params"]["learning_rate"] <= 1e-2 and best["params"]["width"] in (0.25, 0.5)
+    with (run / "tune/trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["trial"] for r in rows] == ["0", "1"] and all(r["state"] in ("COMPLETE", "PRUNED") for r in rows)
+    assert (run / "tune/history.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Tuning study" in (run / "tune/report.html").read_text()
+    assert not (run / "tune/trials").exists()  # the trials' checkpoints are not kept
+
+    # train used the winner: its MLflow params and its artifact say so
+    trained = record["stages"]["train"]["outputs"]
+    assert trained["tuned"] == best["params"]
+    from mlflow.tracking import MlflowClient
+
+    params = MlflowClient(tracking_uri(home)).get_run(trained["mlflow_run_id"]).data.params
+    assert float(params["train.learning_rate"]) == pytest.approx(best["params"]["learning_rate"])
+    assert float(params["train.width"]) == best["params"]["width"]
+
+
+def test_tune_is_off_by_default_and_refused_for_fine_tuning(cli, home):
+    from schemas.config import default_config
+
+    assert "tune" not in [s.name for s in GRAPH.plan(default_config("train-kaggle"))]
+    result = cli("run", "train-noisy", "--set", "tune.trials=2")
+    assert result.code == 2 and "tune.trials: the tune stage searches settings of training from scratch" in result.err
+    result = cli("run", "train-kaggle", "--set", "tune.space=dropout=float 0 1")
+    assert result.code == 2 and "'dropout' is not a tunable train setting" in result.err
+
+
+@pytest.mark.e2e
+def test_a_killed_tune_resumes_with_its_finished_trials(home, tmp_path):
+    datagen.write_kaggle(tmp_path / "kaggle", n_train=1000, n_test=20)
+    folder, config = validated_kaggle_run(tmp_path / "kaggle")
+    make(folder, config, "converted")
+    command = [DIGITS, "tune", "--run", folder.run_id, "--set", "tune.trials=3", "--set", "tune.epochs=2",
+               "--set", "tune.pruner=off"]
+    env = {**os.environ, "DIGITS_HOME": str(home)}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    db = home / "tune/optuna.db"
+
+    def count(state: str) -> int:
+        try:
+            with sqlite3.connect(db) as connection:
+                return connection.execute("SELECT COUNT(*) FROM trials WHERE state = ?", (state,)).fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
+    def complete() -> int:
+        return count("COMPLETE")
+
+    deadline = time.monotonic() + 300
+    while complete() < 1 or count("RUNNING") < 1:  # the second trial under way
+        assert proc.poll() is None and time.monotonic() < deadline, "the tune ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert complete() == 1, "killed too late: a second trial had finished"
+    assert not folder.stage_dir("tune").exists()
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "1 trials finished by an earlier attempt" in done.stdout
+    tuned = output(folder, "tuning")
+    assert (tuned.trials, tuned.resumed_trials, tuned.complete) == (3, 1, 3)
+    with sqlite3.connect(db) as connection:  # the trial the kill cut short: failed, not counted
+        states = sorted(s for (s,) in connection.execute("SELECT state FROM trials"))
+    assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"]
