@@ -33,13 +33,13 @@ def on_dask(address: str | None, workers: int, progress, *, flow_name: str = "en
     """An executor that runs jobs (ensemble members, tune trials: objects with `run(progress, worker)` and
     `describe()`) as Prefect tasks on Dask: on `address`, or on a LocalCluster of `workers` processes."""
     def execute(jobs: list[Any]) -> list[dict]:
-        api = LocalAPI.launch()  # the workers report to the same Prefect API as this process (inherited env)
-        if api is not None:
+        from flows.pipeline import console_logs_to_stdout  # first: it sets the local API's start-up limit
+
+        api = LocalAPI.launch()  # the jobs report to the same Prefect API as this process (Prefect's settings
+        if api is not None:  # context travels with each task to its worker)
             api.connect()
         from prefect import flow
         from prefect_dask import DaskTaskRunner
-
-        from flows.pipeline import console_logs_to_stdout
 
         if address:
             runner = DaskTaskRunner(address=address)

@@ -15,6 +15,12 @@ class Preset:
 
 
 PRESETS: tuple[Preset, ...] = (
+    Preset("fast", "a minute of training: digits-net at half width, no augmentation, 3 epochs",
+           ("train.model=digits-net", "train.width=0.5", "train.augment=false", "train.epochs=3")),
+    Preset("default", "the embedded defaults (what a run without --preset trains)", ()),
+    Preset("best", "the most accurate model within an hour on 2 CPU cores: an ensemble of 6 digits-net members, "
+                   "10 epochs each (train.workers or dask.address spread them over processes or machines)",
+           ("train.model=digits-net", "train.members=6", "train.epochs=10")),
     Preset("robust", "noise-robust training: random backgrounds, pixel noise, contrast and brightness jitter on "
                      "top of the usual rotation/shift/zoom (a base for noisy scans)",
            ("train.background_noise=1", "train.pixel_noise=0.3", "train.contrast=0.2", "train.brightness=0.1")),

@@ -108,7 +108,7 @@ def test_members_train_on_a_two_worker_local_cluster_through_prefect(home, kaggl
                           env={**os.environ, "DIGITS_HOME": str(home)}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr + done.stdout
-    assert "training 2 members on a LocalCluster of 2 worker processes" in done.stdout
+    assert "running 2 members on a LocalCluster of 2 worker processes" in done.stdout
     assert "distributed.scheduler" not in done.stdout  # the cluster's own chatter stays off the console
     trained = output(folder, "model")
     workers = [m["worker"] for m in trained.members]
@@ -151,3 +151,44 @@ def test_a_killed_ensemble_resumes_training_only_the_unfinished_members(home, tm
     trained = output(folder, "model")
     assert [m["name"] for m in trained.members] == ["member-00", "member-01", "member-02"]
     assert (folder.stage_dir("train") / "members/member-00/model.keras").stat().st_mtime_ns == kept
+
+
+@pytest.mark.e2e
+def test_members_run_on_a_dask_cluster_started_by_hand(home, kaggle_data, tmp_path):
+    """`dask scheduler` and two `dask worker` processes (not a LocalCluster), as on several machines:
+    `dask.address` sends the members there, and run.json names the worker each ran on."""
+    from flows.local_api import free_port
+
+    folder, _ = _converted_run(kaggle_data)
+    port = free_port()
+    dask = str(Path(sys.executable).with_name("dask"))
+    logs = tmp_path / "dask-logs"
+    logs.mkdir()
+    address = f"tcp://127.0.0.1:{port}"
+    started = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                                stdout=subprocess.DEVNULL, stderr=(logs / "scheduler.log").open("w"))]
+    try:
+        for name in ("alpha", "beta"):
+            started.append(subprocess.Popen(
+                [dask, "worker", address, "--name", name, "--nthreads", "1", "--no-dashboard",
+                 "--preload", "components.convert.dask_worker"],
+                env={**os.environ, "DIGITS_HOME": str(home)}, stdout=subprocess.DEVNULL,
+                stderr=(logs / f"{name}.log").open("w")))
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        done = subprocess.run([DIGITS, "train", "--run", folder.run_id, "--set", "train.epochs=1",
+                               "--set", "train.members=2", "--set", f"dask.address={address}"],
+                              env={**os.environ, "DIGITS_HOME": str(home)}, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr
+        assert f"training 2 members on the Dask cluster at {address}" in done.stdout or \
+            f"running 2 members on the Dask cluster at {address}" in done.stdout
+        workers = sorted(m["worker"].split()[0] for m in output(folder, "model").members)
+        assert workers == ["alpha", "beta"], workers
+    finally:
+        for process in reversed(started):
+            process.terminate()
+        for process in started:
+            process.wait(timeout=60)

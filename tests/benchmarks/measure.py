@@ -185,9 +185,8 @@ def train(home: str, run_id: str, *overrides: str) -> dict:
     from components.tensorflow_runtime import import_tensorflow
 
     import_tensorflow()
-    import keras
-
     from components import records
+    from components.keras_layers import load_keras_model
     from flows import stages
     from runs import make, output
     from schemas.config import apply_overrides
@@ -197,9 +196,17 @@ def train(home: str, run_id: str, *overrides: str) -> dict:
     config = apply_overrides(stages.config_of(folder), list(overrides))
     trained = make(folder, config, "model")
     test = records.load(output(folder, "converted").files("test"))
+    members = None
     if trained.file.endswith(".keras"):
-        model = keras.models.load_model(trained.path, safe_mode=True)
+        model = load_keras_model(trained.path)
         predicted = model.predict(test.images[..., None], batch_size=1024, verbose=0).argmax(axis=1)
+        if trained.members:  # every member alone on the same test images
+            from components.train.ensemble import members_of
+
+            members = [{"name": m["name"], "model": m["model"], "seed": m["seed"], "val_accuracy": m["val_accuracy"],
+                        "seconds": m["seconds"], "test_accuracy": float(
+                            (layer.predict(test.images[..., None], batch_size=1024, verbose=0).argmax(axis=1)
+                             == test.labels).mean())} for m, layer in zip(trained.members, members_of(model))]
     else:
         import joblib
 
@@ -208,7 +215,7 @@ def train(home: str, run_id: str, *overrides: str) -> dict:
                                                  "test": len(test.ids)},
             "model": trained.model, "epochs": trained.epochs, "seconds_per_epoch": trained.seconds_per_epoch,
             "parameters": trained.parameters, "val_accuracy": trained.val_accuracy,
-            "test_accuracy": float((predicted == test.labels).mean()), "settings": list(overrides)}
+            "test_accuracy": float((predicted == test.labels).mean()), "settings": list(overrides), "members": members}
 
 
 def predict(home: str, run_id: str) -> dict:
