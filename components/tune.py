@@ -282,9 +282,10 @@ def _pictures(study, out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
+    import warnings
+
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as vis
-    import warnings
 
     made = []
     for name, plot in (("history.png", vis.plot_optimization_history), ("importances.png", vis.plot_param_importances)):

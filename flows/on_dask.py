@@ -19,12 +19,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from typing import Any, Callable
 from flows.local_api import LocalAPI
 
 

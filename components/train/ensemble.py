@@ -121,8 +121,8 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
 
     work_dir may hold an earlier attempt at the same ensemble (same data, seed and config): its finished
     members are kept and its unfinished ones resume; otherwise it is cleared."""
-    signature = {"data": converted.fingerprint, "seed": seed, "config": config.model_dump(mode="json"),
-                 "base": base_ref, "transfer": transfer.model_dump(mode="json") if transfer else None}
+    signature = {"data": converted.fingerprint, "seed": seed,  # where members train does not change them
+                 "config": config.model_dump(mode="json", exclude={"workers"}), "base": base_ref, "transfer": transfer.model_dump(mode="json") if transfer else None}
     state = _state(work_dir, signature)
     (work_dir / MEMBERS).mkdir(parents=True, exist_ok=True)
     if base_file is not None:  # where every worker can read it, whatever machine it is on
@@ -197,10 +197,10 @@ def _state(work_dir: Path, signature: dict) -> dict:
 def combine(member_files: list[Path], out: Path):
     """One model: the members (nested, named member-NN) on the same input, probabilities averaged. Saved
     atomically to `out`; returned."""
+    import keras
+
     from components.keras_layers import load_keras_model
     from components.train.callbacks import save_atomic
-
-    import keras
 
     members = [load_keras_model(path, compile=False) for path in member_files]
     image = keras.Input(members[0].inputs[0].shape[1:], name="image")
