@@ -181,10 +181,6 @@ def _Report(trial):
 Execute = Callable[[list[TrialJob]], list[dict]]
 
 
-def in_process(progress: Progress) -> Execute:
-    return lambda jobs: [job.run(progress) for job in jobs]
-
-
 def run(converted: Converted, tune: TuneConfig, config: TrainConfig, seed: int, out: Path, *, study: str,
         storage: str, execute: Execute, tracking: Tracking | None = None,
         progress: Progress = lambda _: None) -> Tuned:

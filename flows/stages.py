@@ -99,13 +99,8 @@ def tune(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progres
                            config.train.model_dump(mode="json", exclude={"members", "member_models", "workers"})],
                           sort_keys=True)
     study = f"{folder.run_id}-tune-{hashlib.sha256(searched.encode()).hexdigest()[:12]}"
-    if config.tune.workers == 1 and not config.dask.address:
-        execute = tune_component.in_process(progress)
-    else:
-        from flows.on_dask import on_dask
-
-        execute = on_dask(config.dask.address, config.tune.workers, progress, flow_name="tune-trials",
-                          task_name="tune-trial", what="trials")
+    execute = _executor(config, config.tune.workers, progress, flow_name="tune-trials", task_name="tune-trial",
+                        what="trials")
     return tune_component.run(converted, config.tune, config.train, config.seed, out, study=study,
                               storage=tune_component.storage_url(config.tune, digits_home()), execute=execute,
                               tracking=_tracking(folder, config, converted, "tune"), progress=progress)
@@ -135,7 +130,7 @@ def train(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progre
     if config.train.ensemble:
         from components.train import ensemble
 
-        trained = ensemble.run(converted, config.train, config.seed, out, execute=_members_executor(config, progress),
+        trained = ensemble.run(converted, config.train, config.seed, out, execute=_executor(config, config.train.workers, progress),
                                tracking=tracking, progress=progress)
     else:
         trained = train_component.run(converted, config.train, config.seed, out, tracking=tracking, progress=progress)
@@ -145,16 +140,14 @@ def train(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progre
     return trained
 
 
-def _members_executor(config: PipelineConfig, progress: Progress):
-    """Where an ensemble's members train: in this process one after another (train.workers=1, no dask.address),
-    or as Prefect tasks on a Dask cluster (flows.ensemble)."""
-    from components.train import ensemble
-
-    if config.train.workers == 1 and not config.dask.address:
-        return ensemble.in_process(progress)
+def _executor(config: PipelineConfig, workers: int, progress: Progress, **names: str):
+    """Where independent jobs (ensemble members, tune trials: objects with `run(progress)`) run: one after another
+    in this process (1 worker, no dask.address), or as Prefect tasks on a Dask cluster (flows.on_dask)."""
+    if workers == 1 and not config.dask.address:
+        return lambda jobs: [job.run(progress) for job in jobs]
     from flows.on_dask import on_dask
 
-    return on_dask(config.dask.address, config.train.workers, progress)
+    return on_dask(config.dask.address, workers, progress, **names)
 
 
 def _seen_of_training(folder: RunFolder, config: PipelineConfig, converted: Converted, progress: Progress):
@@ -181,7 +174,7 @@ def transfer(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
             from components.train import ensemble
 
             trained = ensemble.run(converted, config.train, config.seed, out,
-                                   execute=_members_executor(config, progress), tracking=tracking, progress=progress,
+                                   execute=_executor(config, config.train.workers, progress), tracking=tracking, progress=progress,
                                    transfer=config.transfer, base_file=base_file, base_ref=base_ref)
         else:
             trained = transfer_component.run(converted, config.train, config.transfer, base_file, base_ref,

@@ -36,3 +36,10 @@ def validated_kaggle_run(data: Path, *overrides: str) -> tuple[RunFolder, Pipeli
     make(folder, config, "examples")
     make(folder, config, "validation")
     return folder, config
+
+
+def converted_kaggle_run(data: Path, *overrides: str) -> tuple[RunFolder, PipelineConfig]:
+    """validated_kaggle_run, converted too: a run ready for the model stages."""
+    folder, config = validated_kaggle_run(data, *overrides)
+    make(folder, config, "converted")
+    return folder, config

@@ -14,7 +14,7 @@ from pathlib import Path
 import datagen
 import numpy as np
 import pytest
-from runs import make, output, validated_kaggle_run
+from runs import converted_kaggle_run, output
 
 from components import records
 from components.keras_layers import load_keras_model
@@ -29,12 +29,6 @@ def kaggle_data(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("kaggle")
     datagen.write_kaggle(folder, n_train=400, n_test=50)
     return folder
-
-
-def _converted_run(data: Path, *overrides: str):
-    folder, config = validated_kaggle_run(data, *overrides)
-    make(folder, config, "converted")
-    return folder, config
 
 
 @pytest.mark.e2e
@@ -102,7 +96,7 @@ def test_pca_svm_cannot_be_a_member(cli, home, kaggle_data):
 
 @pytest.mark.e2e
 def test_members_train_on_a_two_worker_local_cluster_through_prefect(home, kaggle_data):
-    folder, _ = _converted_run(kaggle_data)
+    folder, _ = converted_kaggle_run(kaggle_data)
     done = subprocess.run([DIGITS, "train", "--run", folder.run_id, "--set", "train.epochs=1",
                            "--set", "train.members=2", "--set", "train.workers=2"],
                           env={**os.environ, "DIGITS_HOME": str(home)}, capture_output=True, text=True, timeout=600)
@@ -126,7 +120,7 @@ def test_members_train_on_a_two_worker_local_cluster_through_prefect(home, kaggl
 @pytest.mark.e2e
 def test_a_killed_ensemble_resumes_training_only_the_unfinished_members(home, tmp_path):
     datagen.write_kaggle(tmp_path / "kaggle", n_train=1500, n_test=20)
-    folder, _ = _converted_run(tmp_path / "kaggle")
+    folder, _ = converted_kaggle_run(tmp_path / "kaggle")
     command = [DIGITS, "train", "--run", folder.run_id, "--set", "train.epochs=2", "--set", "train.members=3"]
     env = {**os.environ, "DIGITS_HOME": str(home)}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -159,7 +153,7 @@ def test_members_run_on_a_dask_cluster_started_by_hand(home, kaggle_data, tmp_pa
     `dask.address` sends the members there, and run.json names the worker each ran on."""
     from flows.local_api import free_port
 
-    folder, _ = _converted_run(kaggle_data)
+    folder, _ = converted_kaggle_run(kaggle_data)
     port = free_port()
     dask = str(Path(sys.executable).with_name("dask"))
     logs = tmp_path / "dask-logs"

@@ -14,18 +14,12 @@ from pathlib import Path
 import datagen
 import numpy as np
 import pytest
-from runs import make, output, validated_kaggle_run
+from runs import converted_kaggle_run, make, output
 
 from components import records
 from components.tracking import tracking_uri
 from schemas.config import ModelName, TrainConfig
 from schemas.errors import DigitsInputError
-
-
-def _converted_run(data: Path, *overrides: str):
-    folder, config = validated_kaggle_run(data, *overrides)
-    make(folder, config, "converted")
-    return folder, config
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +30,7 @@ def kaggle_data(tmp_path_factory) -> Path:
 
 
 def test_one_short_epoch_writes_model_checkpoints_logs_and_mlflow_metrics(home, kaggle_data):
-    folder, config = _converted_run(kaggle_data, "train.epochs=1")
+    folder, config = converted_kaggle_run(kaggle_data, "train.epochs=1")
     trained = make(folder, config, "model")
     out = folder.stage_dir("train")
     assert trained.path == out / "model.keras" and trained.path.is_file()
@@ -71,7 +65,7 @@ def test_one_short_epoch_writes_model_checkpoints_logs_and_mlflow_metrics(home, 
 def test_killed_training_resumes_at_the_next_epoch(home, tmp_path):
     """kill -9 after the first epoch's checkpoint: no train/ folder; the re-run resumes at epoch 2 of 3."""
     datagen.write_kaggle(tmp_path / "kaggle", n_train=1500, n_test=20)
-    folder, _ = _converted_run(tmp_path / "kaggle")
+    folder, _ = converted_kaggle_run(tmp_path / "kaggle")
     command = [str(Path(sys.executable).with_name("digits")), "train", "--run", folder.run_id,
                "--set", "train.epochs=3"]
     env = {**os.environ, "DIGITS_HOME": str(home)}
@@ -104,7 +98,7 @@ def test_killed_training_resumes_at_the_next_epoch(home, tmp_path):
 
 
 def test_an_interrupted_attempt_with_another_config_is_not_resumed(home, kaggle_data):
-    folder, config = _converted_run(kaggle_data, "train.epochs=1")
+    folder, config = converted_kaggle_run(kaggle_data, "train.epochs=1")
     leftover = folder.root / ".train.inprogress/checkpoints"
     leftover.mkdir(parents=True)
     (leftover / "epoch-001.keras").write_bytes(b"not a model")
@@ -115,7 +109,7 @@ def test_an_interrupted_attempt_with_another_config_is_not_resumed(home, kaggle_
 
 
 def test_pca_svm_reference(home, kaggle_data):
-    folder, config = _converted_run(kaggle_data, "train.model=pca-svm")
+    folder, config = converted_kaggle_run(kaggle_data, "train.model=pca-svm")
     trained = make(folder, config, "model")
     assert trained.path.name == "model.joblib" and trained.val_accuracy > 0.5
 
@@ -193,7 +187,7 @@ def test_occlusion_erases_a_rectangle_to_background_in_the_chosen_images():
 def test_a_robust_model_trains_and_reloads_in_safe_mode_scoring_as_before(home, kaggle_data):
     from components.keras_layers import load_keras_model
 
-    folder, config = _converted_run(kaggle_data, "train.epochs=1", "train.model=baseline", "train.background_noise=1",
+    folder, config = converted_kaggle_run(kaggle_data, "train.epochs=1", "train.model=baseline", "train.background_noise=1",
                                     "train.pixel_noise=0.3", "train.occlusion=0.5", "train.contrast=0.3",
                                     "train.brightness=0.2")
     trained = make(folder, config, "model")

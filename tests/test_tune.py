@@ -14,7 +14,7 @@ from pathlib import Path
 
 import datagen
 import pytest
-from runs import make, output, validated_kaggle_run
+from runs import converted_kaggle_run, output
 
 from components.tracking import tracking_uri
 from schemas.stages import GRAPH
@@ -72,8 +72,7 @@ def test_tune_is_off_by_default_and_refused_for_fine_tuning(cli, home):
 @pytest.mark.e2e
 def test_a_killed_tune_resumes_with_its_finished_trials(home, tmp_path):
     datagen.write_kaggle(tmp_path / "kaggle", n_train=1000, n_test=20)
-    folder, config = validated_kaggle_run(tmp_path / "kaggle")
-    make(folder, config, "converted")
+    folder, _ = converted_kaggle_run(tmp_path / "kaggle")
     command = [DIGITS, "tune", "--run", folder.run_id, "--set", "tune.trials=3", "--set", "tune.epochs=2",
                "--set", "tune.pruner=off"]
     env = {**os.environ, "DIGITS_HOME": str(home)}

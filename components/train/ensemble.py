@@ -109,11 +109,6 @@ class MemberJob:
 Execute = Callable[[list[MemberJob]], list[dict]]
 
 
-def in_process(progress: Progress) -> Execute:
-    """Train the members one after another in this process."""
-    return lambda jobs: [job.run(progress) for job in jobs]
-
-
 def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *, execute: Execute,
         tracking: Tracking | None = None, progress: Progress = lambda _: None,
         transfer: TransferConfig | None = None, base_file: Path | None = None, base_ref: str | None = None) -> Trained:
