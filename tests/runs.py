@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 import schemas.stages
 from flows import runner, stages
@@ -43,3 +48,16 @@ def converted_kaggle_run(data: Path, *overrides: str) -> tuple[RunFolder, Pipeli
     folder, config = validated_kaggle_run(data, *overrides)
     make(folder, config, "converted")
     return folder, config
+
+
+def kill_when(command: list[str], env: dict[str, str], ready: Callable[[], bool], timeout: float = 300) -> None:
+    """Start `command` in a session of its own and `kill -9` its whole process group the moment ready() holds
+    (as a crash or an impatient user would); fails if the command ends first."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, f"{command[1]} ended before it could be killed"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

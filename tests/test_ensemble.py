@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import datagen
 import numpy as np
 import pytest
-from runs import converted_kaggle_run, output
+from runs import converted_kaggle_run, kill_when, output
 
 from components import records
 from components.keras_layers import load_keras_model
@@ -123,16 +121,8 @@ def test_a_killed_ensemble_resumes_training_only_the_unfinished_members(home, tm
     folder, _ = converted_kaggle_run(tmp_path / "kaggle")
     command = [DIGITS, "train", "--run", folder.run_id, "--set", "train.epochs=2", "--set", "train.members=3"]
     env = {**os.environ, "DIGITS_HOME": str(home)}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
     members = folder.root / ".train.inprogress/members"
-    first = members / "member-00/member.json"
-    deadline = time.monotonic() + 300
-    while not first.is_file():
-        assert proc.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(command, env, (members / "member-00/member.json").is_file)
     assert not (members / "member-01/member.json").exists(), "killed too late: member-01 had finished"
     assert not folder.stage_dir("train").exists()
     kept = (members / "member-00/model.keras").stat().st_mtime_ns

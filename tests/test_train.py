@@ -5,16 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import datagen
 import numpy as np
 import pytest
-from runs import converted_kaggle_run, make, output
+from runs import converted_kaggle_run, kill_when, make, output
 
 from components import records
 from components.tracking import tracking_uri
@@ -69,15 +67,8 @@ def test_killed_training_resumes_at_the_next_epoch(home, tmp_path):
     command = [str(Path(sys.executable).with_name("digits")), "train", "--run", folder.run_id,
                "--set", "train.epochs=3"]
     env = {**os.environ, "DIGITS_HOME": str(home)}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
     state = folder.root / ".train.inprogress/checkpoints/state.json"
-    deadline = time.monotonic() + 300
-    while not state.is_file():
-        assert proc.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(command, env, state.is_file)
     assert json.loads(state.read_text())["epoch"] == 1, "killed too late: a second epoch had completed"
     assert not folder.stage_dir("train").exists()
     with pytest.raises(DigitsInputError, match="no completed train stage"):

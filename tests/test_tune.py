@@ -5,16 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import datagen
 import pytest
-from runs import converted_kaggle_run, output
+from runs import converted_kaggle_run, kill_when, output
 
 from components.tracking import tracking_uri
 from schemas.stages import GRAPH
@@ -76,8 +74,6 @@ def test_a_killed_tune_resumes_with_its_finished_trials(home, tmp_path):
     command = [DIGITS, "tune", "--run", folder.run_id, "--set", "tune.trials=3", "--set", "tune.epochs=2",
                "--set", "tune.pruner=off"]
     env = {**os.environ, "DIGITS_HOME": str(home)}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
     db = home / "tune/optuna.db"
 
     def count(state: str) -> int:
@@ -90,12 +86,7 @@ def test_a_killed_tune_resumes_with_its_finished_trials(home, tmp_path):
     def complete() -> int:
         return count("COMPLETE")
 
-    deadline = time.monotonic() + 300
-    while complete() < 1 or count("RUNNING") < 1:  # the second trial under way
-        assert proc.poll() is None and time.monotonic() < deadline, "the tune ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(command, env, lambda: complete() >= 1 and count("RUNNING") >= 1)  # the second trial under way
     assert complete() == 1, "killed too late: a second trial had finished"
     assert not folder.stage_dir("tune").exists()
 
