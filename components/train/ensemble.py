@@ -152,7 +152,7 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
                    epochs=config.epochs, resumed_at_epoch=None, val_accuracy=val_accuracy,
                    train_rows=converted.counts.get("train", 0), val_rows=len(val.ids),
                    parameters=int(model.count_params()), seconds=round(seconds, 2), seconds_per_epoch=None,
-                   device=_device(), mlflow_run_id=parent,
+                   device=_device_name(), mlflow_run_id=parent,
                    base=base_ref, transfer_mode=transfer.mode.value if transfer else None,
                    members=[{k: m[k] for k in ("name", "model", "seed", "val_accuracy", "epochs", "seconds", "worker",
                                                "resumed_at_epoch", "mlflow_run_id")} for m in members])
@@ -217,7 +217,8 @@ def _architectures(members: list[dict]) -> str:
     return ", ".join(f"{names.count(n)} {n}" for n in dict.fromkeys(names))
 
 
-def _device() -> str:
+def _device_name() -> str:
     from components.tensorflow_runtime import import_tensorflow
+    from components.train import device_summary
 
-    return "GPU" if import_tensorflow().config.list_physical_devices("GPU") else "CPU"
+    return device_summary(import_tensorflow())["device"]
