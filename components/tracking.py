@@ -16,6 +16,16 @@ def tracking_uri(home: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home.resolve() / 'mlflow.db'}"
 
 
+def artifact_location(uri: str, root: Path | None) -> str | None:
+    """Where a new experiment keeps its files: `root` (under $DIGITS_HOME) for a store on this machine
+    (SQLite, a folder), where MLflow's own default would be ./mlruns in whatever folder the command ran
+    from; for a tracking server, None: the server's default, so that with `mlflow server
+    --artifacts-destination` the files go through the server and clients need no disk it can see."""
+    if root is None or uri.split(":", 1)[0] in ("http", "https", "databricks"):
+        return None
+    return root.resolve().as_uri()
+
+
 def mlflow_client(uri: str):
     """An MlflowClient for tracking and registry at uri, quiet: MLflow and alembic log at INFO to stderr
     (database creation, migrations) and draw download progress bars there, and stderr is for errors."""
@@ -158,7 +168,7 @@ class Tracking:
             return self.run_id
         found = client.get_experiment_by_name(self.experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(
-            self.experiment, artifact_location=self.artifact_root.resolve().as_uri() if self.artifact_root else None)
+            self.experiment, artifact_location=artifact_location(self.uri, self.artifact_root))
         self.run_id = client.create_run(experiment_id, run_name=self.run_name, tags=self.tags).info.run_id
         from mlflow.entities import Param
 

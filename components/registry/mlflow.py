@@ -28,7 +28,7 @@ from components.registry import (
     kept_files,
     parse_model_uri,
 )
-from components.tracking import is_missing, log_model_file, mlflow_client
+from components.tracking import artifact_location, is_missing, log_model_file, mlflow_client
 from schemas.artifacts import sha256_file
 from schemas.errors import DigitsInputError
 
@@ -142,7 +142,7 @@ class MlflowRegistry(Registry):
         client = self._client()
         run_id = lineage.get(RUN_TAG)
         if not run_id or not self._has_run(client, run_id):  # none, or not in this store (a new registry)
-            run_id = self._holding_run(client, name, self.lock_dir / "mlartifacts")
+            run_id = self._holding_run(client, name, artifact_location(self.uri, self.lock_dir / "mlartifacts"))
         log_model_file(self.uri, run_id, model_file)
         source = f"{client.get_run(run_id).info.artifact_uri}/model"
         tags = {**lineage, RUN_TAG: run_id, MODEL_FILE: model_file.name, MODEL_SHA256: sha256_file(model_file)}
@@ -193,13 +193,11 @@ class MlflowRegistry(Registry):
         return True
 
     @staticmethod
-    def _holding_run(client, name: str, artifacts: Path) -> str:
+    def _holding_run(client, name: str, artifacts: str | None) -> str:
         """A new run of the `digits-registry` experiment to hold a model registered without a training run;
-        its files under the home's mlartifacts/ like every digits experiment's (MLflow's default would be
-        ./mlruns in whatever folder the command ran from)."""
+        its files where every digits experiment keeps them (components.tracking.artifact_location)."""
         found = client.get_experiment_by_name(EXPERIMENT)
-        experiment = found.experiment_id if found else client.create_experiment(
-            EXPERIMENT, artifact_location=artifacts.resolve().as_uri())
+        experiment = found.experiment_id if found else client.create_experiment(EXPERIMENT, artifact_location=artifacts)
         run_id = client.create_run(experiment, run_name=name).info.run_id
         client.set_terminated(run_id, status="FINISHED")
         return run_id
