@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from typing import Any
 
@@ -303,7 +304,11 @@ class PipelineConfig(_Model):
         def given(section: str) -> dict:
             value = data.get(section) or {}
             return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-        return {**data, **{section: {**values, **given(section)} for section, values in defaults.items()}}
+        merged = {**data, **{section: {**values, **given(section)} for section, values in defaults.items()}}
+        for section, values in _cluster_defaults(given("dask"), given("convert")).items():
+            current = merged.get(section) or {}
+            merged[section] = {**values, **(current.model_dump(mode="json") if isinstance(current, BaseModel) else current)}
+        return merged
 
     @model_validator(mode="after")
     def _tune_trains_from_scratch(self) -> PipelineConfig:
@@ -322,6 +327,20 @@ class PipelineConfig(_Model):
         if self.evaluate.threshold is not None:
             return self.evaluate.threshold
         return self.pipeline.spec.threshold
+
+
+CLUSTER_VARIABLE = "DASK_SCHEDULER_ADDRESS"  # Dask's own: `distributed.Client()` connects there too
+
+
+def _cluster_defaults(dask: dict, convert: dict) -> dict[str, dict]:
+    """With DASK_SCHEDULER_ADDRESS set (a team's worker: infra/compose.yaml), that cluster is where a run's
+    distributed work goes unless its config says otherwise: the defaults dask.address=<it> and, unless the
+    config names a cluster itself, convert.runner=dask (ensemble members and tune trials follow dask.address).
+    A config that gives dask.address (even None, as run.json records it) is left as it is."""
+    address = os.environ.get(CLUSTER_VARIABLE, "").strip()
+    if not address or "address" in dask:
+        return {}
+    return {"dask": {"address": address}, **({} if "runner" in convert else {"convert": {"runner": "dask"}})}
 
 
 def default_config(pipeline: Pipeline | str) -> PipelineConfig:
