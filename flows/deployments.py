@@ -35,13 +35,14 @@ def definitions(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
 def serve(path: Path = PREFECT_YAML) -> None:
     """Serve every deployment of `path` from this process (schedules included), until interrupted."""
     from prefect import serve as prefect_serve
+    from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
     from flows.pipeline import digits
 
     deployments = [digits.to_deployment(
         name=spec["name"], description=spec.get("description"), tags=spec.get("tags"),
-        parameters=spec.get("parameters", {}),
+        parameters=spec.get("parameters", {}), entrypoint_type=EntrypointType.MODULE_PATH,  # as infra/prefect.yaml
         schedules=[Cron(s["cron"], timezone=s.get("timezone")) for s in spec.get("schedules") or [] if "cron" in s])
         for spec in definitions(path)]
     prefect_serve(*deployments)
