@@ -1,4 +1,5 @@
-# The Prefect worker image of infra/compose.yaml: the locked dependency set and this checkout at
+# The one image of infra/compose.yaml (worker, Prefect and MLflow servers, Dask scheduler and workers): the
+# locked dependency set (psycopg for MLflow on PostgreSQL included) and this checkout at
 # /opt/digits (the working directory `prefect deploy` records, so flow runs load flows/pipeline.py here).
 FROM python:3.11-slim
 RUN pip install --no-cache-dir uv==0.13.9

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import re
+import importlib
 from pathlib import Path
 
 import yaml
+from prefect import Flow
 
 from flows import deployments
 from schemas.config import PipelineConfig
@@ -14,16 +15,14 @@ from schemas.sources import SOURCES
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _locked(package: str) -> str:
-    return re.search(rf"^{package}==(\S+)", (ROOT / "requirements.lock").read_text(), re.M).group(1)
-
-
 def test_prefect_yaml_defines_a_scheduled_deployment_of_flow_digits_per_pipeline():
     found = {d["name"]: d for d in deployments.definitions()}
     assert set(found) == {spec.pipeline for spec in SOURCES}
     for name, spec in found.items():
-        path, flow_name = spec["entrypoint"].split(":")
-        assert (ROOT / path).is_file() and f"def {flow_name}(" in (ROOT / path).read_text()
+        # a module path, not a file path: Prefect then imports flows.pipeline under its own name, so what a flow
+        # run sends to Dask workers (its context holds the flow) unpickles there (a file would be module `pipeline`)
+        module, flow_name = spec["entrypoint"].split(":")
+        assert isinstance(getattr(importlib.import_module(module), flow_name), Flow)
         assert spec["work_pool"]["name"] == "digits-process"
         assert spec["schedules"] and all(len(s["cron"].split()) == 5 for s in spec["schedules"])
         config = PipelineConfig.model_validate(spec["parameters"]["config"])
@@ -33,21 +32,60 @@ def test_prefect_yaml_defines_a_scheduled_deployment_of_flow_digits_per_pipeline
             == "models:/digits-mnist@champion"
 
 
-def test_compose_file_wires_prefect_on_postgres_mlflow_and_a_worker():
+def test_compose_file_wires_the_team_services_on_one_postgres():
+    """What compose.yaml says is what tests/test_team.py starts (it reads the commands and environments from
+    it); here, the wiring that a file alone can show."""
     spec = yaml.safe_load((ROOT / "infra/compose.yaml").read_text())
     services = spec["services"]
-    assert set(services) == {"postgres", "prefect-server", "mlflow", "worker"}
-    assert "postgres:5432" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
-    assert services["prefect-server"]["image"].startswith(f"prefecthq/prefect:{_locked('prefect')}-")
-    assert services["mlflow"]["image"].endswith(f":v{_locked('mlflow')}")
+    assert set(services) == {"postgres", "prefect-server", "mlflow", "dask-scheduler", "dask-worker-1",
+                             "dask-worker-2", "worker"}
+    assert services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"] \
+        == "postgresql+asyncpg://digits:digits@postgres:5432/prefect"
+    assert "--backend-store-uri postgresql://digits:digits@postgres:5432/mlflow" in services["mlflow"]["command"]
+    assert "--serve-artifacts" in services["mlflow"]["command"]  # clients need no disk the server sees
+    databases = (ROOT / "infra/postgres-init.sql").read_text()
+    assert "CREATE DATABASE prefect;" in databases and "CREATE DATABASE mlflow;" in databases
     worker = services["worker"]
     assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert worker["environment"]["DASK_SCHEDULER_ADDRESS"] == "tcp://dask-scheduler:8786"
     assert "digits-process" in worker["command"]
-    context = (ROOT / "infra" / worker["build"]["context"]).resolve()
-    assert context == ROOT and (context / worker["build"]["dockerfile"]).is_file()
-    for service in services.values():  # every dependency names a defined service, every volume is declared
+    for name in ("dask-worker-1", "dask-worker-2"):  # the same $DIGITS_HOME as the worker, at the same path
+        assert services[name]["command"].startswith("dask worker tcp://dask-scheduler:8786 ")
+        assert services[name]["environment"]["DIGITS_HOME"] == worker["environment"]["DIGITS_HOME"]
+        assert "digits-home:/digits-home" in services[name]["volumes"]
+    for name, service in services.items():
+        if name != "postgres":  # one image: this checkout and its locked dependencies
+            assert service["image"] == "digits-worker" and service["build"]["dockerfile"] == "infra/worker.Dockerfile"
+            assert (ROOT / "infra" / service["build"]["context"]).resolve() == ROOT
         assert set(service.get("depends_on", {})) <= set(services)
-        for volume in service.get("volumes", []):
+        for volume in service.get("volumes", []):  # every named volume is declared
             source = volume.split(":")[0]
             assert source.startswith(".") or source in spec["volumes"]
+
+
+def test_a_worker_environment_naming_a_dask_cluster_sends_the_distributed_work_there(monkeypatch):
+    """DASK_SCHEDULER_ADDRESS (Dask's own variable; compose sets it on the worker) becomes dask.address and
+    convert.runner=dask, unless the config says otherwise; a recorded config (resume) is never changed."""
+    from schemas.config import apply_overrides, default_config
+
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    plain = default_config("train-kaggle")
+    assert (plain.dask.address, plain.convert.runner) == (None, "direct")
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://scheduler:8786")
+    team = default_config("train-kaggle")
+    assert (team.dask.address, team.convert.runner) == ("tcp://scheduler:8786", "dask")
+    given = PipelineConfig.model_validate({"pipeline": "train-noisy", "convert": {"runner": "direct"}})
+    assert (given.dask.address, given.convert.runner) == ("tcp://scheduler:8786", "direct")
+    elsewhere = apply_overrides(plain, ["dask.address=tcp://other:8786"])
+    assert (elsewhere.dask.address, elsewhere.convert.runner) == ("tcp://other:8786", "direct")
+    recorded = PipelineConfig.model_validate(plain.model_dump(mode="json"))
+    assert (recorded.dask.address, recorded.convert.runner) == (None, "direct")
+
+
+def test_experiments_keep_their_files_under_the_home_or_on_the_tracking_server(tmp_path):
+    from components.tracking import artifact_location
+
+    assert artifact_location(f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "mlartifacts") \
+        == (tmp_path / "mlartifacts").as_uri()
+    assert artifact_location("http://mlflow:5000", tmp_path / "mlartifacts") is None  # the server's default
