@@ -170,9 +170,9 @@ def transfer(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
     with tempfile.TemporaryDirectory(prefix="digits-base-") as scratch:
         base_file, base_ref, base_seen = _base_model(config.transfer.base, Path(scratch), progress)
         tracking = _tracking(folder, config, converted, "transfer")
-        if config.train.ensemble:
-            from components.train import ensemble
+        from components.train import ensemble
 
+        if config.train.ensemble or ensemble.is_ensemble(base_file):  # an ensemble base: each member fine-tuned
             trained = ensemble.run(converted, config.train, config.seed, out,
                                    execute=_executor(config, config.train.workers, progress), tracking=tracking, progress=progress,
                                    transfer=config.transfer, base_file=base_file, base_ref=base_ref)

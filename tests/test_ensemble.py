@@ -30,7 +30,8 @@ def kaggle_data(tmp_path_factory) -> Path:
 
 
 @pytest.mark.e2e
-def test_a_two_member_ensemble_is_one_model_through_evaluate_registry_and_export(cli, home, kaggle_data):
+def test_a_two_member_ensemble_is_one_model_through_evaluate_registry_export_and_transfer(cli, home, kaggle_data,
+                                                                                           tmp_path):
     result = cli("run", "train-kaggle", "--data", kaggle_data, "--set", "validate.min_rows=10",
                  "--set", "train.epochs=1", "--set", "train.members=2", "--set", "train.member_models=digits-net,baseline",
                  "--set", "evaluate.threshold=0")
@@ -67,6 +68,24 @@ def test_a_two_member_ensemble_is_one_model_through_evaluate_registry_and_export
         child = client.get_run(m["mlflow_run_id"])
         assert child.data.tags["mlflow.parentRunId"] == parent and child.data.tags["digits.member"] == m["name"]
     assert client.get_run(parent).data.metrics["final_val_accuracy"] == pytest.approx(metrics["val_accuracy"])
+
+    # a transfer base like any model: each member is fine-tuned from its own weights (train.members left at 1)
+    datagen.write_noisy(tmp_path / "noisy", n_train=200, n_test=20)
+    tuned = cli("run", "train-noisy", "--data", tmp_path / "noisy", "--set", "validate.min_rows=10",
+                "--set", "train.epochs=1", "--set", "transfer.base=models:/digits-kaggle@champion",
+                "--set", "evaluate.threshold=0")
+    assert tuned.code == 0, tuned.err
+    assert "the base models:/digits-kaggle/1 is an ensemble of 2 members" in tuned.out
+    noisy = next(r for r in (home / "runs").iterdir() if "train-noisy" in r.name)
+    transferred = json.loads((noisy / "run.json").read_text())["stages"]["transfer"]["outputs"]
+    assert [m["name"] for m in transferred["members"]] == ["member-00", "member-01"]
+    assert transferred["base"] == "models:/digits-kaggle/1"
+    for i, m in enumerate(members):  # member i started from base member i: same architecture, same layer count
+        base_member = load_keras_model(noisy / f"transfer/base-member-{i:02d}.keras")
+        alone = load_keras_model(run / "train/members" / m["name"] / "model.keras")
+        assert len(base_member.layers) == len(alone.layers)
+        assert np.allclose(base_member.predict(val.images[..., None], verbose=0),
+                           alone.predict(val.images[..., None], verbose=0), atol=1e-5)
 
 
 def test_a_member_whose_loss_becomes_nan_fails_the_stage_in_one_line_and_nothing_is_registered(cli, home, kaggle_data):

@@ -117,22 +117,28 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
     work_dir may hold an earlier attempt at the same ensemble (same data, seed and config): its finished
     members are kept and its unfinished ones resume; otherwise it is cleared."""
     signature = {"data": converted.fingerprint, "seed": seed,  # where members train does not change them
-                 "config": config.model_dump(mode="json", exclude={"workers"}), "base": base_ref, "transfer": transfer.model_dump(mode="json") if transfer else None}
+                 "config": config.model_dump(mode="json", exclude={"workers"}), "base": base_ref,
+                 "transfer": transfer.model_dump(mode="json") if transfer else None}
     state = _state(work_dir, signature)
     (work_dir / MEMBERS).mkdir(parents=True, exist_ok=True)
+    bases: list[Path] = []
     if base_file is not None:  # where every worker can read it, whatever machine it is on
         kept = work_dir / "base.keras"
         if not kept.is_file() or sha256_file(kept) != sha256_file(base_file):
             partial = work_dir / ".base.keras.partial"
             shutil.copyfile(base_file, partial)
             partial.replace(kept)
-        base_file = kept
+        bases = split(kept, work_dir) or [kept]
+        if len(bases) > 1:
+            progress(f"the base {base_ref} is an ensemble of {len(bases)} members: member i is fine-tuned from "
+                     f"its member i (mod {len(bases)})")
+    count = config.members if config.ensemble or len(bases) < 2 else len(bases)
     parent = tracking.start(state.get("mlflow_run_id"), {
         **{f"train.{k}": v for k, v in config.model_dump(mode="json").items()}, "seed": seed,
-        "members": config.members}) if tracking else None
+        "members": count}) if tracking else None
     write_json_atomic(work_dir / STATE, {"signature": signature, "mlflow_run_id": parent})
-    jobs = [_job(i, converted, config, seed, work_dir, tracking, parent, transfer, base_file, base_ref)
-            for i in range(config.members)]
+    jobs = [_job(i, converted, config, seed, work_dir, tracking, parent, transfer,
+                 bases[i % len(bases)] if bases else None, base_ref) for i in range(count)]
     progress(f"ensemble of {len(jobs)} members: " + ", ".join(job.describe() for job in jobs))
     started = time.perf_counter()
     members = sorted(execute(jobs), key=lambda record: record["index"])
@@ -204,6 +210,27 @@ def combine(member_files: list[Path], out: Path):
     model = keras.Model(image, probabilities, name=f"ensemble-{len(members)}")
     save_atomic(model, out)
     return model
+
+
+def split(model_file: Path, out_dir: Path) -> list[Path]:
+    """The members of an ensemble model file, each saved as a model of its own (out_dir/base-member-NN.keras,
+    kept when already there: the caller clears out_dir when the file changes); [] for a single model.
+    Transfer fine-tunes each member of an ensemble base this way."""
+    from components.keras_layers import load_keras_model
+    from components.train.callbacks import save_atomic
+
+    members = members_of(load_keras_model(model_file, compile=False))
+    files = [out_dir / f"base-{PREFIX}{i:02d}.keras" for i in range(len(members))]
+    for member, path in zip(members, files):
+        if not path.is_file():
+            save_atomic(member, path)
+    return files
+
+
+def is_ensemble(model_file: Path) -> bool:
+    from components.keras_layers import load_keras_model
+
+    return bool(members_of(load_keras_model(model_file, compile=False)))
 
 
 def members_of(model) -> list:
