@@ -228,9 +228,17 @@ def split(model_file: Path, out_dir: Path) -> list[Path]:
 
 
 def is_ensemble(model_file: Path) -> bool:
-    from components.keras_layers import load_keras_model
+    """Whether a .keras file holds an ensemble, read from its config.json (the model is not built: a single
+    base is then loaded once, by the transfer that fine-tunes it)."""
+    import zipfile
 
-    return bool(members_of(load_keras_model(model_file, compile=False)))
+    try:
+        with zipfile.ZipFile(model_file) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return False  # not a readable .keras file: the transfer's own load says so in one line
+    return any(str(layer.get("config", {}).get("name", "")).startswith(PREFIX)
+               for layer in config.get("config", {}).get("layers", []))
 
 
 def members_of(model) -> list:
