@@ -304,11 +304,9 @@ class PipelineConfig(_Model):
         def given(section: str) -> dict:
             value = data.get(section) or {}
             return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-        merged = {**data, **{section: {**values, **given(section)} for section, values in defaults.items()}}
-        for section, values in _cluster_defaults(given("dask"), given("convert")).items():
-            current = merged.get(section) or {}
-            merged[section] = {**values, **(current.model_dump(mode="json") if isinstance(current, BaseModel) else current)}
-        return merged
+        cluster = _cluster_defaults(given("dask"), given("convert"))  # under the pipeline's own defaults
+        sections = {s: {**cluster.get(s, {}), **defaults.get(s, {})} for s in {*defaults, *cluster}}
+        return {**data, **{section: {**values, **given(section)} for section, values in sections.items()}}
 
     @model_validator(mode="after")
     def _tune_trains_from_scratch(self) -> PipelineConfig:
