@@ -90,6 +90,16 @@ class ModelName(StrEnum):
     pca_svm = "pca-svm"  # scikit-learn PCA + RBF SVC, the classical reference
 
 
+class Fill(StrEnum):
+    constant = "constant"  # black: the clean digits' background
+    reflect = "reflect"  # the image mirrored at its edge: a noise background stays noise
+
+
+class Interpolation(StrEnum):
+    bilinear = "bilinear"  # smooth strokes: clean digits
+    nearest = "nearest"  # every output pixel an input pixel: a noise background keeps its statistics
+
+
 class TrainConfig(_Model):
     """How the train stage fits a model on the train split (never on val or test)."""
 
@@ -103,6 +113,12 @@ class TrainConfig(_Model):
     rotation_degrees: float = Field(10.0, ge=0, le=180)
     shift: float = Field(0.1, ge=0, lt=1, description="largest shift, as a fraction of the image side")
     zoom: float = Field(0.1, ge=0, lt=1, description="largest zoom in or out, as a fraction")
+    fill: Fill = Field(Fill.constant, description="what rotation, shift and zoom put where the image moved away: "
+                       "constant (black, like MNIST's background) or reflect (the image mirrored at its edge: "
+                       "keeps a noise background noise)")
+    interpolation: Interpolation = Field(Interpolation.bilinear, description="how rotation, shift and zoom "
+                                         "resample: bilinear, or nearest (a noise background keeps its pixel "
+                                         "statistics; bilinear would smooth it into a texture test images never have)")
     background_noise: float = Field(0.0, ge=0, le=1, description="robustness: background pixels become uniform "
                                     "noise up to a level drawn per image from [0, this] (0: off)")
     pixel_noise: float = Field(0.0, ge=0, le=1, description="robustness: additive Gaussian noise, sigma drawn per "

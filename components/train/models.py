@@ -32,12 +32,13 @@ def augments(config: TrainConfig) -> bool:
 
 def augmentation(config: TrainConfig, keras) -> "keras.Sequential":
     """The `augment` block, active only while training, on images scaled to [0, 1]: random rotation, shift
-    and zoom (train.augment; out-of-image pixels are background), then the robustness augmentations
+    and zoom (train.augment; out-of-image pixels are black, or the image mirrored with train.fill=reflect;
+    resampled by train.interpolation), then the robustness augmentations
     (components.keras_layers) — occlusion, contrast/brightness jitter, random backgrounds, pixel noise. The
     geometric ones come first: they fill with black, which must not cut holes in a noise background."""
     from components.keras_layers import classes
 
-    fill = {"fill_mode": "constant", "fill_value": 0.0}
+    fill = {"fill_mode": config.fill.value, "fill_value": 0.0, "interpolation": config.interpolation.value}
     robust = classes(keras)
     layers = []
     if config.augment and config.rotation_degrees:
