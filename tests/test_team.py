@@ -302,14 +302,19 @@ def test_team_mode_on_postgres_prefect_mlflow_and_dask(home, tmp_path, prepared_
         team.stop("postgres", signal.SIGINT)
         team.start_postgres()
 
-        # 3. train-noisy fine-tunes the champion train-mnist registered: two members, on the Dask workers
+        # 3. train-noisy fine-tunes the champion train-mnist registered: two members, one on each Dask worker
+        # (the killed worker is back: a supervisor restarted it above)
+        from distributed import Client
+
+        with Client(f"tcp://127.0.0.1:{team.ports['dask-scheduler']}", timeout=30) as client:
+            client.wait_for_workers(2, timeout=120)
         noisy_id = team.run_deployment("train-noisy", {"pipeline": "train-noisy", **small,
                                                        "ingest": {"data": str(tmp_path / "noisy")},
                                                        "train": {"epochs": 1, "members": 2}})
         noisy = team.finished(noisy_id)
         assert noisy["state"]["type"] == "COMPLETED", team.log("worker")[-4000:]
         members = run_of(noisy_id).load().stages["transfer"].outputs["members"]
-        assert len(members) == 2 and {m["worker"].split()[0] for m in members} <= {"dask-worker-1", "dask-worker-2"}, members
+        assert len(members) == 2 and sorted(m["worker"].split()[0] for m in members) == ["dask-worker-1", "dask-worker-2"], members
 
         # the registry, through MLflow's REST API: both models, their champions, the noisy one's lineage
         models = {m["name"]: m for m in team.get("mlflow", "/api/2.0/mlflow/registered-models/search")["registered_models"]}
