@@ -23,7 +23,7 @@ run: install
 	$(BIN)/digits run train-mnist $(if $(MNIST_DATA),--data $(MNIST_DATA)) $(RUN_ARGS)
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 bench: install
 	$(BIN)/python -m pytest -m benchmark -s tests/benchmarks
