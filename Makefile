@@ -23,7 +23,7 @@ run: install
 	$(BIN)/digits run train-mnist $(if $(MNIST_DATA),--data $(MNIST_DATA)) $(RUN_ARGS)
 
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist load
 
 bench: install
 	$(BIN)/python -m pytest -m benchmark -s tests/benchmarks

@@ -87,8 +87,9 @@ def cli(home, capsys, monkeypatch):
     return invoke
 
 
-# `make test` runs two pytest-xdist workers, each taking whole files in collection order: the team-mode test
-# (minutes, mostly waiting on its servers and flow runs) goes first, so the other worker's files fill its waits.
+# `make test` runs two pytest-xdist workers (`--dist load`: tests handed out in collection order). The team-mode
+# test (minutes, mostly waiting on its servers and flow runs) goes first, so the other worker's tests fill its
+# waits. (`--dist loadfile` would not do: it hands out files with the most tests first, so the team test ran last.)
 FIRST = ("test_team.py",)
 
 
