@@ -44,6 +44,12 @@ class SourceSpec:
 # Fine-tuning the clean-MNIST champion: no rotation/shift/zoom on noise backgrounds (their black fill
 # would be a give-away never seen at test time), more epochs on the small sets.
 _FINE_TUNE = {"transfer": {"base": CHAMPION_OF_MNIST}, "train": {"augment": False, "epochs": 20}}
+# The noisy set also gets the robustness augmentations that keep a noise background noise: the noise itself
+# re-drawn under the darkest background pixels, pixel noise, contrast and brightness jitter. Chosen on noisy val
+# (README, Transfer learning: 99.33 % against 98.83 % without them; noisy test 98.63 % against 98.50 %).
+_NOISY_FINE_TUNE = {"transfer": {"base": CHAMPION_OF_MNIST},
+                    "train": {"augment": False, "epochs": 20, "background_noise": 1.0, "pixel_noise": 0.1,
+                              "contrast": 0.1}}
 
 SOURCES: tuple[SourceSpec, ...] = (
     SourceSpec(
@@ -57,7 +63,7 @@ SOURCES: tuple[SourceSpec, ...] = (
     SourceSpec(
         name="noisy", title="noisy MNIST (random backgrounds)", reader="components.ingest.noisy:read",
         data_help="a folder with mnist_background_random_{train,test}.amat, or train.csv + test.csv",
-        published_rows={"train": 12_000, "test": 50_000}, threshold=0.97, defaults=_FINE_TUNE,
+        published_rows={"train": 12_000, "test": 50_000}, threshold=0.97, defaults=_NOISY_FINE_TUNE,
         background_noise=True,
         suite_overrides={
             "ink": {"type": "expect_column_median_to_be_between",
