@@ -47,9 +47,8 @@ _FINE_TUNE = {"transfer": {"base": CHAMPION_OF_MNIST}, "train": {"augment": Fals
 # The noisy set also gets the robustness augmentations that keep a noise background noise: the noise itself
 # re-drawn under the darkest background pixels, pixel noise, contrast and brightness jitter. Chosen on noisy val
 # (README, Transfer learning: 99.33 % against 98.83 % without them; noisy test 98.63 % against 98.50 %).
-_NOISY_FINE_TUNE = {"transfer": {"base": CHAMPION_OF_MNIST},
-                    "train": {"augment": False, "epochs": 20, "background_noise": 1.0, "pixel_noise": 0.1,
-                              "contrast": 0.1}}
+_NOISY_FINE_TUNE = {**_FINE_TUNE,
+                    "train": {**_FINE_TUNE["train"], "background_noise": 1.0, "pixel_noise": 0.1, "contrast": 0.1}}
 
 SOURCES: tuple[SourceSpec, ...] = (
     SourceSpec(

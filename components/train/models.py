@@ -35,7 +35,7 @@ def augmentation(config: TrainConfig, keras) -> "keras.Sequential":
     and zoom (train.augment; out-of-image pixels are black, or the image mirrored with train.fill=reflect;
     resampled by train.interpolation), then the robustness augmentations
     (components.keras_layers) — occlusion, contrast/brightness jitter, random backgrounds, pixel noise. The
-    geometric ones come first: they fill with black, which must not cut holes in a noise background."""
+    geometric ones come first: their black fill must not cut holes in a noise background."""
     from components.keras_layers import classes
 
     fill = {"fill_mode": config.fill.value, "fill_value": 0.0, "interpolation": config.interpolation.value}
