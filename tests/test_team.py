@@ -332,8 +332,10 @@ def test_team_mode_on_postgres_prefect_mlflow_and_dask(home, tmp_path, prepared_
             assert {"validation-results", "validation-report", "evaluation-summary", "registry-version"} <= keys, keys
 
         # 4. three train-kaggle at once
+        # one epoch on 270 images: a run (the resumed one below) may land a few of the 30 val images below the
+        # champion from thread-order differences alone; the test is about registering, not about that gate
         kaggle = {"pipeline": "train-kaggle", **small, "ingest": {"data": str(tmp_path / "kaggle")},
-                  "train": {"epochs": 1}}
+                  "train": {"epochs": 1}, "evaluate": {"threshold": 0, "promote_when": "not-significantly-worse"}}
         kaggle_ids = [team.run_deployment("train-kaggle", kaggle) for _ in range(3)]
         assert all(team.finished(i)["state"]["type"] == "COMPLETED" for i in kaggle_ids), team.log("worker")[-4000:]
         folders = [run_of(i) for i in kaggle_ids]
