@@ -16,11 +16,18 @@ canonical form (the noisy set is transposed back and its [0, 1] floats mapped to
 data reaches the base layers exactly as its training data did; a base model that does not take
 canonical images is refused. The base's own augmentation layers are replaced by this run's (train.augment
 and the robustness augmentations, components.train.models.augmentation).
+
+Rehearsal (transfer.rehearse, `Rehearsal`): a share of the base's own training images — its run's train
+split, verified against what that run recorded — joins the run's train split, each drawn the way the
+source looks (the noisy set: every background pixel uniform noise, as make_noisy draws it). The base has
+learnt those digits; as noisy images they are thousands more examples of the source's look than its own
+train split holds (10,799 on the noisy set), and they keep the clean task from being forgotten.
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,22 +47,63 @@ Progress = Callable[[str], None]
 BASE = "base.keras"  # the base model, kept in the stage folder for lineage
 
 
+@dataclass(frozen=True)
+class Rehearsal:
+    """Images of the base model's own training run to fine-tune on beside the run's train split."""
+
+    converted: Converted  # the base run's convert output (its train split)
+    share: float  # of that split, drawn at random (seeded)
+    noise_background: bool  # draw each image's background as uniform noise (a noise-background source)
+    run_id: str  # the base run, for the record
+
+    @property
+    def rows(self) -> int:
+        return int(round(self.share * self.converted.counts.get("train", 0)))
+
+    def describe(self) -> dict[str, Any]:
+        return {"run": self.run_id, "data": self.converted.fingerprint, "share": self.share,
+                "noise_background": self.noise_background, "rows": self.rows}
+
+    def arrays(self, seed: int) -> records.Arrays:
+        """The rehearsal images, the same for the same seed (a resumed fine-tuning sees the same ones).
+        Their ids are negative: -1 - their row in the base's train split."""
+        rng = np.random.default_rng([seed, 7])
+        base = records.load(self.converted.files("train"))
+        rows = np.sort(rng.permutation(len(base.ids))[:self.rows])
+        images = base.images[rows]
+        if self.noise_background:  # make_noisy's recipe: a pixel with no ink becomes uniform noise
+            images = np.where(images == 0, rng.integers(0, 256, images.shape, dtype=np.uint8), images)
+        return records.Arrays(ids=-1 - rows.astype(np.int64), labels=base.labels[rows], images=images)
+
+    @staticmethod
+    def joined(train: records.Arrays, extra: records.Arrays) -> records.Arrays:
+        return records.Arrays(*(np.concatenate([a, b]) for a, b in zip(train, extra)))
+
+
 def run(converted: Converted, config: TrainConfig, transfer: TransferConfig, base_model: Path, base_ref: str,
-        seed: int, work_dir: Path, *, tracking: Tracking | None = None,
+        seed: int, work_dir: Path, *, tracking: Tracking | None = None, rehearsal: Rehearsal | None = None,
         progress: Progress = lambda _: None) -> Trained:
     """Fine-tune base_model (a .keras file; base_ref says where it came from, e.g. models:/digits-mnist/3)
-    on converted's train split for config.epochs epochs in transfer.mode, validating on its val split."""
+    on converted's train split (and the rehearsal's images) for config.epochs epochs in transfer.mode,
+    validating on its val split."""
     if transfer.mode is TransferMode.gradual and transfer.head_epochs >= config.epochs:
         raise ConfigError(f"transfer.head_epochs ({transfer.head_epochs}) must be less than train.epochs "
                           f"({config.epochs}) in gradual mode: the unfrozen phase needs at least one epoch")
     base_sha = sha256_file(base_model)
     signature = {"data": converted.fingerprint, "seed": seed, "config": config.model_dump(mode="json"),
-                 "transfer": transfer.model_dump(mode="json"), "base_sha256": base_sha}
+                 "transfer": transfer.model_dump(mode="json"), "base_sha256": base_sha,
+                 "rehearsal": rehearsal.describe() if rehearsal else None}
     resume = prepare_work_dir(work_dir, signature)
     if not (work_dir / BASE).is_file():
         shutil.copyfile(base_model, work_dir / BASE)
     progress("loading the train and val splits")
     train, val = records.load(converted.files("train")), records.load(converted.files("val"))
+    if rehearsal is not None:
+        extra = rehearsal.arrays(seed)
+        progress(f"rehearsing {len(extra.ids):,} of the base's training images (run {rehearsal.run_id})"
+                 + (" on noise backgrounds" if rehearsal.noise_background else "")
+                 + f" beside the {len(train.ids):,} of this run")
+        train = Rehearsal.joined(train, extra)
     base_name = _base_name(work_dir / BASE)
     progress(f"fine-tuning {base_ref} ({base_name}), mode {transfer.mode.value}")
     return fit_keras(
@@ -64,8 +112,9 @@ def run(converted: Converted, config: TrainConfig, transfer: TransferConfig, bas
                                         transfer.mode, keras),
         segments=segments(config, transfer), name=base_name,
         extra_params={"transfer.base": base_ref, "transfer.base_sha256": base_sha,
+                      "transfer.rehearsal_rows": rehearsal.rows if rehearsal else 0,
                       **{f"transfer.{k}": v for k, v in transfer.model_dump(mode="json").items() if k != "base"}},
-        base=base_ref, transfer_mode=transfer.mode.value)
+        base=base_ref, transfer_mode=transfer.mode.value, rehearsal=rehearsal.describe() if rehearsal else None)
 
 
 def segments(config: TrainConfig, transfer: TransferConfig) -> list[Segment]:

@@ -168,25 +168,47 @@ def transfer(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
     from components import transfer as transfer_component
 
     with tempfile.TemporaryDirectory(prefix="digits-base-") as scratch:
-        base_file, base_ref, base_seen = _base_model(config.transfer.base, Path(scratch), progress)
+        base_file, base_ref, base_seen, base_run = _base_model(config.transfer.base, Path(scratch), progress)
+        rehearsal = _rehearsal(config, base_ref, base_run) if config.transfer.rehearse else None
         tracking = _tracking(folder, config, converted, "transfer")
         from components.train import ensemble
 
         if config.train.ensemble or ensemble.is_ensemble(base_file):  # an ensemble base: each member fine-tuned
             trained = ensemble.run(converted, config.train, config.seed, out,
                                    execute=_executor(config, config.train.workers, progress), tracking=tracking, progress=progress,
-                                   transfer=config.transfer, base_file=base_file, base_ref=base_ref)
+                                   transfer=config.transfer, base_file=base_file, base_ref=base_ref, rehearsal=rehearsal)
         else:
             trained = transfer_component.run(converted, config.train, config.transfer, base_file, base_ref,
-                                             config.seed, out, tracking=tracking, progress=progress)
+                                             config.seed, out, tracking=tracking, rehearsal=rehearsal,
+                                             progress=progress)
     seen = _seen_of_training(folder, config, converted, progress).joined(base_seen, {"model": base_ref})
     seen.save(out / Trained.SEEN)
     return trained
 
 
+def _rehearsal(config: PipelineConfig, base_ref: str, base_run: str | None):
+    """transfer.rehearse: the base's training images, from its run's convert output (verified when read)."""
+    from components.transfer import Rehearsal
+    from flows.runner import output_of
+
+    off = "or --set transfer.rehearse=0 to fine-tune on this run's images alone"
+    if base_run is None:
+        raise DigitsInputError(f"transfer.rehearse={config.transfer.rehearse:g} fine-tunes on the base's own training "
+                               f"images too, but {base_ref} does not say which run trained it: name a registry "
+                               f"version digits registered (models:/NAME@ALIAS), {off}")
+    try:
+        base_folder = RunFolder.open(base_run)
+    except DigitsInputError:
+        raise DigitsInputError(f"transfer.rehearse={config.transfer.rehearse:g}: {base_ref} was trained by run "
+                               f"{base_run}, which is not under {digits_home() / 'runs'} (deleted, or another "
+                               f"home's): its training images are gone; {off}") from None
+    return Rehearsal(output_of(base_folder, "convert"), config.transfer.rehearse,
+                     noise_background=config.source.spec.background_noise, run_id=base_run)
+
+
 def _base_model(base: str, scratch: Path, progress: Progress):
-    """(local .keras file, pinned reference, its seen-image set or None when unknown) of transfer.base:
-    a registry URI resolved to its version now."""
+    """(local .keras file, pinned reference, its seen-image set or None when unknown, the run that trained it or
+    None when unknown) of transfer.base: a registry URI resolved to its version now."""
     from components.lineage import SeenSet
     if base.startswith("models:/"):
         reg = registry()
@@ -204,13 +226,13 @@ def _base_model(base: str, scratch: Path, progress: Progress):
         seen_file = reg.fetch(version, Trained.SEEN, scratch / "seen")
         if seen_file is None:
             progress(f"{version.uri} has no record of the images it was trained on: its lineage is incomplete")
-        return model_file, version.uri, SeenSet.load(seen_file) if seen_file else None
+        return model_file, version.uri, SeenSet.load(seen_file) if seen_file else None, version.tags.get("digits.run_id")
     path = Path(base).expanduser()
     if path.suffix != ".keras" or not path.is_file():
         raise DigitsInputError(f"transfer.base '{base}': no such .keras file (expected 'scratch', "
                                "models:/NAME@ALIAS, models:/NAME/VERSION or a .keras file)")
     progress(f"{path}: a model file does not say which images it was trained on: the lineage is incomplete")
-    return path, str(path.resolve()), None
+    return path, str(path.resolve()), None, None
 
 
 def _tracking(folder: RunFolder, config: PipelineConfig, converted: Converted, stage: str) -> Tracking:

@@ -278,6 +278,7 @@ class Trained(Artifact):
     calibration: dict[str, Any] | None = None  # calibrate: ECE before / after, fitted on val
     members: list[dict[str, Any]] | None = None  # an ensemble's members: name, model, seed, val_accuracy, worker...
     tuned: dict[str, Any] | None = None  # the tune stage's settings it was trained with (train.<field> -> value)
+    rehearsal: dict[str, Any] | None = None  # transfer.rehearse: the base run, its data, share, noise, rows
 
     SEEN = "seen.npz"
     CONTENT = ("model.keras", "model.joblib", SEEN)

@@ -182,6 +182,10 @@ class TransferConfig(_Model):
                                                          "frozen or gradual's first phase, uses train.learning_rate)")
     fine_tune_learning_rate: float = Field(3e-4, gt=0, description="gradual: peak learning rate once the base's "
                                                                    "layers are unfrozen (low, as in keras-io's recipe)")
+    rehearse: float = Field(0.0, ge=0, le=1, description="share of the base's own training images (its run's "
+                            "train split, verified against that run's record) fine-tuned on beside this run's, each "
+                            "drawn the way the source looks (noisy: a uniform-noise background); needs a registry "
+                            "base whose run folder is under $DIGITS_HOME (0: off; train-noisy's default 1)")
 
 
 class Pruner(StrEnum):

@@ -47,8 +47,11 @@ _FINE_TUNE = {"transfer": {"base": CHAMPION_OF_MNIST}, "train": {"augment": Fals
 # The noisy set also gets the robustness augmentations that keep a noise background noise: the noise itself
 # re-drawn under the darkest background pixels, pixel noise, contrast and brightness jitter. Chosen on noisy val
 # (README, Transfer learning: 99.33 % against 98.83 % without them; noisy test 98.63 % against 98.50 %).
-_NOISY_FINE_TUNE = {**_FINE_TUNE,
-                    "train": {**_FINE_TUNE["train"], "background_noise": 1.0, "pixel_noise": 0.1, "contrast": 0.1}}
+# And it rehearses every image the base was trained on, drawn on a noise background: 54,000 more noisy digits
+# beside its own 10,799, so 8 epochs instead of 20 (README: noisy test 98.7 % -> 99.1 %).
+_NOISY_FINE_TUNE = {"transfer": {**_FINE_TUNE["transfer"], "rehearse": 1.0},
+                    "train": {**_FINE_TUNE["train"], "epochs": 8, "background_noise": 1.0, "pixel_noise": 0.1,
+                              "contrast": 0.1}}
 
 SOURCES: tuple[SourceSpec, ...] = (
     SourceSpec(

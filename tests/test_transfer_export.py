@@ -70,11 +70,22 @@ def test_kaggle_then_noisy_through_the_cli_write_submissions_and_fine_tune_the_c
     assert list(record["stages"]) == ["ingest", "validate", "convert", "transfer", "evaluate", "register", "export"]
     transfer = record["stages"]["transfer"]["outputs"]
     assert (transfer["base"], transfer["transfer_mode"]) == ("models:/digits-kaggle/1", "full")
+    # train-noisy's default rehearses every image the base was trained on, drawn on noise backgrounds
+    kaggle_train = json.loads((kaggle_run / "run.json").read_text())["stages"]["convert"]["outputs"]["counts"]["train"]
+    assert {k: transfer["rehearsal"][k] for k in ("run", "share", "noise_background", "rows")} == {
+        "run": kaggle_run.name, "share": 1.0, "noise_background": True, "rows": kaggle_train}
+    assert transfer["train_rows"] == record["stages"]["convert"]["outputs"]["counts"]["train"] + kaggle_train
     assert (run / "transfer/model.keras").is_file() and (run / "transfer/base.keras").is_file()
     _check_submission(run / "export/submission.csv", 23)  # the noisy test rows, in order
     assert record["registry_version"] == 1 and record["promoted"]
     version = stages.registry().resolve("models:/digits-noisy@champion")
     assert version.tags["digits.base"] == "models:/digits-kaggle/1" and version.tags["digits.run_id"] == run.name
+
+    kaggle_run.rename(kaggle_run.with_name("elsewhere"))  # the base's run folder is gone (deleted, another home's)
+    again = cli("run", "train-noisy", "--data", noisy_data, *[a for s in NOISY for a in ("--set", s)],
+                "--set", "transfer.base=models:/digits-kaggle@champion")
+    assert again.code == 2 and f"trained by run {kaggle_run.name}, which is not under" in again.err \
+        and "--set transfer.rehearse=0" in again.err and len(again.err.strip().splitlines()) == 1
 
 
 def test_without_a_champion_train_noisy_says_what_to_do_in_one_line(cli, home, noisy_data):
@@ -87,7 +98,9 @@ def test_without_a_champion_train_noisy_says_what_to_do_in_one_line(cli, home, n
 
 
 def _noisy_run(noisy_data: Path, *overrides: str):
-    config = apply_overrides(default_config("train-noisy"), [f"ingest.data={noisy_data}", *NOISY, *overrides])
+    """A converted train-noisy run; its transfer fine-tunes .keras files, which name no run to rehearse."""
+    config = apply_overrides(default_config("train-noisy"), [f"ingest.data={noisy_data}", *NOISY,
+                                                             "transfer.rehearse=0", *overrides])
     folder = stages.start_run(config)
     make(folder, config, "examples")
     make(folder, config, "validation")
@@ -195,8 +208,41 @@ def test_a_base_that_is_not_a_digits_model_is_refused_in_one_line(cli, home, noi
     result = cli("train", "--run", folder.run_id, "--set", f"transfer.base={tmp_path / 'cifar.keras'}")
     assert result.code == 2 and "does not take canonical digit images" in result.err
     assert len(result.err.strip().splitlines()) == 1
+    result = cli("train", "--run", folder.run_id, "--set", f"transfer.base={tmp_path / 'cifar.keras'}",
+                 "--set", "transfer.rehearse=1")  # a file names no run whose images could be rehearsed
+    assert result.code == 2 and "does not say which run trained it" in result.err \
+        and "--set transfer.rehearse=0" in result.err and len(result.err.strip().splitlines()) == 1
     result = cli("train", "--run", folder.run_id, "--set", "transfer.base=models:/nope")
     assert result.code == 2 and "not a registry URI" in result.err
+
+
+def test_rehearsal_draws_the_bases_training_images_on_noise_backgrounds_and_refuses_damaged_ones(home, kaggle_data):
+    from components import records
+    from components.transfer import Rehearsal
+    from runs import validated_kaggle_run
+    from schemas.errors import DamagedArtifact
+
+    folder, config = validated_kaggle_run(kaggle_data)
+    converted = make(folder, config, "converted")
+    clean = records.load(converted.files("train"))
+    half = Rehearsal(converted, 0.5, noise_background=True, run_id=folder.run_id)
+    drawn = half.arrays(seed=3)
+    assert len(drawn.ids) == half.rows == round(len(clean.ids) / 2) and (drawn.ids < 0).all()
+    rows = -1 - drawn.ids
+    assert np.array_equal(drawn.labels, clean.labels[rows])
+    ink = clean.images[rows] > 0
+    assert np.array_equal(drawn.images[ink], clean.images[rows][ink])  # the digit as the base learnt it
+    background = drawn.images[~ink].astype(float)  # make_noisy's recipe: uniform noise over 0..255
+    assert 117 < background.mean() < 138 and 66 < background.std() < 81
+    assert all(np.array_equal(a, b) for a, b in zip(drawn, half.arrays(seed=3)))  # a resumed run sees the same
+    assert not np.array_equal(drawn.ids, half.arrays(seed=4).ids)
+    every = Rehearsal(converted, 1.0, noise_background=False, run_id=folder.run_id).arrays(seed=3)
+    assert np.array_equal(-1 - every.ids, np.arange(len(clean.ids))) and np.array_equal(every.images, clean.images)
+
+    shard = converted.files("train")[0]
+    shard.write_bytes(shard.read_bytes()[:-9])  # the base run's shard changed since it was recorded
+    with pytest.raises(DamagedArtifact, match=shard.name):
+        half.arrays(seed=3)
 
 
 def test_an_export_that_disagrees_in_a_fresh_process_leaves_no_export(home, kaggle_data, monkeypatch):

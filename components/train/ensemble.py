@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from schemas.artifacts import Converted, Trained, sha256_file
 from schemas.config import TrainConfig, TransferConfig
 from schemas.errors import TrainingDiverged
 from schemas.runs import write_json_atomic
+
+if TYPE_CHECKING:
+    from components.transfer import Rehearsal
 
 Progress = Callable[[str], None]
 MEMBERS = "members"
@@ -56,6 +59,7 @@ class MemberJob:
     base_file: Path | None = None  # transfer: the base model, copied into the stage folder (workers read it)
     base_ref: str | None = None
     transfer: TransferConfig | None = None
+    rehearsal: Rehearsal | None = None  # transfer: the base's own images, fine-tuned on too
     signature: dict = field(default_factory=dict)
 
     @property
@@ -94,7 +98,8 @@ class MemberJob:
                 from components import transfer
 
                 trained = transfer.run(self.converted, self.config, self.transfer, self.base_file, self.base_ref,
-                                       self.seed, self.work_dir, tracking=self.tracking, progress=said)
+                                       self.seed, self.work_dir, tracking=self.tracking, rehearsal=self.rehearsal,
+                                       progress=said)
         except TrainingDiverged as exc:
             raise TrainingDiverged(f"ensemble {self.describe()}: {exc}") from None
         record = {"name": self.name, "index": self.index, "model": self.config.model.value, "seed": self.seed,
@@ -111,14 +116,16 @@ Execute = Callable[[list[MemberJob]], list[dict]]
 
 def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *, execute: Execute,
         tracking: Tracking | None = None, progress: Progress = lambda _: None,
-        transfer: TransferConfig | None = None, base_file: Path | None = None, base_ref: str | None = None) -> Trained:
+        transfer: TransferConfig | None = None, base_file: Path | None = None, base_ref: str | None = None,
+        rehearsal: Rehearsal | None = None) -> Trained:
     """Train config.members members through `execute` and combine them into work_dir/model.keras.
 
     work_dir may hold an earlier attempt at the same ensemble (same data, seed and config): its finished
     members are kept and its unfinished ones resume; otherwise it is cleared."""
     signature = {"data": converted.fingerprint, "seed": seed,  # where members train does not change them
                  "config": config.model_dump(mode="json", exclude={"workers"}), "base": base_ref,
-                 "transfer": transfer.model_dump(mode="json") if transfer else None}
+                 "transfer": transfer.model_dump(mode="json") if transfer else None,
+                 "rehearsal": rehearsal.describe() if rehearsal else None}
     state = _state(work_dir, signature)
     (work_dir / MEMBERS).mkdir(parents=True, exist_ok=True)
     bases: list[Path] = []
@@ -138,7 +145,7 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
         "members": count}) if tracking else None
     write_json_atomic(work_dir / STATE, {"signature": signature, "mlflow_run_id": parent})
     jobs = [_job(i, converted, config, seed, work_dir, tracking, parent, transfer,
-                 bases[i % len(bases)] if bases else None, base_ref) for i in range(count)]
+                 bases[i % len(bases)] if bases else None, base_ref, rehearsal) for i in range(count)]
     progress(f"ensemble of {len(jobs)} members: " + ", ".join(job.describe() for job in jobs))
     started = time.perf_counter()
     members = sorted(execute(jobs), key=lambda record: record["index"])
@@ -160,19 +167,22 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
                    parameters=int(model.count_params()), seconds=round(seconds, 2), seconds_per_epoch=None,
                    device=_device_name(), mlflow_run_id=parent,
                    base=base_ref, transfer_mode=transfer.mode.value if transfer else None,
+                   rehearsal=rehearsal.describe() if rehearsal else None,
                    members=[{k: m[k] for k in ("name", "model", "seed", "val_accuracy", "epochs", "seconds", "worker",
                                                "resumed_at_epoch", "mlflow_run_id")} for m in members])
 
 
 def _job(index: int, converted: Converted, config: TrainConfig, seed: int, work_dir: Path, tracking: Tracking | None,
-         parent: str | None, transfer: TransferConfig | None, base_file: Path | None, base_ref: str | None) -> MemberJob:
+         parent: str | None, transfer: TransferConfig | None, base_file: Path | None, base_ref: str | None,
+         rehearsal: Rehearsal | None = None) -> MemberJob:
     member = config.member(index)
     job = MemberJob(index=index, seed=seed + index, config=member, converted=converted,
                     work_dir=work_dir / MEMBERS / f"{PREFIX}{index:02d}", base_file=base_file, base_ref=base_ref,
-                    transfer=transfer,
+                    transfer=transfer, rehearsal=rehearsal,
                     signature={"data": converted.fingerprint, "seed": seed + index,
                                "config": member.model_dump(mode="json"), "base": base_ref,
-                               "transfer": transfer.model_dump(mode="json") if transfer else None})
+                               "transfer": transfer.model_dump(mode="json") if transfer else None,
+                               "rehearsal": rehearsal.describe() if rehearsal else None})
     if tracking is None:
         return job
     child = Tracking(tracking.uri, tracking.experiment, f"{tracking.run_name}-{job.name}",
