@@ -23,7 +23,8 @@ PRESETS: tuple[Preset, ...] = (
            ("train.model=digits-net", "train.members=6", "train.epochs=10")),
     Preset("robust", "noise-robust training: random backgrounds, pixel noise, contrast and brightness jitter on "
                      "top of the usual rotation/shift/zoom (a base for noisy scans)",
-           ("train.background_noise=1", "train.pixel_noise=0.3", "train.contrast=0.2", "train.brightness=0.1")),
+           ("train.background_noise=1", "train.pixel_noise=0.3", "train.contrast=0.2", "train.brightness=0.1",
+            "train.epochs=12")),
 )
 
 _BY_NAME = {preset.name: preset for preset in PRESETS}

@@ -1,11 +1,12 @@
 """Noisy digits (issue 18): the robust clean base, train-noisy fine-tuned from it, and how the final model
 degrades when the background noise is weaker or stronger than the benchmark's.
 
-Run: pytest -m benchmark -s tests/benchmarks/test_bench_noisy.py   (about 25 minutes on 2 cores)
-1. `digits run train-mnist --preset robust` on the shared MNIST files (the champion);
+Run: pytest -m benchmark -s tests/benchmarks/test_bench_noisy.py   (about 20 minutes on 2 cores)
+1. `digits run train-mnist --preset robust` on the shared MNIST files (the champion, 12 epochs);
 2. `digits run train-noisy` on the noisy set made by ../shared/data/noisy/make_noisy.py (defaults: the
-   champion fine-tuned, every weight, 20 epochs, background noise re-drawn, pixel noise and contrast jitter
-   while training); noisy test = its 50,000 rows built from MNIST-test,
+   champion fine-tuned, every weight, 8 epochs, on the noisy train split and the champion's own 54,000
+   training images drawn on noise backgrounds (transfer.rehearse=1), background noise re-drawn, pixel noise
+   and contrast jitter while training); noisy test = its 50,000 rows built from MNIST-test,
    used for no choice, scored from the submission against the file's labels;
 3. the exported model on MNIST-test with the make_noisy recipe at background noise scaled 0.5x, 1x and
    1.5x (background pixels -> uniform noise in [0, scale], clipped to full ink), 5 backgrounds per digit.
