@@ -31,6 +31,9 @@ console = Console(highlight=False, soft_wrap=True)  # paths and run ids are neve
 SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", metavar="KEY=VALUE", help="override a config field, e.g. --set ingest.limit=500 (repeatable)")]
 RunOption = Annotated[Optional[str], typer.Option("--run", help="run id (default: the newest run)")]
+ForceOption = Annotated[bool, typer.Option("--force", help="run the stage again even when this run completed it "
+                                                           "with the same inputs, settings and code (stages "
+                                                           "downstream go stale when its output changes)")]
 DataOption = Annotated[Optional[Path], typer.Option(
     "--data", help="input data, a file or folder: " + "; ".join(f"{s.name}: {s.data_help}" for s in SOURCES))]
 PipelineArgument = Annotated[Pipeline, typer.Argument(
@@ -135,9 +138,9 @@ def ingest(
 def _stage_command(name: str, stages_: list):
     """The per-stage command `digits NAME [--run RUN] [--set K=V]`: runs the stages of the graph whose
     command is NAME (those that apply to the run's pipeline) on the run's upstream artifacts."""
-    def command(run_id: RunOption = None, overrides: SetOption = None) -> None:
+    def command(run_id: RunOption = None, overrides: SetOption = None, force: ForceOption = False) -> None:
         folder, config = _open_run(run_id, overrides)
-        _run_stages(folder, config, [s for s in stages_ if s.applies_to(config)])
+        _run_stages(folder, config, [s for s in stages_ if s.applies_to(config)], force=force)
         if overrides:  # run.json's config is what the run's stages were last run with (`digits resume` uses it)
             folder.update(lambda record: setattr(record, "config", config.model_dump(mode="json")))
 
@@ -146,19 +149,19 @@ def _stage_command(name: str, stages_: list):
     return command
 
 
-def _run_stages(folder: RunFolder, config: PipelineConfig, stages_: list) -> None:
+def _run_stages(folder: RunFolder, config: PipelineConfig, stages_: list, *, force: bool = False) -> None:
     """Run stages of a run one after the other through the stage runner, showing progress (a spinner, or
-    every line for stages that print per epoch), then mark the run done."""
+    every line for stages that print per epoch), then mark the run done. force: run them even when completed."""
     from flows import runner
 
     for stage in stages_:
         inputs = runner.inputs_of(folder, stage, config)
         if stage.lines:  # epoch and trial lines stay on screen
-            outcome = runner.run_stage(folder, stage, config, inputs,
+            outcome = runner.run_stage(folder, stage, config, inputs, force=force,
                                        progress=lambda message, s=stage: console.print(f"{s.name}: {message}"))
         else:
             with console.status(stage.name) as status:
-                outcome = runner.run_stage(folder, stage, config, inputs,
+                outcome = runner.run_stage(folder, stage, config, inputs, force=force,
                                            progress=lambda message, s=stage: status.update(f"{s.name}: {message}"))
         how = {"ran": "", "skipped": " (already completed in this run)",
                "cached": f" (reused from {outcome.source})"}[outcome.how]

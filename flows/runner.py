@@ -69,20 +69,22 @@ def stage_key(stage: Stage, config: PipelineConfig, inputs: dict[str, Artifact])
 
 
 def run_stage(folder: RunFolder, stage: Stage, config: PipelineConfig, inputs: dict[str, Artifact], *,
-              progress: Progress = lambda _: None, on_output: Callable[[Artifact], None] | None = None) -> Outcome:
+              progress: Progress = lambda _: None, on_output: Callable[[Artifact], None] | None = None,
+              force: bool = False) -> Outcome:
     """Run one stage of a run on its input artifacts, or reuse its output; record it in run.json.
 
     on_output(artifact) runs once the output is in place, before the stage's `after` hook (which may
     stop the run): the flow publishes its Prefect artifacts there, so a failing validation's report
-    is still shown.
+    is still shown. force: run the body even when this run completed the stage with an equal key or
+    another run's output could be adopted (the old output is replaced only when the new one is in place).
     """
     key = stage_key(stage, config, inputs)
-    done = _completed_here(folder, stage, key)
+    done = None if force else _completed_here(folder, stage, key)
     if done is not None:
         progress(f"{stage.name}: already completed in this run, skipped")
         outcome = Outcome(done, "skipped")
     else:
-        earlier = _cached(stage, key) if stage.reuse == "content" and key else None
+        earlier = _cached(stage, key) if stage.reuse == "content" and key and not force else None
         if earlier is not None:
             progress(f"{stage.name}: reusing {earlier.dir} (same inputs, settings and code)")
             adopted = execute(folder, stage.name, lambda out: _link(earlier, out), key=key,

@@ -155,6 +155,23 @@ def test_a_converted_input_is_reused_not_recomputed(home, kaggle_data, cli):
     assert resplit.counts == first.counts
 
 
+def test_force_makes_a_completed_stage_again(home, kaggle_data, cli):
+    folder, config = validated_kaggle_run(kaggle_data)
+    make(folder, config, "converted")
+    before = folder.load().stages["convert"]
+    assert "(already completed in this run)" in cli("convert", "--run", folder.run_id).out
+    result = cli("convert", "--run", folder.run_id, "--force")
+    assert result.code == 0, result.err
+    assert "already completed" not in result.out
+    after = folder.load().stages["convert"]
+    assert after.finished_at != before.finished_at and after.hashes == before.hashes  # made again: the same shards
+
+    second, _ = validated_kaggle_run(kaggle_data)  # another run on the same data: not adopted under --force
+    result = cli("convert", "--run", second.run_id, "--force")
+    assert result.code == 0, result.err
+    assert "reused from" not in result.out and "cached_from" not in second.load().stages["convert"].outputs
+
+
 def test_convert_refuses_a_run_without_passed_validation(cli, home, kaggle_data):
     assert cli("ingest", "--source", "kaggle", "--data", kaggle_data).code == 0
     result = cli("convert")
