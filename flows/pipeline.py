@@ -118,6 +118,13 @@ class _NoInputErrorTraceback(logging.Filter):
         return True
 
 
+# A flow run outside the CLI (a Prefect worker's flow-run process imports this module to load the flow) logs
+# its failure through these loggers, to the console and to the API: the user's errors in one line there too.
+for _name in ("prefect.flow_runs", "prefect.task_runs"):
+    if not any(isinstance(f, _NoInputErrorTraceback) for f in logging.getLogger(_name).filters):
+        logging.getLogger(_name).addFilter(_NoInputErrorTraceback())
+
+
 class _CurrentStdout:
     """Writes to whatever sys.stdout is at the time of writing (callers and tests may swap it)."""
 

@@ -173,6 +173,27 @@ def _console_script(*args: str, home: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=300)
 
 
+
+def test_a_flow_run_outside_the_cli_logs_bad_input_in_one_line_without_a_traceback(tmp_path):
+    """What a Prefect worker's flow-run process does: import the flow from its entrypoint and call it, with
+    none of the CLI's log set-up. Its log (the worker's output, the UI's flow-run log) holds the one line."""
+    datagen.write_noisy(tmp_path / "noisy", "amat", n_train=10, n_test=5)
+    path = tmp_path / "noisy/mnist_background_random_train.amat"
+    rows = path.read_text().splitlines()
+    rows[6] = rows[6].replace(rows[6].split(" ")[0], "x", 1)
+    path.write_text("\n".join(rows) + "\n")
+    script = ("from flows.pipeline import digits\n"
+              "from schemas.config import apply_overrides, default_config\n"
+              "from schemas.errors import DigitsInputError\n"
+              f"config = apply_overrides(default_config('train-noisy'), ['ingest.data={tmp_path / 'noisy'}'])\n"
+              "try:\n    digits(config)\nexcept DigitsInputError:\n    pass\n")
+    env = {**os.environ, "DIGITS_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    assert f"{path}, line 7, column 1:" in log and "Traceback" not in log
+
 @pytest.mark.skipif(not shutil.which("digits", path=str(Path(sys.executable).parent)),
                     reason="the digits console script is not installed in this environment")
 @pytest.mark.parametrize("command", ["ingest", "run"])
