@@ -11,6 +11,11 @@ Run: pytest -m benchmark -s tests/benchmarks/test_bench_noisy.py   (about 20 min
 3. the exported model on MNIST-test with the make_noisy recipe at background noise scaled 0.5x, 1x and
    1.5x (background pixels -> uniform noise in [0, scale], clipped to full ink), 5 backgrounds per digit.
 Targets: default train-noisy >= 98.8 % on noisy test; the robust base >= 95 % at Gaussian sigma 0.2.
+
+test_best_noisy_model_three_seeds (about 95 minutes): the best noisy model, `digits run train-mnist --preset
+robust-best` (the robust preset's training, an ensemble of 3 members) then the default train-noisy, which
+fine-tunes each member (with rehearsal) into an ensemble of 3; seeds 42, 1 and 2 of the noisy run, one base.
+Target: median noisy test >= 99.2 % (measured 2026-12-04: 99.18 % and 99.15 % for seeds 42 and 1, so not met).
 """
 
 from __future__ import annotations
@@ -76,11 +81,16 @@ def _digits(home: Path, *args: str) -> Path:
     return sorted((home / "runs").iterdir())[-1]
 
 
-def test_robust_base_then_train_noisy_and_its_degradation(tmp_path):
-    mnist = datagen.shared_data("mnist")
+def _noisy_set(tmp_path: Path) -> Path:
     noisy = tmp_path / "noisy"
     subprocess.run([sys.executable, str(datagen.shared_data("noisy", "make_noisy.py")), str(noisy)], check=True,
                    capture_output=True)
+    return noisy
+
+
+def test_robust_base_then_train_noisy_and_its_degradation(tmp_path):
+    mnist = datagen.shared_data("mnist")
+    noisy = _noisy_set(tmp_path)
     home = tmp_path / "home"
     base = _digits(home, "run", "train-mnist", "--data", str(mnist), "--preset", "robust")
     run = _digits(home, "run", "train-noisy", "--data", str(noisy))
@@ -94,3 +104,25 @@ def test_robust_base_then_train_noisy_and_its_degradation(tmp_path):
            **{f"mnist_test_background_{k}": v for k, v in degradation(run / "export/model.keras", mnist).items()}}
     print(json.dumps(row))
     assert row["base_sigma_0.2"] >= 0.95 and row["noisy_test"] >= 0.988
+
+
+def test_best_noisy_model_three_seeds(tmp_path):
+    mnist = datagen.shared_data("mnist")
+    noisy = _noisy_set(tmp_path)
+    home = tmp_path / "home"
+    base = _digits(home, "run", "train-mnist", "--data", str(mnist), "--preset", "robust-best")
+    base_record = json.loads((base / "run.json").read_text())
+    base_members = base_record["stages"]["train"]["outputs"]["members"]
+    print(json.dumps({"base_val": base_record["metrics"]["val_accuracy"],
+                      "base_members": [m["val_accuracy"] for m in base_members],
+                      "base_train_s": base_record["stages"]["train"]["seconds"]}))
+    found = []
+    for seed in (42, 1, 2):
+        run = _digits(home, "run", "train-noisy", "--data", str(noisy), "--set", f"seed={seed}")
+        record = json.loads((run / "run.json").read_text())
+        found.append(submission_accuracy(run / "export/submission.csv", noisy / "mnist_background_random_test.amat"))
+        members = record["stages"]["transfer"]["outputs"]["members"]
+        print(json.dumps({"seed": seed, "noisy_val": record["metrics"]["val_accuracy"], "noisy_test": found[-1],
+                          "members_val": [m["val_accuracy"] for m in members],
+                          "transfer_s": record["stages"]["transfer"]["seconds"]}), flush=True)
+    assert float(np.median(found)) >= 0.992
