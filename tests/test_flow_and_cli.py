@@ -173,7 +173,6 @@ def _console_script(*args: str, home: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=300)
 
 
-
 def test_a_flow_run_outside_the_cli_logs_bad_input_in_one_line_without_a_traceback(tmp_path):
     """What a Prefect worker's flow-run process does: import the flow from its entrypoint and call it, with
     none of the CLI's log set-up. Its log (the worker's output, the UI's flow-run log) holds the one line."""
@@ -193,6 +192,7 @@ def test_a_flow_run_outside_the_cli_logs_bad_input_in_one_line_without_a_traceba
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
     assert f"{path}, line 7, column 1:" in log and "Traceback" not in log
+
 
 @pytest.mark.skipif(not shutil.which("digits", path=str(Path(sys.executable).parent)),
                     reason="the digits console script is not installed in this environment")
