@@ -118,11 +118,16 @@ class _NoInputErrorTraceback(logging.Filter):
         return True
 
 
+def _one_line_input_errors(filterer: logging.Filterer) -> None:
+    """Put the no-traceback filter on a logger or handler, once."""
+    if not any(isinstance(f, _NoInputErrorTraceback) for f in filterer.filters):
+        filterer.addFilter(_NoInputErrorTraceback())
+
+
 # A flow run outside the CLI (a Prefect worker's flow-run process imports this module to load the flow) logs
 # its failure through these loggers, to the console and to the API: the user's errors in one line there too.
 for _name in ("prefect.flow_runs", "prefect.task_runs"):
-    if not any(isinstance(f, _NoInputErrorTraceback) for f in logging.getLogger(_name).filters):
-        logging.getLogger(_name).addFilter(_NoInputErrorTraceback())
+    _one_line_input_errors(logging.getLogger(_name))
 
 
 class _CurrentStdout:
@@ -145,5 +150,4 @@ def console_logs_to_stdout() -> None:
             stream = _CurrentStdout()
             handler.setStream(stream)
             handler.console.file = stream
-            if not any(isinstance(f, _NoInputErrorTraceback) for f in handler.filters):
-                handler.addFilter(_NoInputErrorTraceback())
+            _one_line_input_errors(handler)
