@@ -12,13 +12,10 @@ submission is scored on labels we do not have). Asserts the run takes <= 60 minu
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from test_bench_noisy import _digits
 from test_bench_train import mnist_run  # noqa: F401  (the converted MNIST run, a fixture)
 
 import datagen
@@ -44,13 +41,10 @@ def test_best_preset_on_mnist(mnist_run, seed):  # noqa: F811
 
 def test_best_preset_on_kaggle(tmp_path):
     data = datagen.shared_data("kaggle", "digit-recognizer.zip")
-    home = tmp_path / "home"
-    env = {**os.environ, "DIGITS_HOME": str(home), "PREFECT_HOME": str(home / "prefect")}
     start = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).with_name("digits")), "run", "train-kaggle", "--data", str(data),
-                    "--preset", "best"], check=True, env=env, capture_output=True, text=True)
+    run = _digits(tmp_path / "home", "run", "train-kaggle", "--data", str(data), "--preset", "best")
     wall = time.perf_counter() - start
-    record = json.loads((sorted((home / "runs").iterdir())[-1] / "run.json").read_text())
+    record = json.loads((run / "run.json").read_text())
     members = record["stages"]["train"]["outputs"]["members"]
     print(json.dumps({"val_accuracy": record["metrics"]["val_accuracy"], "wall_s": round(wall),
                       "train_s": record["stages"]["train"]["seconds"],
