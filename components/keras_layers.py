@@ -144,6 +144,16 @@ def classes(keras) -> dict[str, type]:
     return _CLASSES
 
 
+def model_name(path: Path) -> str:
+    """The name a .keras file's model was saved under (a digits model: its architecture), read from its
+    config.json without building the model."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        return json.loads(archive.read("config.json"))["config"].get("name", "model")
+
+
 def load_keras_model(path: Path, compile: bool = True):
     """A .keras file loaded in safe mode, with digits' own layers known (every digits load goes through here);
     compile=False leaves out its optimizer (a model only predicted with, or nested in another)."""

@@ -35,7 +35,7 @@ import numpy as np
 
 from components import records
 from components.calibrate import LAYER as CALIBRATION_LAYER
-from components.keras_layers import load_keras_model
+from components.keras_layers import load_keras_model, model_name
 from components.tracking import Tracking
 from components.train import Segment, fit_keras, phase, prepare_work_dir
 from schemas.artifacts import Converted, Trained, sha256_file
@@ -104,7 +104,7 @@ def run(converted: Converted, config: TrainConfig, transfer: TransferConfig, bas
                  + (" on noise backgrounds" if rehearsal.noise_background else "")
                  + f" beside the {len(train.ids):,} of this run")
         train = Rehearsal.joined(train, extra)
-    base_name = _base_name(work_dir / BASE)
+    base_name = model_name(work_dir / BASE)
     progress(f"fine-tuning {base_ref} ({base_name}), mode {transfer.mode.value}")
     return fit_keras(
         train, val, config, seed, work_dir, signature, resume, tracking, progress,
@@ -185,10 +185,3 @@ def _chain(base, keras) -> tuple[Any, list[Any], Any]:
                                "the digits model zoo's layout (scale, [augment], layers..., head)")
     return scale, body[:-1], head
 
-
-def _base_name(model_file: Path) -> str:
-    import json
-    import zipfile
-
-    with zipfile.ZipFile(model_file) as archive:
-        return json.loads(archive.read("config.json"))["config"].get("name", "model")

@@ -17,6 +17,7 @@ from runs import converted_kaggle_run, kill_when, output
 from components import records
 from components.keras_layers import load_keras_model
 from components.tracking import tracking_uri
+from components.train.ensemble import members_of
 from flows import stages
 
 DIGITS = str(Path(sys.executable).with_name("digits"))
@@ -46,6 +47,7 @@ def test_a_two_member_ensemble_is_one_model_through_evaluate_registry_export_and
 
     # one model: its members nested, their probabilities averaged
     model = load_keras_model(run / "train/model.keras")
+    assert [layer.name for layer in members_of(model)] == ["member-00-digits-net", "member-01-baseline"]
     val = records.load(output(stages.RunFolder(run), "converted").files("val"))
     alone = [load_keras_model(run / "train/members" / m["name"] / "model.keras").predict(val.images[..., None], verbose=0)
              for m in members]
@@ -78,7 +80,10 @@ def test_a_two_member_ensemble_is_one_model_through_evaluate_registry_export_and
     assert "the base models:/digits-kaggle/1 is an ensemble of 2 members" in tuned.out
     noisy = next(r for r in (home / "runs").iterdir() if "train-noisy" in r.name)
     transferred = json.loads((noisy / "run.json").read_text())["stages"]["transfer"]["outputs"]
-    assert [m["name"] for m in transferred["members"]] == ["member-00", "member-01"]
+    # ... and each keeps its base member's architecture (train.model says digits-net for both)
+    assert [(m["name"], m["model"]) for m in transferred["members"]] == [("member-00", "digits-net"),
+                                                                         ("member-01", "baseline")]
+    assert "member-01 (baseline, seed 43)" in tuned.out
     assert transferred["base"] == "models:/digits-kaggle/1"
     for i, m in enumerate(members):  # member i started from base member i: same architecture, same layer count
         base_member = load_keras_model(noisy / f"transfer/base-member-{i:02d}.keras")

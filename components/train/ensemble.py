@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from components import records
+from components.keras_layers import model_name
 from components.tracking import Tracking
 from schemas.artifacts import Converted, Trained, sha256_file
-from schemas.config import TrainConfig, TransferConfig
+from schemas.config import ModelName, TrainConfig, TransferConfig
 from schemas.errors import TrainingDiverged
 from schemas.runs import write_json_atomic
 
@@ -176,6 +177,10 @@ def _job(index: int, converted: Converted, config: TrainConfig, seed: int, work_
          parent: str | None, transfer: TransferConfig | None, base_file: Path | None, base_ref: str | None,
          rehearsal: Rehearsal | None = None) -> MemberJob:
     member = config.member(index)
+    if base_file is not None:  # fine-tuning: the member is the base member's architecture, whatever train.model says
+        architecture = model_name(base_file)
+        if architecture in set(ModelName):
+            member = member.model_copy(update={"model": ModelName(architecture)})
     job = MemberJob(index=index, seed=seed + index, config=member, converted=converted,
                     work_dir=work_dir / MEMBERS / f"{PREFIX}{index:02d}", base_file=base_file, base_ref=base_ref,
                     transfer=transfer, rehearsal=rehearsal,
@@ -215,7 +220,8 @@ def combine(member_files: list[Path], out: Path):
 
     members = [load_keras_model(path, compile=False) for path in member_files]
     image = keras.Input(members[0].inputs[0].shape[1:], name="image")
-    outputs = [keras.Model(m.inputs[0], m.outputs[0], name=f"{PREFIX}{i:02d}")(image) for i, m in enumerate(members)]
+    outputs = [keras.Model(m.inputs[0], m.outputs[0], name=_nested_name(i, m.name))(image)
+               for i, m in enumerate(members)]
     probabilities = keras.layers.Average(name="probabilities")(outputs)
     model = keras.Model(image, probabilities, name=f"ensemble-{len(members)}")
     save_atomic(model, out)
@@ -224,8 +230,11 @@ def combine(member_files: list[Path], out: Path):
 
 def split(model_file: Path, out_dir: Path) -> list[Path]:
     """The members of an ensemble model file, each saved as a model of its own (out_dir/base-member-NN.keras,
-    kept when already there: the caller clears out_dir when the file changes); [] for a single model.
-    Transfer fine-tunes each member of an ensemble base this way."""
+    kept when already there: the caller clears out_dir when the file changes), named by its architecture again
+    where the ensemble recorded it; [] for a single model. Transfer fine-tunes each member of an ensemble base
+    this way."""
+    import keras
+
     from components.keras_layers import load_keras_model
     from components.train.callbacks import save_atomic
 
@@ -233,8 +242,23 @@ def split(model_file: Path, out_dir: Path) -> list[Path]:
     files = [out_dir / f"base-{PREFIX}{i:02d}.keras" for i in range(len(members))]
     for member, path in zip(members, files):
         if not path.is_file():
-            save_atomic(member, path)
+            architecture = _architecture(member.name)
+            save_atomic(keras.Model(member.inputs[0], member.outputs[0], name=architecture) if architecture
+                        else member, path)
     return files
+
+
+def _nested_name(index: int, name: str) -> str:
+    """A member's name inside the ensemble: member-NN, then its architecture (digits-net, ...) where known."""
+    architecture = name if not name.startswith(PREFIX) else _architecture(name)
+    return f"{PREFIX}{index:02d}" + (f"-{architecture}" if architecture else "")
+
+
+def _architecture(nested_name: str) -> str | None:
+    """The architecture in a nested member's name (member-NN-ARCH); None for an ensemble saved before digits
+    recorded it there (member-NN)."""
+    rest = nested_name[len(PREFIX):].partition("-")[2]
+    return rest or None
 
 
 def is_ensemble(model_file: Path) -> bool:
