@@ -144,14 +144,19 @@ def classes(keras) -> dict[str, type]:
     return _CLASSES
 
 
-def model_name(path: Path) -> str:
-    """The name a .keras file's model was saved under (a digits model: its architecture), read from its
-    config.json without building the model."""
+def saved_config(path: Path) -> dict:
+    """A .keras file's model config (its config.json's `config`: name, layers), read without building the model;
+    OSError, KeyError, ValueError or zipfile.BadZipFile when it is not a readable .keras file."""
     import json
     import zipfile
 
     with zipfile.ZipFile(path) as archive:
-        return json.loads(archive.read("config.json"))["config"].get("name", "model")
+        return json.loads(archive.read("config.json"))["config"]
+
+
+def model_name(path: Path) -> str:
+    """The name a .keras file's model was saved under (a digits model: its architecture)."""
+    return saved_config(path).get("name", "model")
 
 
 def load_keras_model(path: Path, compile: bool = True):

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from components import records
-from components.keras_layers import model_name
+from components.keras_layers import model_name, saved_config
 from components.tracking import Tracking
 from schemas.artifacts import Converted, Trained, sha256_file
 from schemas.config import ModelName, TrainConfig, TransferConfig
@@ -267,12 +267,10 @@ def is_ensemble(model_file: Path) -> bool:
     import zipfile
 
     try:
-        with zipfile.ZipFile(model_file) as archive:
-            config = json.loads(archive.read("config.json"))
+        config = saved_config(model_file)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return False  # not a readable .keras file: the transfer's own load says so in one line
-    return any(str(layer.get("config", {}).get("name", "")).startswith(PREFIX)
-               for layer in config.get("config", {}).get("layers", []))
+    return any(str(layer.get("config", {}).get("name", "")).startswith(PREFIX) for layer in config.get("layers", []))
 
 
 def members_of(model) -> list:
