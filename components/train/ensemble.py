@@ -250,7 +250,7 @@ def split(model_file: Path, out_dir: Path) -> list[Path]:
 
 def _nested_name(index: int, name: str) -> str:
     """A member's name inside the ensemble: member-NN, then its architecture (digits-net, ...) where known."""
-    architecture = name if not name.startswith(PREFIX) else _architecture(name)
+    architecture = _architecture(name) if name.startswith(PREFIX) else name
     return f"{PREFIX}{index:02d}" + (f"-{architecture}" if architecture else "")
 
 
