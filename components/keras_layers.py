@@ -9,6 +9,8 @@ one way digits loads a .keras file.
   MNIST variant's random backgrounds), `PixelNoise` (additive Gaussian noise of a random sigma per image),
   `Occlusion` (a random rectangle erased to background) and `ContrastBrightness` (jitter). Each draws
   its randomness per image and leaves inference unchanged.
+- Test-time augmentation (components.train.ensemble, train.test_time_shifts): `ShiftCopies` stacks each image
+  with copies of it shifted by a pixel, `CopiesMean` averages the probabilities of the copies again.
 """
 
 from __future__ import annotations
@@ -139,8 +141,44 @@ def classes(keras) -> dict[str, type]:
         def get_config(self):
             return {**super().get_config(), "contrast": self.contrast, "brightness": self.brightness}
 
+    @register
+    class ShiftCopies(keras.layers.Layer):
+        """Test-time augmentation: the image batch followed by its copies rolled by each (rows, columns) shift,
+        stacked along the batch axis (B images -> (1 + len(shifts)) * B). Rolling, not padding: a noise
+        background stays noise (the row that leaves one edge comes back at the other)."""
+
+        def __init__(self, shifts=(), **kwargs):
+            super().__init__(**kwargs)
+            self.shifts = [[int(rows), int(columns)] for rows, columns in shifts]
+
+        def call(self, images):
+            return ops.concatenate([images, *(ops.roll(images, shift, axis=[1, 2]) for shift in self.shifts)], axis=0)
+
+        def compute_output_shape(self, input_shape):
+            return (None, *input_shape[1:])
+
+        def get_config(self):
+            return {**super().get_config(), "shifts": self.shifts}
+
+    @register
+    class CopiesMean(keras.layers.Layer):
+        """The mean of `copies` consecutive blocks of a batch (undoes ShiftCopies' stacking): (copies * B, C) -> (B, C)."""
+
+        def __init__(self, copies: int = 1, **kwargs):
+            super().__init__(**kwargs)
+            self.copies = int(copies)
+
+        def call(self, probabilities):
+            return ops.mean(ops.reshape(probabilities, (self.copies, -1, probabilities.shape[-1])), axis=0)
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+        def get_config(self):
+            return {**super().get_config(), "copies": self.copies}
+
     _CLASSES.update({cls.__name__: cls for cls in (Temperature, BackgroundNoise, PixelNoise, Occlusion,
-                                                     ContrastBrightness)})
+                                                     ContrastBrightness, ShiftCopies, CopiesMean)})
     return _CLASSES
 
 

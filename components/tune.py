@@ -130,7 +130,7 @@ class TrialJob:
                                   pruner=_pruner(self.tune))
         trial = study.ask(distributions(self.tune.space))
         config = self.config.model_copy(update={**trial.params, "epochs": self.tune.epochs, "members": 1,
-                                                "member_models": [], "workers": 1})
+                                                "member_models": [], "workers": 1, "test_time_shifts": 0})
         config = TrainConfig.model_validate(config.model_dump())  # the drawn values checked like any --set
         trial.set_user_attr("worker", worker)
         name = f"trial-{trial.number:03d}"

@@ -96,7 +96,8 @@ def tune(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progres
     from components import tune as tune_component
 
     searched = json.dumps([converted.fingerprint, config.seed, config.tune.model_dump(mode="json", exclude={"workers"}),
-                           config.train.model_dump(mode="json", exclude={"members", "member_models", "workers"})],
+                           config.train.model_dump(mode="json", exclude={"members", "member_models", "workers",
+                                                                       "test_time_shifts"})],
                           sort_keys=True)
     study = f"{folder.run_id}-tune-{hashlib.sha256(searched.encode()).hexdigest()[:12]}"
     execute = _executor(config, config.tune.workers, progress, flow_name="tune-trials", task_name="tune-trial",

@@ -135,6 +135,10 @@ class TrainConfig(_Model):
                                                 "average their probabilities in one model (1: a single model)")
     member_models: list[ModelName] = Field([], description="ensemble: the members' architectures, cycled over the "
                                            "members (e.g. digits-net,bn-cnn); empty: train.model for every member")
+    test_time_shifts: int = Field(0, description="test-time augmentation: the model also looks at each "
+                                              "image shifted by one pixel in 4 directions (up, down, left, right) or 8 "
+                                              "(and the diagonals) and averages the probabilities over all the copies "
+                                              "(0: off). The model is then an ensemble (of train.members, or of one)")
     workers: PositiveInt = Field(1, description="ensemble: members trained at once, each in a worker process of a "
                                                 "Dask LocalCluster on 127.0.0.1 (1: one after another, in-process); "
                                                 "with dask.address set, members run on that cluster instead")
@@ -143,6 +147,13 @@ class TrainConfig(_Model):
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @field_validator("test_time_shifts")
+    @classmethod
+    def _shifts(cls, value: int) -> int:
+        if value not in (0, 4, 8):
+            raise ValueError("expected 0 (off), 4 or 8 one-pixel shifts")
+        return value
 
     @model_validator(mode="after")
     def _ensemble_of_networks(self) -> TrainConfig:
@@ -153,12 +164,14 @@ class TrainConfig(_Model):
 
     @property
     def ensemble(self) -> bool:
-        return self.members > 1
+        """Whether the model is an ensemble model (components.train.ensemble): several members, or shifted copies."""
+        return self.members > 1 or self.test_time_shifts > 0
 
     def member(self, index: int) -> TrainConfig:
         """The config of ensemble member `index`: its architecture, as a single model."""
         model = self.member_models[index % len(self.member_models)] if self.member_models else self.model
-        return self.model_copy(update={"model": model, "members": 1, "member_models": [], "workers": 1})
+        return self.model_copy(update={"model": model, "members": 1, "member_models": [], "workers": 1,
+                                       "test_time_shifts": 0})
 
 
 class TransferMode(StrEnum):

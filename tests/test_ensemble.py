@@ -12,7 +12,7 @@ from pathlib import Path
 import datagen
 import numpy as np
 import pytest
-from runs import converted_kaggle_run, kill_when, output
+from runs import converted_kaggle_run, kill_when, make, output
 
 from components import records
 from components.keras_layers import load_keras_model
@@ -35,7 +35,7 @@ def test_a_two_member_ensemble_is_one_model_through_evaluate_registry_export_and
                                                                                            tmp_path):
     result = cli("run", "train-kaggle", "--data", kaggle_data, "--set", "validate.min_rows=10",
                  "--set", "train.epochs=1", "--set", "train.members=2", "--set", "train.member_models=digits-net,baseline",
-                 "--set", "evaluate.threshold=0")
+                 "--set", "train.test_time_shifts=4", "--set", "evaluate.threshold=0")
     assert result.code == 0, result.err
     (run,) = sorted((home / "runs").iterdir())
     record = json.loads((run / "run.json").read_text())
@@ -45,13 +45,18 @@ def test_a_two_member_ensemble_is_one_model_through_evaluate_registry_export_and
                                                                      ("member-01", "baseline", 43)]
     assert "member-01: epoch 1/1" in result.out
 
-    # one model: its members nested, their probabilities averaged
+    # one model: its members nested, their probabilities averaged over each image and its 4 one-pixel shifts
     model = load_keras_model(run / "train/model.keras")
     assert [layer.name for layer in members_of(model)] == ["member-00-digits-net", "member-01-baseline"]
     val = records.load(output(stages.RunFolder(run), "converted").files("val"))
-    alone = [load_keras_model(run / "train/members" / m["name"] / "model.keras").predict(val.images[..., None], verbose=0)
-             for m in members]
-    assert np.allclose(model.predict(val.images[..., None], verbose=0), np.mean(alone, axis=0), atol=1e-5)
+    member_models = [load_keras_model(run / "train/members" / m["name"] / "model.keras") for m in members]
+    alone = [member.predict(val.images[..., None], verbose=0) for member in member_models]
+    copies = [np.roll(val.images, shift, axis=(1, 2)) for shift in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))]
+    expected = np.mean([member.predict(c[..., None], verbose=0) for member in member_models for c in copies], axis=0)
+    assert np.allclose(model.predict(val.images[..., None], verbose=0), expected, atol=1e-5)
+    assert not np.allclose(expected, np.mean(alone, axis=0), atol=1e-5)  # the shifts change the probabilities
+    assert record["stages"]["train"]["outputs"]["model"] == ("ensemble of 2 (1 digits-net, 1 baseline) with 4 "
+                                                              "test-time shifts")
 
     # evaluate scores every member beside the ensemble, on the same images
     metrics = json.loads((run / "evaluate/metrics.json").read_text())
@@ -85,6 +90,10 @@ def test_a_two_member_ensemble_is_one_model_through_evaluate_registry_export_and
                                                                          ("member-01", "baseline")]
     assert "member-01 (baseline, seed 43)" in tuned.out
     assert transferred["base"] == "models:/digits-kaggle/1"
+    # the fine-tuned ensemble (test_time_shifts left at 0): the plain mean of its members
+    fine_tuned = [load_keras_model(noisy / "transfer/members" / m["name"] / "model.keras") for m in transferred["members"]]
+    assert np.allclose(load_keras_model(noisy / "transfer/model.keras").predict(val.images[..., None], verbose=0),
+                       np.mean([m.predict(val.images[..., None], verbose=0) for m in fine_tuned], axis=0), atol=1e-5)
     for i, m in enumerate(members):  # member i started from base member i: same architecture, same layer count
         base_member = load_keras_model(noisy / f"transfer/base-member-{i:02d}.keras")
         alone = load_keras_model(run / "train/members" / m["name"] / "model.keras")
@@ -159,3 +168,23 @@ def test_a_killed_ensemble_resumes_training_only_the_unfinished_members(home, tm
     trained = output(folder, "model")
     assert [m["name"] for m in trained.members] == ["member-00", "member-01", "member-02"]
     assert (folder.stage_dir("train") / "members/member-00/model.keras").stat().st_mtime_ns == kept
+
+
+def test_test_time_shifts_make_one_model_an_ensemble_whose_member_evaluate_scores_beside_it(home, kaggle_data):
+    folder, config = converted_kaggle_run(kaggle_data, "train.epochs=1", "train.test_time_shifts=8",
+                                          "evaluate.threshold=0")
+    make(folder, config, "model")
+    make(folder, config, "evaluation")
+    trained = output(folder, "model")
+    assert trained.model.startswith("ensemble of 1 (1 digits-net) with 8 test-time shifts")
+    model = load_keras_model(trained.path)
+    (member,) = members_of(model)
+    assert member.name == "member-00-digits-net"
+    val = records.load(output(folder, "converted").files("val"))
+    shifts = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)]  # rows, columns
+    alone = member.predict(val.images[..., None], verbose=0)
+    copies = np.mean([member.predict(np.roll(val.images, s, axis=(1, 2))[..., None], verbose=0) for s in shifts], axis=0)
+    assert np.allclose(model.predict(val.images[..., None], verbose=0), copies, atol=1e-5)
+    (scored,) = json.loads((folder.stage_dir("evaluate") / "metrics.json").read_text())["members"]
+    assert scored["name"] == "member-00" and scored["val_accuracy"] == pytest.approx(
+        float((alone.argmax(axis=1) == val.labels).mean()))

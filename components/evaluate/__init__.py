@@ -158,13 +158,15 @@ def member_scores(trained: Trained, val, progress: Progress = lambda _: None) ->
     from components.keras_layers import load_keras_model
     from components.train.ensemble import members_of
 
-    progress(f"scoring each of the {len(trained.members)} members alone")
+    progress(f"scoring each of the {len(trained.members)} members alone" if len(trained.members) > 1 else
+             "scoring the member alone (without the test-time shifts)")
     import keras
 
     model = load_keras_model(trained.path, compile=False)
     image = keras.Input(model.inputs[0].shape[1:], name="members_input")
     each = keras.Model(image, [member(image) for member in members_of(model)])  # all members in one pass
     outputs = each.predict(val.images[..., None], batch_size=1024, verbose=0)
+    outputs = outputs if isinstance(outputs, list) else [outputs]  # Keras unwraps a list of one output
     return [{"name": record["name"], "model": record["model"], "seed": record["seed"],
              "val_accuracy": float((np.asarray(probabilities).argmax(axis=1) == val.labels).mean()),
              "worker": record.get("worker")} for record, probabilities in zip(trained.members, outputs)]

@@ -12,9 +12,12 @@ Prefect tasks on a Dask cluster (flows.ensemble). A job is plain data and `Membe
 of a member's work, so it can be pickled to a worker process on another machine that sees the run's
 folder at the same path.
 
-The ensemble model is the members (each a nested model named `member-NN`) applied to the same input
+The ensemble model is the members (each a nested model named `member-NN-ARCH`) applied to the same input
 and averaged by a `probabilities` layer: evaluate, the registry, export, `digits predict` and calibrate
-take it like any model, and evaluate scores each member beside it (`members_of`).
+take it like any model, and evaluate scores each member beside it (`members_of`). With test-time
+augmentation (train.test_time_shifts=4 or 8; then even one member makes an ensemble model) every member
+also sees each image shifted by one pixel in 4 or 8 directions, and the probabilities are averaged over
+members and copies alike; a member scored alone, or fine-tuned from the ensemble, is the member without them.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ RECORD = "member.json"
 STATE = "ensemble.json"
 MODEL = "model.keras"
 PREFIX = "member-"
+# train.test_time_shifts: (rows, columns) rolls of the image; the first 4 straight, all 8 with the diagonals
+SHIFTS = ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))
 
 
 @dataclass(frozen=True)
@@ -123,8 +128,8 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
 
     work_dir may hold an earlier attempt at the same ensemble (same data, seed and config): its finished
     members are kept and its unfinished ones resume; otherwise it is cleared."""
-    signature = {"data": converted.fingerprint, "seed": seed,  # where members train does not change them
-                 "config": config.model_dump(mode="json", exclude={"workers"}), "base": base_ref,
+    signature = {"data": converted.fingerprint, "seed": seed,  # where members train, or TTA: not the members
+                 "config": config.model_dump(mode="json", exclude={"workers", "test_time_shifts"}), "base": base_ref,
                  "transfer": transfer.model_dump(mode="json") if transfer else None,
                  "rehearsal": rehearsal.describe() if rehearsal else None}
     state = _state(work_dir, signature)
@@ -140,7 +145,7 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
         if len(bases) > 1:
             progress(f"the base {base_ref} is an ensemble of {len(bases)} members: member i is fine-tuned from "
                      f"its member i (mod {len(bases)})")
-    count = config.members if config.ensemble or len(bases) < 2 else len(bases)
+    count = config.members if config.members > 1 or len(bases) < 2 else len(bases)
     parent = tracking.start(state.get("mlflow_run_id"), {
         **{f"train.{k}": v for k, v in config.model_dump(mode="json").items()}, "seed": seed,
         "members": count}) if tracking else None
@@ -152,7 +157,8 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
     members = sorted(execute(jobs), key=lambda record: record["index"])
     progress("combining the members into one model")
     val = records.load(converted.files("val"))
-    model = combine([work_dir / MEMBERS / m["name"] / m["file"] for m in members], work_dir / MODEL)
+    model = combine([work_dir / MEMBERS / m["name"] / m["file"] for m in members], work_dir / MODEL,
+                    shifts=config.test_time_shifts)
     val_accuracy = float((np.argmax(model.predict(val.images[..., None], batch_size=1024, verbose=0), axis=1)
                           == val.labels).mean())
     seconds = time.perf_counter() - started
@@ -161,8 +167,9 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
         tracking.finish({"final_val_accuracy": val_accuracy}, step=0)
     best = max(m["val_accuracy"] for m in members)
     scores = ", ".join(f"{m['val_accuracy']:.2%}" for m in members)
-    progress(f"ensemble val_accuracy {val_accuracy:.2%} (members {scores}; best member {best:.2%})")
-    return Trained(dir=work_dir, model=f"ensemble of {len(members)} ({_architectures(members)})", file=MODEL,
+    tta = f" with {config.test_time_shifts} test-time shifts" if config.test_time_shifts else ""
+    progress(f"ensemble{tta} val_accuracy {val_accuracy:.2%} (members alone {scores}; best member {best:.2%})")
+    return Trained(dir=work_dir, model=f"ensemble of {len(members)} ({_architectures(members)}){tta}", file=MODEL,
                    epochs=config.epochs, resumed_at_epoch=None, val_accuracy=val_accuracy,
                    train_rows=converted.counts.get("train", 0), val_rows=len(val.ids),
                    parameters=int(model.count_params()), seconds=round(seconds, 2), seconds_per_epoch=None,
@@ -210,19 +217,24 @@ def _state(work_dir: Path, signature: dict) -> dict:
     return {}
 
 
-def combine(member_files: list[Path], out: Path):
-    """One model: the members (nested, named member-NN) on the same input, probabilities averaged. Saved
-    atomically to `out`; returned."""
+def combine(member_files: list[Path], out: Path, shifts: int = 0):
+    """One model: the members (nested, named member-NN-ARCH) on the same input, probabilities averaged — over
+    the image and its `shifts` (4 or 8) one-pixel shifts too, when given. Saved atomically to `out`; returned."""
     import keras
 
-    from components.keras_layers import load_keras_model
+    from components.keras_layers import classes, load_keras_model
     from components.train.callbacks import save_atomic
 
     members = [load_keras_model(path, compile=False) for path in member_files]
     image = keras.Input(members[0].inputs[0].shape[1:], name="image")
-    outputs = [keras.Model(m.inputs[0], m.outputs[0], name=_nested_name(i, m.name))(image)
+    copies = classes(keras)["ShiftCopies"](SHIFTS[:shifts], name="test_time_shifts")(image) if shifts else image
+    outputs = [keras.Model(m.inputs[0], m.outputs[0], name=_nested_name(i, m.name))(copies)
                for i, m in enumerate(members)]
-    probabilities = keras.layers.Average(name="probabilities")(outputs)
+    if shifts:
+        averaged = keras.layers.Average(name="members_average")(outputs) if len(outputs) > 1 else outputs[0]
+        probabilities = classes(keras)["CopiesMean"](1 + shifts, name="probabilities")(averaged)
+    else:
+        probabilities = keras.layers.Average(name="probabilities")(outputs) if len(outputs) > 1 else outputs[0]
     model = keras.Model(image, probabilities, name=f"ensemble-{len(members)}")
     save_atomic(model, out)
     return model
