@@ -28,8 +28,9 @@ PRESETS: tuple[Preset, ...] = (
                      "top of the usual rotation/shift/zoom (a base for noisy scans)",
            _ROBUST),
     Preset("robust-best", "the base for the most accurate noisy-digit model: the robust preset's training, an "
-                          "ensemble of 3 digits-net members (train-noisy then fine-tunes each member)",
-           ("train.model=digits-net", *_ROBUST, "train.members=3")),
+                          "ensemble of 3 members of two architectures, digits-net, bn-cnn and digits-net "
+                          "(train-noisy then fine-tunes each member)",
+           ("train.model=digits-net", *_ROBUST, "train.members=3", "train.member_models=digits-net,bn-cnn,digits-net")),
 )
 
 _BY_NAME = {preset.name: preset for preset in PRESETS}

@@ -217,9 +217,11 @@ def test_the_robust_preset_sets_the_robustness_augmentation_and_set_still_wins(c
     config = _config("train-mnist", None, ["train.pixel_noise=0.1"], "robust")
     assert (config.train.background_noise, config.train.pixel_noise, config.train.contrast) == (1.0, 0.1, 0.2)
     assert config.train.augment and config.train.epochs == 12  # on top of rotation, shift and zoom; longer
-    best = _config("train-mnist", None, [], "robust-best")  # the robust training, three members
-    assert best.train.model_dump(exclude={"members"}) == _config("train-mnist", None, [], "robust").train.model_dump(
-        exclude={"members"}) and best.train.members == 3
+    best = _config("train-mnist", None, [], "robust-best")  # the robust training, three members of two architectures
+    members = {"members", "member_models"}
+    assert best.train.model_dump(exclude=members) == _config("train-mnist", None, [], "robust").train.model_dump(
+        exclude=members) and best.train.members == 3
+    assert [best.train.member(i).model.value for i in range(3)] == ["digits-net", "bn-cnn", "digits-net"]
     result = cli("run", "train-mnist", "--preset", "nosuch")
     assert result.code == 2 and result.err.strip() == ("digits: error: unknown preset 'nosuch'; known: fast, default, "
                                                        "best, robust, robust-best")
