@@ -160,6 +160,9 @@ class TrainConfig(_Model):
         if ModelName.pca_svm in self.member_models or (self.members > 1 and self.model is ModelName.pca_svm
                                                         and not self.member_models):
             raise ValueError("an ensemble averages Keras networks' probabilities: pca-svm cannot be a member")
+        if self.test_time_shifts and self.model is ModelName.pca_svm and not self.member_models:
+            raise ValueError("test_time_shifts averages a Keras network's probabilities over shifted copies: "
+                             "pca-svm is not one")
         return self
 
     @property

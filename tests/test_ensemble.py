@@ -123,6 +123,11 @@ def test_pca_svm_cannot_be_a_member(cli, home, kaggle_data):
     assert result.code == 2
     assert result.err.strip() == ("digits: error: invalid value for 'train': an ensemble averages Keras networks' "
                                   "probabilities: pca-svm cannot be a member")
+    shifted = cli("run", "train-kaggle", "--data", kaggle_data, "--set", "train.model=pca-svm",
+                  "--set", "train.test_time_shifts=4")
+    assert shifted.code == 2
+    assert shifted.err.strip() == ("digits: error: invalid value for 'train': test_time_shifts averages a Keras "
+                                   "network's probabilities over shifted copies: pca-svm is not one")
 
 
 @pytest.mark.e2e

@@ -230,11 +230,9 @@ def combine(member_files: list[Path], out: Path, shifts: int = 0):
     copies = classes(keras)["ShiftCopies"](SHIFTS[:shifts], name="test_time_shifts")(image) if shifts else image
     outputs = [keras.Model(m.inputs[0], m.outputs[0], name=_nested_name(i, m.name))(copies)
                for i, m in enumerate(members)]
-    if shifts:
-        averaged = keras.layers.Average(name="members_average")(outputs) if len(outputs) > 1 else outputs[0]
-        probabilities = classes(keras)["CopiesMean"](1 + shifts, name="probabilities")(averaged)
-    else:
-        probabilities = keras.layers.Average(name="probabilities")(outputs) if len(outputs) > 1 else outputs[0]
+    averaged = keras.layers.Average(name="members_average" if shifts else "probabilities")(outputs) \
+        if len(outputs) > 1 else outputs[0]
+    probabilities = classes(keras)["CopiesMean"](1 + shifts, name="probabilities")(averaged) if shifts else averaged
     model = keras.Model(image, probabilities, name=f"ensemble-{len(members)}")
     save_atomic(model, out)
     return model
