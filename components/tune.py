@@ -129,8 +129,7 @@ class TrialJob:
                                   sampler=optuna.samplers.TPESampler(seed=self.seed + self.number),
                                   pruner=_pruner(self.tune))
         trial = study.ask(distributions(self.tune.space))
-        config = self.config.model_copy(update={**trial.params, "epochs": self.tune.epochs, "members": 1,
-                                                "member_models": [], "workers": 1, "test_time_shifts": 0})
+        config = self.config.single(**trial.params, epochs=self.tune.epochs)
         config = TrainConfig.model_validate(config.model_dump())  # the drawn values checked like any --set
         trial.set_user_attr("worker", worker)
         name = f"trial-{trial.number:03d}"

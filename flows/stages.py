@@ -21,7 +21,7 @@ from components.registry import (MODEL_SHA256, Registry, Version, check_not_repl
                                  remember)
 from components.tracking import Tracking, log_model_file, tracking_uri
 from schemas.artifacts import Converted, Evaluation, Examples, Exported, Registration, Trained, Tuned, Validation
-from schemas.config import FailOn, PipelineConfig
+from schemas.config import ENSEMBLE_FIELDS, FailOn, PipelineConfig
 from schemas.errors import DigitsInputError, ValidationFailed
 from schemas.runs import RunFolder, RunRecord, digits_home, list_runs, write_json_atomic
 from schemas.sources import CHAMPION_OF_MNIST
@@ -96,8 +96,7 @@ def tune(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progres
     from components import tune as tune_component
 
     searched = json.dumps([converted.fingerprint, config.seed, config.tune.model_dump(mode="json", exclude={"workers"}),
-                           config.train.model_dump(mode="json", exclude={"members", "member_models", "workers",
-                                                                       "test_time_shifts"})],
+                           config.train.model_dump(mode="json", exclude=set(ENSEMBLE_FIELDS))],
                           sort_keys=True)
     study = f"{folder.run_id}-tune-{hashlib.sha256(searched.encode()).hexdigest()[:12]}"
     execute = _executor(config, config.tune.workers, progress, flow_name="tune-trials", task_name="tune-trial",

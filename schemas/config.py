@@ -170,11 +170,20 @@ class TrainConfig(_Model):
         """Whether the model is an ensemble model (components.train.ensemble): several members, or shifted copies."""
         return self.members > 1 or self.test_time_shifts > 0
 
+    def single(self, **update: Any) -> TrainConfig:
+        """This config, with `update`, for one model on its own (an ensemble member, a tune trial): ENSEMBLE_FIELDS
+        at their defaults."""
+        return self.model_copy(update={**update, "members": 1, "member_models": [], "workers": 1,
+                                       "test_time_shifts": 0})
+
     def member(self, index: int) -> TrainConfig:
         """The config of ensemble member `index`: its architecture, as a single model."""
-        model = self.member_models[index % len(self.member_models)] if self.member_models else self.model
-        return self.model_copy(update={"model": model, "members": 1, "member_models": [], "workers": 1,
-                                       "test_time_shifts": 0})
+        return self.single(model=self.member_models[index % len(self.member_models)] if self.member_models
+                           else self.model)
+
+
+# what makes a train config an ensemble rather than one model (TrainConfig.single resets them)
+ENSEMBLE_FIELDS = frozenset({"members", "member_models", "workers", "test_time_shifts"})
 
 
 class TransferMode(StrEnum):
