@@ -26,6 +26,8 @@ def classes(keras) -> dict[str, type]:
     """The layer classes by name, defined and registered on first use (keras is imported lazily)."""
     if _CLASSES:
         return _CLASSES
+    import numpy as np
+
     ops = keras.ops
     register = keras.saving.register_keras_serializable(package="digits")
 
@@ -142,6 +144,71 @@ def classes(keras) -> dict[str, type]:
             return {**super().get_config(), "contrast": self.contrast, "brightness": self.brightness}
 
     @register
+    class ElasticDistortion(_Random):
+        """Simard et al.'s elastic distortion (2003) composed with a random rotation, shift and zoom: every output
+        pixel reads the input at its position rotated by up to `rotation` degrees, scaled by 1 +- `zoom` (each axis
+        on its own), moved by up to `shift` of the image side, plus a random displacement field — uniform noise in
+        [-1, 1] per pixel and axis, smoothed by a Gaussian of `sigma` pixels, scaled by `alpha`. The image is
+        resampled once, bilinearly (black outside it): strokes bend and thicken locally the way handwriting
+        varies, and one resampling blurs less than a rotation, a shift and a zoom one after another."""
+
+        def __init__(self, alpha: float = 34.0, sigma: float = 4.0, rotation: float = 0.0, shift: float = 0.0,
+                     zoom: float = 0.0, **kwargs):
+            super().__init__(**kwargs)
+            self.alpha, self.sigma = float(alpha), float(sigma)
+            self.rotation, self.shift, self.zoom = float(rotation), float(shift), float(zoom)
+
+        def blur(self, side: int):
+            """The Gaussian blur of a side x side field (zero outside it) as a matrix: blurring the rows and then
+            the columns of F is B @ F @ B.T — the same numbers as a separable convolution, several times faster
+            on a CPU than a depthwise one."""
+            radius = np.ceil(3 * self.sigma)
+            offsets = np.arange(side)[:, None] - np.arange(side)[None, :]
+            matrix = np.exp(-0.5 * (offsets / self.sigma) ** 2) * (np.abs(offsets) <= radius)
+            total = np.exp(-0.5 * (np.arange(-radius, radius + 1) / self.sigma) ** 2).sum()
+            return ops.convert_to_tensor((matrix / total).astype("float32"))
+
+        def augment(self, images):
+            batch, height, width = ops.shape(images)[0], images.shape[1], images.shape[2]
+            field = keras.random.uniform((batch, height, width, 2), -1.0, 1.0, seed=self.generator)
+            field = ops.einsum("ij,bjkc,lk->bilc", self.blur(height), field, self.blur(width)) * self.alpha
+            angle = self.per_image(images, -1.0, 1.0)[..., 0] * (self.rotation * np.pi / 180)
+            zoom_y = self.per_image(images, 1.0 - self.zoom, 1.0 + self.zoom)[..., 0]
+            zoom_x = self.per_image(images, 1.0 - self.zoom, 1.0 + self.zoom)[..., 0]
+            shift_y = self.per_image(images, -self.shift, self.shift)[..., 0] * height
+            shift_x = self.per_image(images, -self.shift, self.shift)[..., 0] * width
+            v = ops.reshape(ops.arange(height, dtype="float32") - (height - 1) / 2, (1, -1, 1))
+            u = ops.reshape(ops.arange(width, dtype="float32") - (width - 1) / 2, (1, 1, -1))
+            cos, sin = ops.cos(angle), ops.sin(angle)
+            y = (height - 1) / 2 + shift_y + cos * zoom_y * v + sin * zoom_x * u + field[..., 0]
+            x = (width - 1) / 2 + shift_x - sin * zoom_y * v + cos * zoom_x * u + field[..., 1]
+            return _bilinear(images, y, x)
+
+        def get_config(self):
+            return {**super().get_config(), "alpha": self.alpha, "sigma": self.sigma, "rotation": self.rotation,
+                    "shift": self.shift, "zoom": self.zoom}
+
+    def _bilinear(images, y, x):
+        """images (B, H, W, C) sampled at float positions y, x (B, H, W), bilinearly; zero outside the image."""
+        shape = ops.shape(images)
+        batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
+        flat = ops.reshape(images, (-1, channels))
+        base = ops.reshape(ops.arange(batch) * height * width, (-1, 1, 1))
+        y0, x0 = ops.floor(y), ops.floor(x)
+        out = 0.0
+        for dy in (0, 1):
+            for dx in (0, 1):
+                yi, xi = y0 + dy, x0 + dx
+                weight = (1.0 - ops.abs(y - yi)) * (1.0 - ops.abs(x - xi))
+                inside = (yi >= 0) & (yi <= ops.cast(height - 1, "float32")) & (xi >= 0) & (
+                    xi <= ops.cast(width - 1, "float32"))
+                index = base + ops.cast(ops.clip(yi, 0, ops.cast(height - 1, "float32")), "int32") * width + ops.cast(
+                    ops.clip(xi, 0, ops.cast(width - 1, "float32")), "int32")
+                pixels = ops.reshape(ops.take(flat, ops.reshape(index, (-1,)), axis=0), (batch, height, width, channels))
+                out = out + pixels * ops.expand_dims(ops.where(inside, weight, 0.0), -1)
+        return out
+
+    @register
     class ShiftCopies(keras.layers.Layer):
         """Test-time augmentation: the image batch followed by its copies rolled by each (rows, columns) shift,
         stacked along the batch axis (B images -> (1 + len(shifts)) * B). Rolling, not padding: a noise
@@ -178,7 +245,8 @@ def classes(keras) -> dict[str, type]:
             return {**super().get_config(), "copies": self.copies}
 
     _CLASSES.update({cls.__name__: cls for cls in (Temperature, BackgroundNoise, PixelNoise, Occlusion,
-                                                     ContrastBrightness, ShiftCopies, CopiesMean)})
+                                                     ContrastBrightness, ElasticDistortion, ShiftCopies,
+                                                     CopiesMean)})
     return _CLASSES
 
 

@@ -113,6 +113,12 @@ class TrainConfig(_Model):
     rotation_degrees: float = Field(10.0, ge=0, le=180)
     shift: float = Field(0.1, ge=0, lt=1, description="largest shift, as a fraction of the image side")
     zoom: float = Field(0.1, ge=0, lt=1, description="largest zoom in or out, as a fraction")
+    elastic: float = Field(0.0, ge=0, le=100, description="elastic distortion (Simard et al. 2003) of training images, "
+                           "strength alpha: a random displacement field, smoothed by a Gaussian of "
+                           "train.elastic_sigma pixels, scaled by this (36 at sigma 6 moves a pixel by ~1 px); "
+                           "rotation, shift and zoom are then applied with it in one resampling (0: off)")
+    elastic_sigma: float = Field(6.0, ge=1, le=10, description="elastic distortion: smoothness of the displacement "
+                                 "field, in pixels (larger: smoother, gentler bends)")
     fill: Fill = Field(Fill.constant, description="what rotation, shift and zoom put where the image moved away: "
                        "constant (black, like MNIST's background) or reflect (the image mirrored at its edge: "
                        "keeps a noise background noise)")
@@ -160,6 +166,10 @@ class TrainConfig(_Model):
         if ModelName.pca_svm in self.member_models or (self.members > 1 and self.model is ModelName.pca_svm
                                                         and not self.member_models):
             raise ValueError("an ensemble averages Keras networks' probabilities: pca-svm cannot be a member")
+        if self.elastic and self.augment and (self.fill is not Fill.constant
+                                              or self.interpolation is not Interpolation.bilinear):
+            raise ValueError("train.elastic resamples bilinearly with black fill: train.fill=reflect and "
+                             "train.interpolation=nearest are for rotation/shift/zoom without it")
         if self.test_time_shifts and self.model is ModelName.pca_svm and not self.member_models:
             raise ValueError("test_time_shifts averages a Keras network's probabilities over shifted copies: "
                              "pca-svm is not one")

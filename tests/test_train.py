@@ -179,6 +179,72 @@ def test_geometric_augmentation_on_noise_backgrounds_keeps_the_noise_with_reflec
     assert any(not set(np.unique(after)) <= set(np.unique(before)) for before, after in zip(images, default))
 
 
+def test_elastic_distortion_replaces_rotation_shift_and_zoom_with_one_resampling_only_while_training():
+    import keras
+
+    from components.train import models
+
+    block = models.augmentation(TrainConfig(elastic=36, elastic_sigma=6), keras)
+    assert [layer.name for layer in block.layers] == ["elastic"]  # rotation, shift and zoom folded into it
+    assert [layer.rotation for layer in block.layers] == [10.0]
+    images = _scaled_digits()
+    assert np.array_equal(np.asarray(block(images, training=False)), images)  # inference: unchanged
+    bent = np.asarray(block(images, training=True))
+    assert bent.min() >= 0 and bent.max() <= 1 + 1e-6 and not np.allclose(bent, images)
+    assert bent.sum() == pytest.approx(images.sum(), rel=0.1)  # strokes move, ink is neither made nor lost
+    plain = np.asarray(models.augmentation(TrainConfig(), keras)(images, training=True))
+    assert (bent > 0.05).sum() < (plain > 0.05).sum()  # one resampling smears ink over fewer pixels than three
+    with pytest.raises(ValueError, match="black fill"):  # its fill and resampling are fixed
+        TrainConfig(elastic=36, fill="reflect")
+
+
+def _centres(images: np.ndarray) -> np.ndarray:
+    rows, cols = np.mgrid[:images.shape[1], :images.shape[2]]
+    ink = images[..., 0].sum(axis=(1, 2))
+    return np.stack([(images[..., 0] * rows).sum(axis=(1, 2)) / ink, (images[..., 0] * cols).sum(axis=(1, 2)) / ink], 1)
+
+
+def test_elastic_distortion_geometry_rotates_about_the_centre_and_shifts_within_bounds():
+    import keras
+
+    from components.keras_layers import classes
+
+    distortion = classes(keras)["ElasticDistortion"]
+    images = _scaled_digits()
+    assert np.array_equal(np.asarray(distortion(alpha=0.0)(images, training=True)), images)  # nothing asked: identity
+    rotated = np.asarray(distortion(alpha=0.0, rotation=30, seed=1)(images, training=True))
+    assert not np.allclose(rotated, images)
+    centred = np.abs(_centres(images) - 13.5).max(axis=1) < 3  # digits whose ink centre is near the image centre
+    assert np.abs(_centres(rotated) - _centres(images))[centred].max() < 1.5  # turned about the centre, not moved
+    shifted = np.asarray(distortion(alpha=0.0, shift=0.1, seed=2)(images, training=True))
+    moved = np.abs(_centres(shifted) - _centres(images)).max(axis=1)
+    assert moved.max() <= 0.1 * 28 + 0.5 and (moved > 1).mean() > 0.3  # up to 2.8 px, most by more than 1 px
+
+
+def test_elastic_field_is_uniform_noise_smoothed_by_a_gaussian_of_sigma_and_scaled_by_alpha():
+    """On a horizontal ramp (pixel value = its column) bilinear resampling is exact, so each output pixel reads off
+    the column it was moved to: the field itself. Its spread is alpha x the Gaussian's, and it is smooth."""
+    import keras
+    from scipy.ndimage import gaussian_filter1d
+
+    from components.keras_layers import classes
+
+    distortion = classes(keras)["ElasticDistortion"](alpha=36.0, sigma=6.0, seed=3)
+    noise = np.random.default_rng(0).uniform(-1, 1, (28, 28)).astype("float32")
+    blur = np.asarray(distortion.blur(28))
+    expected = gaussian_filter1d(gaussian_filter1d(noise, 6.0, axis=0, mode="constant", truncate=3.0), 6.0, axis=1,
+                                 mode="constant", truncate=3.0)
+    assert np.allclose(blur @ noise @ blur.T, expected, atol=1e-6)  # the matrix form is the separable Gaussian
+
+    ramp = np.broadcast_to(np.arange(28, dtype="float32")[None, None, :, None], (256, 28, 28, 1)).copy()
+    field = np.asarray(distortion(ramp, training=True))[:, 8:20, 8:20, 0] - np.arange(8, 20)[None, None, :]
+    kernel = np.exp(-0.5 * (np.arange(-18, 19) / 6.0) ** 2)
+    sigma = 36.0 * np.sqrt(1 / 3) * ((kernel / kernel.sum()) ** 2).sum()  # uniform(-1, 1) through the 2-D kernel
+    assert field.std() == pytest.approx(sigma, rel=0.15) and abs(field.mean()) < 0.2
+    neighbours = np.corrcoef(field[:, :, :-1].ravel(), field[:, :, 1:].ravel())[0, 1]
+    assert neighbours > 0.95  # smooth: a pixel moves with its neighbours
+
+
 def test_occlusion_erases_a_rectangle_to_background_in_the_chosen_images():
     import keras
 
@@ -201,10 +267,10 @@ def test_a_robust_model_trains_and_reloads_in_safe_mode_scoring_as_before(home, 
 
     folder, config = converted_kaggle_run(kaggle_data, "train.epochs=1", "train.model=baseline", "train.background_noise=1",
                                     "train.pixel_noise=0.3", "train.occlusion=0.5", "train.contrast=0.3",
-                                    "train.brightness=0.2")
+                                    "train.brightness=0.2", "train.elastic=34")
     trained = make(folder, config, "model")
     model = load_keras_model(trained.path)
-    assert {"background_noise", "pixel_noise", "occlusion", "contrast_brightness"} <= {
+    assert {"elastic", "background_noise", "pixel_noise", "occlusion", "contrast_brightness"} <= {
         layer.name for layer in model.get_layer("augment").layers}
     val = records.load(output(folder, "converted").files("val"))
     accuracy = float((model.predict(val.images[..., None], verbose=0).argmax(1) == val.labels).mean())
