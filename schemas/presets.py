@@ -22,8 +22,10 @@ PRESETS: tuple[Preset, ...] = (
            ("train.model=digits-net", "train.width=0.5", "train.augment=false", "train.epochs=3")),
     Preset("default", "the embedded defaults (what a run without --preset trains)", ()),
     Preset("best", "the most accurate model within an hour on 2 CPU cores: an ensemble of 6 digits-net members, "
-                   "10 epochs each (train.workers or dask.address spread them over processes or machines)",
-           ("train.model=digits-net", "train.members=6", "train.epochs=10")),
+                   "10 epochs each, trained with elastic distortion (train.workers or dask.address spread them over "
+                   "processes or machines)",
+           ("train.model=digits-net", "train.members=6", "train.epochs=10", "train.elastic=36",
+            "train.elastic_sigma=6")),
     Preset("robust", "noise-robust training: random backgrounds, pixel noise, contrast and brightness jitter on "
                      "top of the usual rotation/shift/zoom (a base for noisy scans)",
            _ROBUST),
