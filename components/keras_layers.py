@@ -152,7 +152,7 @@ def classes(keras) -> dict[str, type]:
         resampled once, bilinearly (black outside it): strokes bend and thicken locally the way handwriting
         varies, and one resampling blurs less than a rotation, a shift and a zoom one after another."""
 
-        def __init__(self, alpha: float = 34.0, sigma: float = 4.0, rotation: float = 0.0, shift: float = 0.0,
+        def __init__(self, alpha: float = 36.0, sigma: float = 6.0, rotation: float = 0.0, shift: float = 0.0,
                      zoom: float = 0.0, **kwargs):
             super().__init__(**kwargs)
             self.alpha, self.sigma = float(alpha), float(sigma)
@@ -195,15 +195,15 @@ def classes(keras) -> dict[str, type]:
         flat = ops.reshape(images, (-1, channels))
         base = ops.reshape(ops.arange(batch) * height * width, (-1, 1, 1))
         y0, x0 = ops.floor(y), ops.floor(x)
+        bottom, right = ops.cast(height - 1, "float32"), ops.cast(width - 1, "float32")
         out = 0.0
         for dy in (0, 1):
             for dx in (0, 1):
                 yi, xi = y0 + dy, x0 + dx
                 weight = (1.0 - ops.abs(y - yi)) * (1.0 - ops.abs(x - xi))
-                inside = (yi >= 0) & (yi <= ops.cast(height - 1, "float32")) & (xi >= 0) & (
-                    xi <= ops.cast(width - 1, "float32"))
-                index = base + ops.cast(ops.clip(yi, 0, ops.cast(height - 1, "float32")), "int32") * width + ops.cast(
-                    ops.clip(xi, 0, ops.cast(width - 1, "float32")), "int32")
+                inside = (yi >= 0) & (yi <= bottom) & (xi >= 0) & (xi <= right)
+                index = base + ops.cast(ops.clip(yi, 0, bottom), "int32") * width + ops.cast(ops.clip(xi, 0, right),
+                                                                                            "int32")
                 pixels = ops.reshape(ops.take(flat, ops.reshape(index, (-1,)), axis=0), (batch, height, width, channels))
                 out = out + pixels * ops.expand_dims(ops.where(inside, weight, 0.0), -1)
         return out

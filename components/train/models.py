@@ -33,7 +33,8 @@ def augments(config: TrainConfig) -> bool:
 def augmentation(config: TrainConfig, keras) -> "keras.Sequential":
     """The `augment` block, active only while training, on images scaled to [0, 1]: random rotation, shift
     and zoom (train.augment; out-of-image pixels are black, or the image mirrored with train.fill=reflect;
-    resampled by train.interpolation), elastic distortion (train.elastic), then the robustness augmentations
+    resampled by train.interpolation) — or, with train.elastic, the three and an elastic distortion in one
+    resampling — then the robustness augmentations
     (components.keras_layers) — occlusion, contrast/brightness jitter, random backgrounds, pixel noise. The
     geometric ones come first: their black fill must not cut holes in a noise background."""
     from components.keras_layers import classes
@@ -45,12 +46,13 @@ def augmentation(config: TrainConfig, keras) -> "keras.Sequential":
         layers.append(robust["ElasticDistortion"](alpha=config.elastic, sigma=config.elastic_sigma,
                                                   rotation=config.rotation_degrees, shift=config.shift,
                                                   zoom=config.zoom, name="elastic"))
-    if config.augment and not config.elastic and config.rotation_degrees:
-        layers.append(keras.layers.RandomRotation(config.rotation_degrees / 360, **fill))
-    if config.augment and not config.elastic and config.shift:
-        layers.append(keras.layers.RandomTranslation(config.shift, config.shift, **fill))
-    if config.augment and not config.elastic and config.zoom:
-        layers.append(keras.layers.RandomZoom(config.zoom, config.zoom, **fill))
+    elif config.augment:
+        if config.rotation_degrees:
+            layers.append(keras.layers.RandomRotation(config.rotation_degrees / 360, **fill))
+        if config.shift:
+            layers.append(keras.layers.RandomTranslation(config.shift, config.shift, **fill))
+        if config.zoom:
+            layers.append(keras.layers.RandomZoom(config.zoom, config.zoom, **fill))
     if config.occlusion:
         layers.append(robust["Occlusion"](rate=config.occlusion, name="occlusion"))
     if config.contrast or config.brightness:
