@@ -237,6 +237,7 @@ DEFAULT_SPACE = {
     "rotation_degrees": "float 0 15",
     "shift": "float 0 0.15",
     "zoom": "float 0 0.15",
+    "elastic": "choice 0 24 36",
 }
 SPACE_KINDS = ("float", "log", "int", "choice")
 _NOT_TUNED = {"epochs", "members", "workers", "mixed_precision", "svm_rows"}  # a trial's length, or not the model

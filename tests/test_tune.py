@@ -67,6 +67,17 @@ def test_tune_is_off_by_default_and_refused_for_fine_tuning(cli, home):
     assert result.code == 2 and "'dropout' is not a tunable train setting" in result.err
 
 
+def test_every_setting_the_default_space_can_draw_is_a_valid_training():
+    from components.tune import distributions
+    from schemas.config import DEFAULT_SPACE, TrainConfig, TuneConfig
+
+    assert TuneConfig().space == DEFAULT_SPACE and "elastic" in DEFAULT_SPACE  # the best preset's augmentation too
+    for key, dist in distributions(DEFAULT_SPACE).items():
+        values = dist.choices if hasattr(dist, "choices") else (dist.low, dist.high)
+        for value in values:
+            assert getattr(TrainConfig.model_validate({key: value}), key) == value
+
+
 @pytest.mark.e2e
 def test_a_killed_tune_resumes_with_its_finished_trials(home, tmp_path):
     datagen.write_kaggle(tmp_path / "kaggle", n_train=1000, n_test=20)
