@@ -4,8 +4,8 @@ A version's files are logged as artifacts `model/` of an MLflow run — the trai
 lineage names one (`digits.mlflow_run_id`), else a run of the experiment `digits-registry`. Promotion
 never deletes a version: it moves the alias, and remembers the alias it replaced in the new version's
 `digits.previous_champion` tag so `rollback` can move it back. Promotions are serialised by a lock file
-under $DIGITS_HOME (for stores reached from one machine: SQLite, a local server); under it the champion
-is read again.
+under $DIGITS_HOME; under it the champion is read again. Across machines that needs a $DIGITS_HOME whose
+`flock` every client sees (NFSv4 and other POSIX shared file systems; not an object-store mount).
 """
 
 from __future__ import annotations
