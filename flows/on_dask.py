@@ -7,8 +7,9 @@ the flow `ensemble-members` (`tune-trials`), a sub-flow of the stage that asked 
 UI shows every job's state, logs and the worker it ran on.
 
 What a worker needs: digits installed (the same version), the run folder at the same path
-($DIGITS_HOME on a shared file system: NFS, a mounted bucket) — jobs read the run's TFRecord shards
-and write into the stage folder there — the same MLflow tracking URI (a server, not SQLite, when
+($DIGITS_HOME on a shared POSIX file system with atomic rename and flock: NFSv4, CephFS, Lustre with
+-o flock; not an object-store mount) — jobs read the run's TFRecord shards and write into the stage
+folder there — the same MLflow tracking URI (a server, not SQLite, when
 workers are on other machines) and, for trials, a study storage they can all reach (tune.storage).
 A job's TensorFlow gets the host's cores divided by the workers on that host, so N workers on one
 machine do not oversubscribe it.

@@ -44,7 +44,7 @@ def test_compose_file_wires_the_team_services_on_one_postgres():
     assert "--backend-store-uri postgresql://digits:digits@postgres:5432/mlflow" in services["mlflow"]["command"]
     assert "--serve-artifacts" in services["mlflow"]["command"]  # clients need no disk the server sees
     databases = (ROOT / "infra/postgres-init.sql").read_text()
-    assert "CREATE DATABASE prefect;" in databases and "CREATE DATABASE mlflow;" in databases
+    assert all(f"CREATE DATABASE {name};" in databases for name in ("prefect", "mlflow", "optuna"))
     worker = services["worker"]
     assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"

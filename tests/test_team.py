@@ -11,6 +11,7 @@ open (a Prefect flow run, an MLflow registered model) rendered in headless Chrom
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import os
@@ -89,6 +90,13 @@ class Team:
     def env(self, service: str) -> dict[str, str]:
         return {**self.base_env, **{k: self.sub(str(v)) for k, v in COMPOSE[service].get("environment", {}).items()}}
 
+    @property
+    def optuna_url(self) -> str:
+        """The tune stage's study storage on the team's PostgreSQL (infra/postgres-init.sql creates `optuna`)."""
+        env = COMPOSE["postgres"]["environment"]
+        return (f"postgresql+psycopg://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}@127.0.0.1:"
+                f"{self.ports['postgres']}/optuna")
+
     def url(self, service: str) -> str:
         return f"http://127.0.0.1:{self.ports[service]}"
 
@@ -137,10 +145,10 @@ class Team:
         wait_for(lambda: self.psql("-c", "SELECT 1", check=False).returncode == 0, 60, "PostgreSQL",
                  self.procs["postgres"], lambda: self.log("postgres"))
 
-    def psql(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def psql(self, *args: str, database: str = "postgres", check: bool = True) -> subprocess.CompletedProcess:
         env = self.base_env | {"PGPASSWORD": COMPOSE["postgres"]["environment"]["POSTGRES_PASSWORD"]}
         return subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(self.ports["postgres"]), "-U",
-                               COMPOSE["postgres"]["environment"]["POSTGRES_USER"], "-d", "postgres", "-v",
+                               COMPOSE["postgres"]["environment"]["POSTGRES_USER"], "-d", database, "-v",
                                "ON_ERROR_STOP=1", *args], env=env, capture_output=True, text=True, timeout=60,
                               check=check)
 
@@ -284,7 +292,11 @@ def test_team_mode_on_postgres_prefect_mlflow_and_dask(home, tmp_path, prepared_
         mnist_id = team.run_deployment("train-mnist", {"pipeline": "train-mnist", **small,
                                                        "validate": {"min_rows": 10, "fail_on": "warn"},
                                                        "ingest": {"data": str(tfds_dir), "limit": 300},
-                                                       "train": {"epochs": 1}})
+                                                       "train": {"epochs": 1},
+                                                       # two trials on the cluster, sharing a study on PostgreSQL
+                                                       "tune": {"trials": 2, "epochs": 1, "pruner": "off",
+                                                                "space": {"width": "choice 0.25 0.5"},
+                                                                "storage": team.optuna_url}})
         assert team.stage_started(mnist_id, "convert") == "running"
         busy = team.busy_dask_worker()  # the first worker the Beam job gives a task to
         team.stop(busy, signal.SIGKILL)
@@ -297,6 +309,15 @@ def test_team_mode_on_postgres_prefect_mlflow_and_dask(home, tmp_path, prepared_
         assert record.stages["convert"].outputs["runner"] == "DaskRunner"
         assert record.stages["convert"].outputs["counts"] == {"train": 270, "val": 30, "test": 300}
         assert record.config["dask"]["address"] == f"tcp://127.0.0.1:{team.ports['dask-scheduler']}"
+        tuned = record.stages["tune"].outputs
+        assert (tuned["trials"], tuned["complete"]) == (2, 2) and tuned["storage"].startswith("postgresql+psycopg://")
+        assert "digits:digits@" not in tuned["storage"]  # run.json does not keep the database password
+        with (run_of(mnist_id).stage_dir("tune") / "trials.csv").open() as f:
+            workers = [row["worker"].split()[0] for row in csv.DictReader(f)]
+        assert len(workers) == 2 and set(workers) <= {"dask-worker-1", "dask-worker-2"}, workers
+        in_db = team.psql("-tAc", "SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'",
+                          database="optuna")
+        assert in_db.stdout.strip() == "2", in_db.stdout + in_db.stderr
 
         # 2. PostgreSQL restarted between two runs: both servers carry on
         team.stop("postgres", signal.SIGINT)

@@ -79,6 +79,32 @@ def test_every_setting_the_default_space_can_draw_is_a_valid_training():
 
 
 @pytest.mark.e2e
+@pytest.mark.e2e
+def test_trials_run_on_a_two_worker_local_cluster_through_prefect_sharing_one_study(home, kaggle_data):
+    folder, _ = converted_kaggle_run(kaggle_data)
+    done = subprocess.run([DIGITS, "tune", "--run", folder.run_id, "--set", "tune.trials=2", "--set", "tune.epochs=1",
+                           "--set", "tune.workers=2", "--set", "tune.pruner=off",
+                           "--set", "tune.space=learning_rate=log 1e-3 1e-2; width=choice 0.25 0.5"],
+                          env={**os.environ, "DIGITS_HOME": str(home)}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert "running 2 trials on a LocalCluster of 2 worker processes" in done.stdout
+    tuned = output(folder, "tuning")
+    assert (tuned.trials, tuned.complete) == (2, 2)
+    with (folder.stage_dir("tune") / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    workers = [r["worker"] for r in rows]
+    # both workers asked the one SQLite study for settings at once: two distinct trials, one on each worker
+    assert sorted(r["trial"] for r in rows) == ["0", "1"]
+    assert all("tcp://127.0.0.1:" in w for w in workers) and len(set(workers)) == 2, workers
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["tune-trials"])))
+    assert any(r.state.is_completed() for r in runs)
+
+
 def test_a_killed_tune_resumes_with_its_finished_trials(home, tmp_path):
     datagen.write_kaggle(tmp_path / "kaggle", n_train=1000, n_test=20)
     folder, _ = converted_kaggle_run(tmp_path / "kaggle")
