@@ -37,7 +37,7 @@ from components import records
 from components.calibrate import LAYER as CALIBRATION_LAYER
 from components.keras_layers import load_keras_model, model_name
 from components.tracking import Tracking
-from components.train import Segment, fit_keras, phase, prepare_work_dir
+from components.train import Segment, clean_phase, fit_keras, phase, prepare_work_dir
 from schemas.artifacts import Converted, Trained, sha256_file
 from schemas.config import TrainConfig, TransferConfig, TransferMode
 from schemas.dataset import IMAGE_SIDE, N_CLASSES
@@ -118,15 +118,17 @@ def run(converted: Converted, config: TrainConfig, transfer: TransferConfig, bas
 
 
 def segments(config: TrainConfig, transfer: TransferConfig) -> list[Segment]:
-    """The training phases of a mode, within config.epochs epochs in all."""
+    """The training phases of a mode, within config.epochs epochs in all, then train.clean_epochs without the
+    augment block (components.train.clean_phase)."""
     epochs = config.epochs
     if transfer.mode is TransferMode.full:
-        return [phase(0, epochs, transfer.learning_rate, config)]
+        return [phase(0, epochs, transfer.learning_rate, config), *clean_phase(config)]
     if transfer.mode is TransferMode.frozen:
-        return [phase(0, epochs, config.learning_rate, config)]
+        return [phase(0, epochs, config.learning_rate, config), *clean_phase(config)]
     head = transfer.head_epochs
     return [phase(0, head, config.learning_rate, config),
-            phase(head, epochs, transfer.fine_tune_learning_rate, config, prepare=_unfreeze_all_but_batchnorm)]
+            phase(head, epochs, transfer.fine_tune_learning_rate, config, prepare=_unfreeze_all_but_batchnorm),
+            *clean_phase(config)]
 
 
 def _unfreeze_all_but_batchnorm(model) -> None:

@@ -133,6 +133,11 @@ class TrainConfig(_Model):
                                                           "(sides up to 40 %) erased (0: off)")
     contrast: float = Field(0.0, ge=0, lt=1, description="robustness: contrast jitter, factor in [1 - this, 1 + this]")
     brightness: float = Field(0.0, ge=0, le=1, description="robustness: brightness jitter, offset in [-this, this]")
+    clean_epochs: int = Field(0, ge=0, le=100, description="epochs after train.epochs on the images as they are "
+                              "(the augment block left out), at train.clean_learning_rate decaying to 0: the "
+                              "model settles on undistorted digits (0: off)")
+    clean_learning_rate: float = Field(3e-4, gt=0, description="peak learning rate of the train.clean_epochs "
+                                                               "(cosine decay to 0, no warm-up)")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="share of each target spread evenly over all "
                                                                  "classes (a softer target, less over-confidence)")
     svm_rows: PositiveInt = Field(10_000, description="pca-svm: train rows it fits on (an RBF SVC is quadratic)")

@@ -88,6 +88,53 @@ def test_killed_training_resumes_at_the_next_epoch(home, tmp_path):
     assert sorted(m.step for m in history) == [1, 2, 3]  # one MLflow run across both attempts
 
 
+class _Interrupted(RuntimeError):
+    pass
+
+
+def test_clean_epochs_train_without_the_augment_block_and_a_resumed_attempt_stays_without_it(home, kaggle_data,
+                                                                                             tmp_path):
+    """train.clean_epochs: after the augmented epochs, the same layers without `augment`; the checkpoint holds
+    that model, so an attempt stopped inside the clean epochs resumes without augmentation."""
+    import keras
+
+    from components import train
+    from components.keras_layers import load_keras_model
+
+    folder, _ = converted_kaggle_run(kaggle_data)
+    converted = output(folder, "converted")
+    config = TrainConfig(epochs=1, clean_epochs=2, elastic=36)
+    work = tmp_path / "train"
+
+    class StopAfterTheFirstCleanEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:  # runs after digits' own callbacks: epoch 2 is checkpointed
+                raise _Interrupted()
+
+    with pytest.raises(_Interrupted):
+        train.run(converted, config, 42, work, callbacks=[StopAfterTheFirstCleanEpoch()])
+
+    def layers(path: Path) -> list[str]:
+        return [layer.name for layer in load_keras_model(path, compile=False).layers]
+
+    augmented, clean = layers(work / "checkpoints/epoch-001.keras"), layers(work / "checkpoints/epoch-002.keras")
+    assert "augment" in augmented and clean == [name for name in augmented if name != "augment"]
+    said = []
+    trained = train.run(converted, config, 42, work, progress=said.append)
+    assert "resuming at epoch 3 of 3 from epoch-002.keras" in said
+    assert (trained.epochs, trained.resumed_at_epoch) == (3, 3)
+    assert layers(work / "model.keras") == clean  # the same scores at inference: augment is inactive there
+    with (work / "history.csv").open() as f:
+        assert [int(row["epoch"]) for row in csv.DictReader(f)] == [0, 1, 2]
+
+
+def test_a_schedule_without_warm_up_starts_at_its_learning_rate():
+    from components.train import _optimizer
+
+    assert float(_optimizer(3e-4, 1, 10, 0).learning_rate) == pytest.approx(3e-4)  # clean epochs: no warm-up
+    assert float(_optimizer(3e-3, 2, 10, 0.5).learning_rate) == pytest.approx(3e-3 / 20)  # warm-up from lr / 20
+
+
 def test_an_interrupted_attempt_with_another_config_is_not_resumed(home, kaggle_data):
     folder, config = converted_kaggle_run(kaggle_data, "train.epochs=1")
     leftover = folder.root / ".train.inprogress/checkpoints"
@@ -288,8 +335,9 @@ def test_the_robust_preset_sets_the_robustness_augmentation_and_set_still_wins(c
     assert best.train.model_dump(exclude=members) == _config("train-mnist", None, [], "robust").train.model_dump(
         exclude=members) and best.train.members == 3
     assert [best.train.member(i).model.value for i in range(3)] == ["digits-net", "bn-cnn", "digits-net"]
-    most = _config("train-mnist", None, [], "best")  # six digits-net members with elastic distortion
-    assert (most.train.members, most.train.epochs, most.train.elastic, most.train.elastic_sigma) == (6, 10, 36, 6)
+    most = _config("train-mnist", None, [], "best")  # five digits-net members, elastic distortion, a clean epoch
+    assert (most.train.members, most.train.epochs, most.train.elastic, most.train.elastic_sigma,
+            most.train.clean_epochs) == (5, 10, 36, 6, 1)
     result = cli("run", "train-mnist", "--preset", "nosuch")
     assert result.code == 2 and result.err.strip() == ("digits: error: unknown preset 'nosuch'; known: fast, default, "
                                                        "best, robust, robust-best")

@@ -97,22 +97,39 @@ class Segment:
     """
 
     end: int
-    enter: Callable[[Any, int], None]
+    enter: Callable[[Any, int], Any]  # returns the model to train: the same one, or one sharing its layers
 
 
 def phase(start: int, end: int, learning_rate: float, config: TrainConfig,
-          prepare: Callable[[Any], None] | None = None) -> Segment:
+          prepare: Callable[[Any], Any] | None = None, warmup_epochs: float | None = None) -> Segment:
     """Epochs start..end with a fresh Adam whose warm-up + cosine schedule spans exactly those epochs;
-    prepare(model), e.g. unfreezing layers, runs before the model is compiled for them."""
-    def enter(model, steps_per_epoch: int) -> None:
+    prepare(model), e.g. unfreezing layers, runs before the model is compiled for them and may return a model
+    that shares the layers (and so the weights) to train from then on. warmup_epochs: config's unless given."""
+    warmup = config.warmup_epochs if warmup_epochs is None else warmup_epochs
+
+    def enter(model, steps_per_epoch: int):
         import keras
 
         if prepare is not None:
-            prepare(model)
-        model.compile(optimizer=_optimizer(learning_rate, end - start, steps_per_epoch, config.warmup_epochs),
+            model = prepare(model) or model
+        model.compile(optimizer=_optimizer(learning_rate, end - start, steps_per_epoch, warmup),
                       loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
                       metrics=["accuracy"])
+        return model
     return Segment(end, enter)
+
+
+def clean_phase(config: TrainConfig) -> list[Segment]:
+    """train.clean_epochs after the model's other epochs (config.epochs of them): the same layers without the
+    `augment` block, so they see the images as they are, at train.clean_learning_rate decaying to 0 without
+    warm-up. From then on the model trained, checkpointed and saved is that one, so a resumed attempt inside
+    these epochs stays without augmentation. Empty when train.clean_epochs is 0."""
+    from components.train.models import without_augmentation
+
+    if not config.clean_epochs:
+        return []
+    return [phase(config.epochs, config.epochs + config.clean_epochs, config.clean_learning_rate, config,
+                  prepare=without_augmentation, warmup_epochs=0)]
 
 
 def _fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, work_dir: Path,
@@ -120,7 +137,8 @@ def _fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int,
     from components.train import models
 
     return fit_keras(train, val, config, seed, work_dir, signature, resume, tracking, progress,
-                     build=lambda keras: models.build(config, keras), segments=[phase(0, config.epochs, config.learning_rate, config)],
+                     build=lambda keras: models.build(config, keras),
+                     segments=[phase(0, config.epochs, config.learning_rate, config), *clean_phase(config)],
                      name=config.model.value, callbacks=callbacks)
 
 
@@ -172,7 +190,7 @@ def fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, 
         if initial_epoch < segment.end:
             if initial_epoch <= start:  # entering the segment at its first epoch
                 with strategy.scope():
-                    segment.enter(model, steps_per_epoch)
+                    model = segment.enter(model, steps_per_epoch)
             model.fit(train_ds, validation_data=val_ds, epochs=segment.end, initial_epoch=max(initial_epoch, start),
                       callbacks=callbacks, shuffle=False, verbose=0)  # shuffled by tf.data, seeded
         start = segment.end
@@ -190,13 +208,14 @@ def fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, 
 
 
 def _optimizer(learning_rate: float, epochs: int, steps_per_epoch: int, warmup_epochs: float):
-    """Adam with a linear warm-up to learning_rate, then cosine decay to 0 at the last step."""
+    """Adam with a linear warm-up from learning_rate / 20 to learning_rate, then cosine decay to 0 at the last
+    step (without warm-up: cosine decay from learning_rate)."""
     import keras
 
     total = epochs * steps_per_epoch
     warmup = min(int(warmup_epochs * steps_per_epoch), total - 1)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=learning_rate / 20, decay_steps=max(1, total - warmup), alpha=0.0,
+    schedule = keras.optimizers.schedules.CosineDecay(  # no warm-up: the decay starts at learning_rate itself
+        initial_learning_rate=learning_rate / 20 if warmup else learning_rate, decay_steps=max(1, total - warmup), alpha=0.0,
         warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
     return keras.optimizers.Adam(schedule)
 

@@ -170,7 +170,7 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
     tta = f" with {config.test_time_shifts} test-time shifts" if config.test_time_shifts else ""
     progress(f"ensemble{tta} val_accuracy {val_accuracy:.2%} (members alone {scores}; best member {best:.2%})")
     return Trained(dir=work_dir, model=f"ensemble of {len(members)} ({_architectures(members)}){tta}", file=MODEL,
-                   epochs=config.epochs, resumed_at_epoch=None, val_accuracy=val_accuracy,
+                   epochs=max(m["epochs"] for m in members), resumed_at_epoch=None, val_accuracy=val_accuracy,
                    train_rows=converted.counts.get("train", 0), val_rows=len(val.ids),
                    parameters=int(model.count_params()), seconds=round(seconds, 2), seconds_per_epoch=None,
                    device=_device_name(), mlflow_run_id=parent,

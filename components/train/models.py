@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
+
 from schemas.config import ModelName, TrainConfig
 from schemas.dataset import IMAGE_SIDE, N_CLASSES
 
@@ -22,6 +24,26 @@ def build(config: TrainConfig, keras) -> "keras.Model":
         x = augmentation(config, keras)(x)
     outputs = body(x, keras, width=config.width) if config.model is ModelName.digits_net else body(x, keras)
     return keras.Model(inputs, outputs, name=config.model.value)
+
+
+def without_augmentation(model) -> "keras.Model":
+    """A model of the same layers (the same weights) without the `augment` block, so training sees the images as
+    they are; `model` itself when it has none. For the chain models of the zoo (and those transfer builds)."""
+    import keras
+
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if not any(layer.name == "augment" for layer in layers):
+        return model
+    inputs = keras.Input(tuple(model.inputs[0].shape[1:]), name="image")
+    x = inputs
+    for layer in layers:
+        if layer.name != "augment":
+            x = layer(x)
+    clean = keras.Model(inputs, x, name=model.name)
+    probe = np.random.default_rng(0).integers(0, 256, (4, *model.inputs[0].shape[1:])).astype("float32")
+    if not np.allclose(np.asarray(clean(probe, training=False)), np.asarray(model(probe, training=False)), atol=1e-5):
+        raise ValueError(f"model '{model.name}' is not a chain of layers: its augment block cannot be taken out")
+    return clean
 
 
 def augments(config: TrainConfig) -> bool:
