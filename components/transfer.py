@@ -38,6 +38,7 @@ from components.calibrate import LAYER as CALIBRATION_LAYER
 from components.keras_layers import load_keras_model, model_name
 from components.tracking import Tracking
 from components.train import Segment, clean_phase, fit_keras, phase, prepare_work_dir
+from components.train.models import augmentation, augments, chain_layers, computes_as
 from schemas.artifacts import Converted, Trained, sha256_file
 from schemas.config import TrainConfig, TransferConfig, TransferMode
 from schemas.dataset import IMAGE_SIDE, N_CLASSES
@@ -146,7 +147,6 @@ def transferred(base, config: TrainConfig, mode: TransferMode, keras) -> Any:
     scale, features, head = _chain(base, keras)
     inputs = keras.Input((IMAGE_SIDE, IMAGE_SIDE, 1), name="image")
     x = scale(inputs)
-    from components.train.models import augmentation, augments
 
     if augments(config):
         x = augmentation(config, keras)(x)
@@ -163,7 +163,7 @@ def transferred(base, config: TrainConfig, mode: TransferMode, keras) -> Any:
 def _chain(base, keras) -> tuple[Any, list[Any], Any]:
     """(scale layer, feature layers, head) of a digits model whose layers form one chain; refuses others."""
     shape = tuple(base.inputs[0].shape[1:]) if base.inputs else None
-    layers = [layer for layer in base.layers if not isinstance(layer, keras.layers.InputLayer)]
+    layers = chain_layers(base)
     scale = layers[0] if layers else None
     takes_canonical = (shape == (IMAGE_SIDE, IMAGE_SIDE, 1) and isinstance(scale, keras.layers.Rescaling)
                        and np.isclose(float(scale.scale), 1 / 255) and float(scale.offset) == 0.0)
@@ -177,12 +177,7 @@ def _chain(base, keras) -> tuple[Any, list[Any], Any]:
     if output_units != (N_CLASSES,):
         raise DigitsInputError(f"base model '{base.name}' does not end in {N_CLASSES} class probabilities "
                                f"(last layer output {output_units})")
-    # the same layers applied in order must be the base model: otherwise its graph is not a chain
-    probe = np.random.default_rng(0).integers(0, 256, (8, IMAGE_SIDE, IMAGE_SIDE, 1)).astype("float32")
-    x = scale(probe)
-    for layer in chain:
-        x = layer(x, training=False)
-    if not np.allclose(np.asarray(x), np.asarray(base(probe, training=False)), atol=1e-5):
+    if not computes_as(base, [scale, *chain]):  # otherwise its graph is not a chain
         raise DigitsInputError(f"base model '{base.name}' is not a single chain of layers; transfer supports "
                                "the digits model zoo's layout (scale, [augment], layers..., head)")
     return scale, body[:-1], head

@@ -208,6 +208,14 @@ def test_a_base_that_is_not_a_digits_model_is_refused_in_one_line(cli, home, noi
     result = cli("train", "--run", folder.run_id, "--set", f"transfer.base={tmp_path / 'cifar.keras'}")
     assert result.code == 2 and "does not take canonical digit images" in result.err
     assert len(result.err.strip().splitlines()) == 1
+    digits = keras.Input((28, 28, 1))  # digit images, but a branched graph: a skip joined by Concatenate
+    flat = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(digits))
+    hidden = keras.layers.Dense(16, activation="relu")(flat)
+    joined = keras.layers.Concatenate()([flat, hidden])
+    keras.Model(digits, keras.layers.Dense(10, activation="softmax")(joined)).save(tmp_path / "skip.keras")
+    result = cli("train", "--run", folder.run_id, "--set", f"transfer.base={tmp_path / 'skip.keras'}")
+    assert result.code == 2 and "is not a single chain of layers" in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1
     result = cli("train", "--run", folder.run_id, "--set", f"transfer.base={tmp_path / 'cifar.keras'}",
                  "--set", "transfer.rehearse=1")  # a file names no run whose images could be rehearsed
     assert result.code == 2 and "does not say which run trained it" in result.err \

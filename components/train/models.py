@@ -7,12 +7,15 @@ zoom) sit at the model's input: they run on the device that trains and are inact
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from schemas.config import ModelName, TrainConfig
 from schemas.dataset import IMAGE_SIDE, N_CLASSES
+
+if TYPE_CHECKING:
+    import keras
 
 
 def build(config: TrainConfig, keras) -> "keras.Model":
@@ -31,19 +34,36 @@ def without_augmentation(model) -> "keras.Model":
     they are; `model` itself when it has none. For the chain models of the zoo (and those transfer builds)."""
     import keras
 
-    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    layers = chain_layers(model)
     if not any(layer.name == "augment" for layer in layers):
         return model
+    kept = [layer for layer in layers if layer.name != "augment"]
+    if not computes_as(model, kept):
+        raise ValueError(f"model '{model.name}' is not a chain of layers: its augment block cannot be taken out")
     inputs = keras.Input(tuple(model.inputs[0].shape[1:]), name="image")
     x = inputs
-    for layer in layers:
-        if layer.name != "augment":
-            x = layer(x)
-    clean = keras.Model(inputs, x, name=model.name)
-    probe = np.random.default_rng(0).integers(0, 256, (4, *model.inputs[0].shape[1:])).astype("float32")
-    if not np.allclose(np.asarray(clean(probe, training=False)), np.asarray(model(probe, training=False)), atol=1e-5):
-        raise ValueError(f"model '{model.name}' is not a chain of layers: its augment block cannot be taken out")
-    return clean
+    for layer in kept:
+        x = layer(x)
+    return keras.Model(inputs, x, name=model.name)
+
+
+def chain_layers(model) -> list:
+    """`model`'s layers in order, but its input."""
+    import keras
+
+    return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+
+
+def computes_as(model, layers: list) -> bool:
+    """Whether `layers` applied one after another compute what `model` does, in inference mode, on a probe of
+    random images: the check that a model rebuilt from them (without some) is that model's chain."""
+    x = probe = np.random.default_rng(0).integers(0, 256, (8, *model.inputs[0].shape[1:])).astype("float32")
+    try:
+        for layer in layers:
+            x = layer(x, training=False)
+    except Exception:  # a layer that cannot take the one before's output (a merge, say): not a chain
+        return False
+    return bool(np.allclose(np.asarray(x), np.asarray(model(probe, training=False)), atol=1e-5))
 
 
 def augments(config: TrainConfig) -> bool:
