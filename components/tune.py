@@ -129,8 +129,7 @@ class TrialJob:
                                   sampler=optuna.samplers.TPESampler(seed=self.seed + self.number),
                                   pruner=_pruner(self.tune))
         trial = study.ask(distributions(self.tune.space))
-        config = self.config.single(**trial.params, epochs=self.tune.epochs)
-        config = TrainConfig.model_validate(config.model_dump())  # the drawn values checked like any --set
+        config = trial_config(self.config, self.tune, trial.params)
         trial.set_user_attr("worker", worker)
         name = f"trial-{trial.number:03d}"
         said = lambda message: progress(f"{name}: {message}")  # noqa: E731
@@ -159,6 +158,14 @@ class TrialJob:
         study.tell(trial, trained.val_accuracy)
         said(f"val_accuracy {trained.val_accuracy:.2%}")
         return {"trial": trial.number, "state": "COMPLETE", "value": trained.val_accuracy}
+
+
+def trial_config(config: TrainConfig, tune: TuneConfig, params: dict[str, Any]) -> TrainConfig:
+    """What one trial trains: the run's train config, as a single model of tune.epochs epochs, with the drawn
+    `params`. Without train.clean_epochs (they polish a finished model; a trial ranks settings) unless the space
+    draws them. The drawn values are checked like any --set."""
+    config = config.single(**{"clean_epochs": 0, **params}, epochs=tune.epochs)
+    return TrainConfig.model_validate(config.model_dump())
 
 
 def _Report(trial):

@@ -78,7 +78,22 @@ def test_every_setting_the_default_space_can_draw_is_a_valid_training():
             assert getattr(TrainConfig.model_validate({key: value}), key) == value
 
 
-@pytest.mark.e2e
+def test_a_trial_trains_tune_epochs_as_one_model_without_the_runs_clean_epochs_unless_it_draws_them():
+    """--preset best with tune.trials: each trial is 3 epochs of one model, not 5 members x (10 + 1 clean)."""
+    from components.tune import trial_config
+    from flows.cli import _config
+    from schemas.config import TuneConfig
+
+    best = _config("train-mnist", None, [], "best").train
+    assert best.clean_epochs == 1 and best.members == 5
+    trial = trial_config(best, TuneConfig(epochs=3), {"learning_rate": 2e-3})
+    assert (trial.epochs, trial.clean_epochs, trial.members, trial.learning_rate) == (3, 0, 1, 2e-3)
+    assert (trial.elastic, trial.model) == (best.elastic, best.model)  # the rest of train as configured
+    assert trial_config(best, TuneConfig(), {"clean_epochs": 2}).clean_epochs == 2
+    with pytest.raises(ValueError, match="width"):
+        trial_config(best, TuneConfig(), {"width": -1.0})  # a drawn value is checked like any --set
+
+
 @pytest.mark.e2e
 def test_trials_run_on_a_two_worker_local_cluster_through_prefect_sharing_one_study(home, kaggle_data):
     folder, _ = converted_kaggle_run(kaggle_data)
