@@ -137,7 +137,7 @@ def _min_rows(examples: Examples, batch: str, config: ValidateConfig, limit: int
 
 
 def _report(validations: list[tuple[str, str, Any]]) -> dict[str, Any]:
-    results, dataset = [], {}
+    results = []
     for batch, suite_name, outcome in validations:
         for r in outcome.results:
             config = r.expectation_config
