@@ -147,7 +147,6 @@ def transferred(base, config: TrainConfig, mode: TransferMode, keras) -> Any:
     scale, features, head = _chain(base, keras)
     inputs = keras.Input((IMAGE_SIDE, IMAGE_SIDE, 1), name="image")
     x = scale(inputs)
-
     if augments(config):
         x = augmentation(config, keras)(x)
     for layer in features:
