@@ -214,8 +214,9 @@ def _optimizer(learning_rate: float, epochs: int, steps_per_epoch: int, warmup_e
 
     total = epochs * steps_per_epoch
     warmup = min(int(warmup_epochs * steps_per_epoch), total - 1)
-    schedule = keras.optimizers.schedules.CosineDecay(  # no warm-up: the decay starts at learning_rate itself
-        initial_learning_rate=learning_rate / 20 if warmup else learning_rate, decay_steps=max(1, total - warmup), alpha=0.0,
+    first = learning_rate / 20 if warmup else learning_rate
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=first, decay_steps=max(1, total - warmup), alpha=0.0,
         warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
     return keras.optimizers.Adam(schedule)
 
