@@ -128,6 +128,21 @@ def is_missing(exc: BaseException) -> bool:
         code == "INVALID_PARAMETER_VALUE" and "Registered model alias " in text and "not found" in text)
 
 
+def experiment_id(client, name: str, artifacts: str | None) -> str:
+    """The id of experiment `name`, created (its files at `artifacts`) when missing. Runs started at once
+    (three deployments of one pipeline on a new server) may all find it missing: the creations after the
+    first fail with RESOURCE_ALREADY_EXISTS, and read the one that won."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifacts)
+    except Exception as exc:
+        if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.get_experiment_by_name(name).experiment_id
+
+
 def log_model_file(uri: str, run_id: str, model_file: Path) -> None:
     """A model's file as artifacts `model/` of its MLflow run (registered or not)."""
     mlflow_client(uri).log_artifact(run_id, str(model_file), artifact_path="model")
@@ -166,10 +181,8 @@ class Tracking:
             self.run_id = client.get_run(run_id).info.run_id
             client.update_run(self.run_id, status="RUNNING")
             return self.run_id
-        found = client.get_experiment_by_name(self.experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(
-            self.experiment, artifact_location=artifact_location(self.uri, self.artifact_root))
-        self.run_id = client.create_run(experiment_id, run_name=self.run_name, tags=self.tags).info.run_id
+        experiment = experiment_id(client, self.experiment, artifact_location(self.uri, self.artifact_root))
+        self.run_id = client.create_run(experiment, run_name=self.run_name, tags=self.tags).info.run_id
         from mlflow.entities import Param
 
         client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])

@@ -89,3 +89,28 @@ def test_experiments_keep_their_files_under_the_home_or_on_the_tracking_server(t
     assert artifact_location(f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "mlartifacts") \
         == (tmp_path / "mlartifacts").as_uri()
     assert artifact_location("http://mlflow:5000", tmp_path / "mlartifacts") is None  # the server's default
+
+
+def test_runs_started_at_once_share_the_experiment_the_first_of_them_created(tmp_path):
+    """Three deployments started together on a new tracking server each find experiment digits-kaggle
+    missing; the ones that lose the race to create it use the winner's (they failed the run before)."""
+    from components.tracking import experiment_id, mlflow_client
+
+    client = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
+
+    class LostTheRace:  # the state a run is in when another created the experiment after its lookup
+        def __init__(self, client):
+            self.client, self.looked = client, False
+
+        def __getattr__(self, name):
+            return getattr(self.client, name)
+
+        def get_experiment_by_name(self, name):
+            if not self.looked:
+                self.looked = True
+                return None
+            return self.client.get_experiment_by_name(name)
+
+    first = experiment_id(client, "digits-kaggle", (tmp_path / "mlartifacts").as_uri())
+    assert experiment_id(LostTheRace(client), "digits-kaggle", (tmp_path / "mlartifacts").as_uri()) == first
+    assert [e.name for e in client.search_experiments()].count("digits-kaggle") == 1

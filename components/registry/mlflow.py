@@ -28,7 +28,7 @@ from components.registry import (
     kept_files,
     parse_model_uri,
 )
-from components.tracking import artifact_location, is_missing, log_model_file, mlflow_client
+from components.tracking import artifact_location, experiment_id, is_missing, log_model_file, mlflow_client
 from schemas.artifacts import sha256_file
 from schemas.errors import DigitsInputError
 
@@ -196,9 +196,7 @@ class MlflowRegistry(Registry):
     def _holding_run(client, name: str, artifacts: str | None) -> str:
         """A new run of the `digits-registry` experiment to hold a model registered without a training run;
         its files where every digits experiment keeps them (components.tracking.artifact_location)."""
-        found = client.get_experiment_by_name(EXPERIMENT)
-        experiment = found.experiment_id if found else client.create_experiment(EXPERIMENT, artifact_location=artifacts)
-        run_id = client.create_run(experiment, run_name=name).info.run_id
+        run_id = client.create_run(experiment_id(client, EXPERIMENT, artifacts), run_name=name).info.run_id
         client.set_terminated(run_id, status="FINISHED")
         return run_id
 
