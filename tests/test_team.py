@@ -214,6 +214,15 @@ class Team:
                  self.procs["worker"], lambda: self.log("worker"))
         return self.flow_run(flow_run_id)
 
+    def why_not_completed(self, flow_run_ids: list[str], log: str = "worker") -> str:
+        """For an assertion message: each flow run that did not complete, its state and message (the error
+        that ended it), then the log's error lines and its end (three runs at once interleave their lines)."""
+        states = {i: self.flow_run(i)["state"] for i in flow_run_ids}
+        ended = [f"{i}: {s['type']}: {s.get('message')}" for i, s in states.items() if s["type"] != "COMPLETED"]
+        text = self.log(log)
+        errors = [line for line in text.splitlines() if "ERROR" in line or "Error" in line][-30:]
+        return "\n".join([*ended, "--- error lines:", *errors, "--- the log's end:", text[-3000:]])
+
 
 def wait_for(ready, timeout: float, what: str, proc: subprocess.Popen | None = None, log=lambda: "") -> None:
     deadline = time.monotonic() + timeout
@@ -303,7 +312,7 @@ def test_team_mode_on_postgres_prefect_mlflow_and_dask(home, tmp_path, prepared_
         killed_at = time.monotonic()
         team.start(busy)  # a supervisor's restart; the stage does not wait for it
         mnist = team.finished(mnist_id)
-        assert mnist["state"]["type"] == "COMPLETED", team.log("worker")[-4000:]
+        assert mnist["state"]["type"] == "COMPLETED", team.why_not_completed([mnist_id])
         record = run_of(mnist_id).load()
         print(f"train-mnist completed {time.monotonic() - killed_at:.0f} s after a Dask worker was killed mid-convert")
         assert record.stages["convert"].outputs["runner"] == "DaskRunner"
@@ -333,7 +342,7 @@ def test_team_mode_on_postgres_prefect_mlflow_and_dask(home, tmp_path, prepared_
                                                        "ingest": {"data": str(tmp_path / "noisy")},
                                                        "train": {"epochs": 1, "members": 2}})
         noisy = team.finished(noisy_id)
-        assert noisy["state"]["type"] == "COMPLETED", team.log("worker")[-4000:]
+        assert noisy["state"]["type"] == "COMPLETED", team.why_not_completed([noisy_id])
         members = run_of(noisy_id).load().stages["transfer"].outputs["members"]
         assert len(members) == 2 and sorted(m["worker"].split()[0] for m in members) == ["dask-worker-1", "dask-worker-2"], members
 
@@ -358,7 +367,7 @@ def test_team_mode_on_postgres_prefect_mlflow_and_dask(home, tmp_path, prepared_
         kaggle = {"pipeline": "train-kaggle", **small, "ingest": {"data": str(tmp_path / "kaggle")},
                   "train": {"epochs": 1}, "evaluate": {"threshold": 0, "promote_when": "not-significantly-worse"}}
         kaggle_ids = [team.run_deployment("train-kaggle", kaggle) for _ in range(3)]
-        assert all(team.finished(i)["state"]["type"] == "COMPLETED" for i in kaggle_ids), team.log("worker")[-4000:]
+        assert all(team.finished(i)["state"]["type"] == "COMPLETED" for i in kaggle_ids), team.why_not_completed(kaggle_ids)
         folders = [run_of(i) for i in kaggle_ids]
         assert len({f.root for f in folders}) == 3
         for flow_run_id, folder in zip(kaggle_ids, folders):
@@ -372,6 +381,8 @@ def test_team_mode_on_postgres_prefect_mlflow_and_dask(home, tmp_path, prepared_
         runs_of_versions = sorted({t["key"]: t["value"] for t in v["tags"]}["digits.run_id"]
                                   for v in found["model_versions"])
         assert runs_of_versions == sorted(f.run_id for f in folders)
+        ledger = json.loads((home / "registry-ledger.json").read_text())  # each run's version, none lost
+        assert sorted(next(iter(ledger.values()))["digits-kaggle"]) == ["1", "2", "3"], ledger
         kaggle_model = team.get("mlflow", "/api/2.0/mlflow/registered-models/get?name=digits-kaggle")["registered_model"]
         assert [a["alias"] for a in kaggle_model.get("aliases", [])] == ["champion"]
 
@@ -421,7 +432,7 @@ def test_team_mode_on_postgres_prefect_mlflow_and_dask(home, tmp_path, prepared_
         final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
         wait_for(lambda: team.flow_run(served_id)["state"]["type"] in final, 600, "the served flow run", served,
                  lambda: team.log("serve"))
-        assert team.flow_run(served_id)["state"]["type"] == "COMPLETED", team.log("serve")[-4000:]
+        assert team.flow_run(served_id)["state"]["type"] == "COMPLETED", team.why_not_completed([served_id], "serve")
         assert run_of(served_id).load().registry_version == 5
 
         # 7. the pages people open, in headless Chromium (Playwright drives it: the Artifacts tab is a click)

@@ -162,20 +162,24 @@ def check_not_replaced(home: Path, registry: Registry, name: str, *, allow_new: 
 
 
 def remember(home: Path, registry: Registry, version: Version) -> None:
-    """Add a registration to this home's ledger."""
+    """Add a registration to this home's ledger (read, add, write under a lock: runs that register at
+    once would otherwise each write the ledger they read, and the last would drop the others' versions)."""
+    import fcntl
     import json
 
     from schemas.runs import write_json_atomic
 
     path = home / LEDGER
-    try:
-        ledger = json.loads(path.read_text())
-    except (OSError, ValueError):
-        ledger = {}
-    versions = ledger.setdefault(registry.location, {}).setdefault(version.name, [])
-    if version.version not in versions:
-        versions.append(version.version)
-    write_json_atomic(path, ledger)
+    with open(home / f".{LEDGER}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            ledger = json.loads(path.read_text())
+        except (OSError, ValueError):
+            ledger = {}
+        versions = ledger.setdefault(registry.location, {}).setdefault(version.name, [])
+        if version.version not in versions:
+            versions.append(version.version)
+        write_json_atomic(path, ledger)
 
 
 def open_registry(home: Path) -> Registry:
