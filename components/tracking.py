@@ -4,12 +4,12 @@ set, else SQLite under $DIGITS_HOME (see flows.stages)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from schemas.errors import DigitsInputError, ServiceUnavailable, chain
+from schemas.runs import locked
 
 
 def tracking_uri(home: Path) -> str:
@@ -37,7 +37,9 @@ def mlflow_client(uri: str):
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     if uri.startswith("sqlite:///") and uri not in _CREATED:
-        with _creation_lock(Path(uri.removeprefix("sqlite:///"))):
+        # held while this process first opens the store: MLflow creates or migrates its tables then, and two
+        # processes doing that at once on a new home collided (a UNIQUE constraint, a half-made schema)
+        with locked(Path(uri.removeprefix("sqlite:///"))):
             client = _open(MlflowClient, uri)
             client.search_experiments(max_results=1)  # the tracking store's tables, created or migrated
             client.search_registered_models(max_results=1)  # the registry store's
@@ -57,19 +59,6 @@ def _open(client_class, uri: str):
         if shown is exc:
             raise
         raise shown from None
-
-
-@contextlib.contextmanager
-def _creation_lock(database: Path) -> Iterator[None]:
-    """A lock beside a SQLite store, held while a process first opens it: MLflow creates or migrates its
-    tables then, and two processes doing that at once on a new home collided (a UNIQUE constraint, a
-    half-made schema)."""
-    import fcntl
-
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with open(database.with_name(f".{database.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 class _Reachable:

@@ -164,14 +164,12 @@ def check_not_replaced(home: Path, registry: Registry, name: str, *, allow_new: 
 def remember(home: Path, registry: Registry, version: Version) -> None:
     """Add a registration to this home's ledger (read, add, write under a lock: runs that register at
     once would otherwise each write the ledger they read, and the last would drop the others' versions)."""
-    import fcntl
     import json
 
-    from schemas.runs import write_json_atomic
+    from schemas.runs import locked, write_json_atomic
 
     path = home / LEDGER
-    with open(home / f".{LEDGER}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(path):
         try:
             ledger = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -10,11 +10,8 @@ under $DIGITS_HOME; under it the champion is read again. Across machines that ne
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 from pathlib import Path
-from typing import Iterator
 
 from components.registry import (
     CHAMPION,
@@ -31,6 +28,7 @@ from components.registry import (
 from components.tracking import artifact_location, experiment_id, is_missing, log_model_file, mlflow_client
 from schemas.artifacts import sha256_file
 from schemas.errors import DigitsInputError
+from schemas.runs import locked
 
 RUN_TAG = "digits.mlflow_run_id"  # lineage: the MLflow run the model was trained in
 EXPERIMENT = "digits-registry"  # runs that hold models registered without a training run
@@ -44,15 +42,8 @@ class MlflowRegistry(Registry):
     def _client(self):
         return mlflow_client(self.uri)
 
-    @contextlib.contextmanager
-    def _lock(self, name: str) -> Iterator[None]:
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_dir / f".registry-{name}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def _lock(self, name: str):
+        return locked(self.lock_dir / f"registry-{name}")  # .registry-NAME.lock in the lock folder
 
     # reading
     def names(self) -> list[str]:
