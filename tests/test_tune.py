@@ -79,13 +79,13 @@ def test_every_setting_the_default_space_can_draw_is_a_valid_training():
 
 
 def test_a_trial_trains_tune_epochs_as_one_model_without_the_runs_clean_epochs_unless_it_draws_them():
-    """--preset best with tune.trials: each trial is 3 epochs of one model, not 5 members x (10 + 1 clean)."""
+    """--preset best with tune.trials: each trial is 3 epochs of one model, not 3 members x (17 + 1 clean)."""
     from components.tune import trial_config
     from flows.cli import _config
     from schemas.config import TuneConfig
 
     best = _config("train-mnist", None, [], "best").train
-    assert best.clean_epochs == 1 and best.members == 5
+    assert best.clean_epochs == 1 and best.members == 3
     trial = trial_config(best, TuneConfig(epochs=3), {"learning_rate": 2e-3})
     assert (trial.epochs, trial.clean_epochs, trial.members, trial.learning_rate) == (3, 0, 1, 2e-3)
     assert (trial.elastic, trial.model) == (best.elastic, best.model)  # the rest of train as configured
