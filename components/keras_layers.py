@@ -275,3 +275,18 @@ def load_keras_model(path: Path, compile: bool = True):
 
     classes(keras)
     return keras.models.load_model(path, safe_mode=True, compile=compile)
+
+
+def predict(model, images, batch_size: int = 1024):
+    """A model's outputs for an in-memory array, batch by batch through its compiled predict step: the same
+    numbers as `model.predict`, without the tf.data pipeline `predict` builds around an array each call (on
+    2 CPU cores that pipeline's threads made 6,000 val images take 1.6-2.6 s instead of 1.6 s). A model of
+    several outputs gives a list of arrays."""
+    import numpy as np
+
+    # no images: one empty batch, whose empty outputs have the right shape (`model.predict` raises on none)
+    chunks = [model.predict_on_batch(images[start:start + batch_size])
+              for start in range(0, max(len(images), 1), batch_size)]
+    if isinstance(chunks[0], (list, tuple)):
+        return [np.concatenate([np.asarray(chunk[i]) for chunk in chunks]) for i in range(len(chunks[0]))]
+    return np.concatenate([np.asarray(chunk) for chunk in chunks])

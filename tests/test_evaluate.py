@@ -296,6 +296,49 @@ def test_the_calibration_error_is_the_gap_between_confidence_and_accuracy():
     assert found["reliability"][0]["images"] == 100 and found["reliability"][0]["accuracy"] == pytest.approx(0.6)
 
 
+def test_batched_scoring_gives_what_keras_predict_gives_for_one_output_and_several():
+    """components.keras_layers.predict (evaluate, export, `digits predict`, an ensemble's members) scores
+    chunk by chunk; the numbers must be Keras' own, with a last chunk shorter than the others and none at all."""
+    from components.keras_layers import predict
+    from components.tensorflow_runtime import import_tensorflow
+    from components.train import models
+    from schemas.config import TrainConfig
+
+    import_tensorflow()
+    import keras
+
+    model = models.build(TrainConfig(model="baseline", augment=False), keras)
+    images = np.random.default_rng(0).integers(0, 256, (2_500, 28, 28, 1), dtype=np.uint8)
+    assert np.allclose(predict(model, images), model.predict(images, batch_size=1024, verbose=0), atol=1e-6)
+    assert predict(model, images[:0]).shape == (0, 10)
+    image = keras.Input((28, 28, 1))
+    two = keras.Model(image, [model(image), model(image[:, ::-1])])
+    ours, keras_own = predict(two, images, batch_size=700), two.predict(images, verbose=0)
+    assert len(ours) == 2 and all(np.allclose(a, b, atol=1e-6) for a, b in zip(ours, keras_own))
+
+
+def test_the_robustness_sweep_scores_the_unperturbed_images_once_and_its_numbers_do_not_change():
+    from components.evaluate import NOISE, ROTATIONS, SHIFTS, robustness_sweep
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (300, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 300)
+    calls = []
+
+    def predict(batch):  # a fixed "model": the class is the image's mean ink, binned
+        calls.append(batch)
+        return np.eye(10)[(batch.reshape(len(batch), -1).mean(axis=1) * 10 / 256).astype(int) % 10]
+
+    alone = robustness_sweep(predict, images, labels)
+    assert len(calls) == len(ROTATIONS) + len(SHIFTS) + len(NOISE) - 2  # the images as they are: once
+    calls.clear()
+    given = robustness_sweep(predict, images, labels, probabilities=predict(images))
+    assert len(calls) == 1 + len(ROTATIONS) + len(SHIFTS) + len(NOISE) - 3 and given == alone
+    clean = float((predict(images).argmax(1) == labels).mean())
+    assert alone["rotation_degrees"]["0"] == alone["shift_pixels"]["0"] == alone["noise_sigma"]["0.0"] == clean
+    assert any(alone["noise_sigma"][str(sigma)] != clean for sigma in NOISE[1:])
+
+
 def _image_set(images: np.ndarray) -> set[bytes]:
     return {image.tobytes() for image in images}
 

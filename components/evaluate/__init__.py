@@ -61,14 +61,14 @@ def load_predict(model_file: Path, sha256: str | None = None) -> Predict:
         return lambda images: _one_hot(model.predict(images.reshape(len(images), -1) / 255.0))
     if model_file.suffix != ".keras":
         raise DigitsInputError(f"{model_file}: not a model file (expected .keras, or a recorded .joblib)")
-    from components.keras_layers import load_keras_model
+    from components.keras_layers import load_keras_model, predict
 
     try:
         model = load_keras_model(model_file)
     except Exception as exc:  # Keras raises ValueError, TypeError, KeyError, OSError ... for a bad file
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DigitsInputError(f"{model_file}: not a loadable Keras model ({type(exc).__name__}: {first})") from None
-    return lambda images: np.asarray(model.predict(images[..., None], batch_size=1024, verbose=0))
+    return lambda images: predict(model, images[..., None])
 
 
 def predictions_of(model_file: Path, images: np.ndarray, sha256: str | None = None) -> np.ndarray:
@@ -120,7 +120,7 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
     probabilities = predict(val.images)
     metrics = classification_metrics(val.labels, probabilities)
     progress("robustness sweep (rotation, shift, noise)")
-    robustness = robustness_sweep(predict, val.images, val.labels)
+    robustness = robustness_sweep(predict, val.images, val.labels, probabilities=probabilities)
     comparison = None
     if champion is not None:
         progress(f"re-measuring the champion (version {champion.version}) on the same images")
@@ -155,7 +155,7 @@ def member_scores(trained: Trained, val, progress: Progress = lambda _: None) ->
     """An ensemble's members, each scored alone on the same val images (None for a single model)."""
     if not trained.members:
         return None
-    from components.keras_layers import load_keras_model
+    from components.keras_layers import load_keras_model, predict
     from components.train.ensemble import members_of
 
     progress(f"scoring each of the {len(trained.members)} members alone" if len(trained.members) > 1 else
@@ -165,7 +165,7 @@ def member_scores(trained: Trained, val, progress: Progress = lambda _: None) ->
     model = load_keras_model(trained.path, compile=False)
     image = keras.Input(model.inputs[0].shape[1:], name="members_input")
     each = keras.Model(image, [member(image) for member in members_of(model)])  # all members in one pass
-    outputs = each.predict(val.images[..., None], batch_size=1024, verbose=0)
+    outputs = predict(each, val.images[..., None])
     outputs = outputs if isinstance(outputs, list) else [outputs]  # Keras unwraps a list of one output
     return [{"name": record["name"], "model": record["model"], "seed": record["seed"],
              "val_accuracy": float((np.asarray(probabilities).argmax(axis=1) == val.labels).mean()),
@@ -286,14 +286,22 @@ def calibration(labels: np.ndarray, probabilities: np.ndarray, bins: int = CALIB
             "accuracy": float(right.mean()) if len(labels) else 0.0}
 
 
-def robustness_sweep(predict: Predict, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
-    """Accuracy on the validation images rotated, shifted and noised by increasing amounts."""
+def robustness_sweep(predict: Predict, images: np.ndarray, labels: np.ndarray, seed: int = 0,
+                     probabilities: np.ndarray | None = None) -> dict:
+    """Accuracy on the validation images rotated, shifted and noised by increasing amounts; `probabilities`:
+    the model's for the images as they are, when the caller has them already."""
     from scipy import ndimage
 
     rng = np.random.default_rng(seed)
 
-    def accuracy(batch: np.ndarray) -> float:
+    def scored(batch: np.ndarray) -> float:
         return float((predict(batch).argmax(axis=1) == labels).mean())
+
+    # each sweep's first point is the images as they are: scored once (or not at all), not thrice
+    unperturbed = scored(images) if probabilities is None else float((probabilities.argmax(axis=1) == labels).mean())
+
+    def accuracy(batch: np.ndarray) -> float:
+        return unperturbed if batch is images else scored(batch)
 
     def rotated(angle: float) -> np.ndarray:
         if not angle:
@@ -302,10 +310,14 @@ def robustness_sweep(predict: Predict, images: np.ndarray, labels: np.ndarray, s
                        0, 255).round().astype(np.uint8)
 
     def shifted(pixels: int) -> np.ndarray:
+        if not pixels:
+            return images
         return ndimage.shift(images, (0, pixels, pixels), order=0, mode="constant", cval=0)
 
     def noisy(sigma: float) -> np.ndarray:
-        noise = rng.normal(0, sigma * 255, images.shape)
+        noise = rng.normal(0, sigma * 255, images.shape)  # drawn at sigma 0 too: later sigmas keep their draws
+        if not sigma:
+            return images
         return np.clip(images + noise, 0, 255).round().astype(np.uint8)
 
     return {

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from components import records
-from components.keras_layers import model_name, saved_config
+from components.keras_layers import model_name, predict, saved_config
 from components.tracking import Tracking
 from schemas.artifacts import Converted, Trained, sha256_file
 from schemas.config import ModelName, TrainConfig, TransferConfig
@@ -159,8 +159,7 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
     val = records.load(converted.files("val"))
     model = combine([work_dir / MEMBERS / m["name"] / m["file"] for m in members], work_dir / MODEL,
                     shifts=config.test_time_shifts)
-    val_accuracy = float((np.argmax(model.predict(val.images[..., None], batch_size=1024, verbose=0), axis=1)
-                          == val.labels).mean())
+    val_accuracy = float((np.argmax(predict(model, val.images[..., None]), axis=1) == val.labels).mean())
     seconds = time.perf_counter() - started
     if tracking:
         tracking.log_metrics({f"{m['name']}.val_accuracy": m["val_accuracy"] for m in members}, step=0)
