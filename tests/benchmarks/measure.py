@@ -220,7 +220,8 @@ def train(home: str, run_id: str, *overrides: str) -> dict:
 
 def predict(home: str, run_id: str) -> dict:
     """Predicting a run's whole test split with its trained model, as the export stage does: read the
-    shards, load the model (safe mode), predict; each timed, median of 3 predictions."""
+    shards, load the model (safe mode), predict; each timed, median of 5 predictions, interleaved with 5 of
+    Keras' own `model.predict` on the same model and images (the baseline the batched scoring replaced)."""
     import os
     import statistics
 
@@ -242,13 +243,23 @@ def predict(home: str, run_id: str) -> dict:
     start = time.perf_counter()
     model = load_predict(output(folder, "model").path)
     load_seconds = time.perf_counter() - start
-    times = []
-    for _ in range(3):
+    from components.keras_layers import load_keras_model
+
+    keras_model = load_keras_model(output(folder, "model").path)  # the baseline: Keras' own model.predict
+    keras_model.predict(test.images[:1024, ..., None], batch_size=1024, verbose=0)  # its predict step traced
+    times, keras_times = [], []
+    for _ in range(5):  # interleaved, so that the machine's swings fall on both
         start = time.perf_counter()
         labels = model(test.images).argmax(axis=1)
         times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        keras_labels = keras_model.predict(test.images[..., None], batch_size=1024, verbose=0).argmax(axis=1)
+        keras_times.append(time.perf_counter() - start)
     return {"rows": len(test.ids), "read_shards_s": round(read_seconds, 2), "load_model_s": round(load_seconds, 2),
             "predict_median_s": round(statistics.median(times), 2), "predict_runs_s": [round(t, 2) for t in times],
+            "keras_predict_median_s": round(statistics.median(keras_times), 2),
+            "keras_predict_runs_s": [round(t, 2) for t in keras_times],
+            "same_labels": bool((labels == keras_labels).all()),
             "seconds": read_seconds + load_seconds + statistics.median(times), "labels": int(len(set(labels.tolist())))}
 
 

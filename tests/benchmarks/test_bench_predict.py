@@ -33,5 +33,5 @@ def test_predicting_the_kaggle_test_set(tmp_path):
             make(folder, config, artifact)
     result = _measure("predict", home, folder.run_id)
     print(f"\nkaggle test prediction: {json.dumps(result)}")
-    assert result["rows"] == 28000
+    assert result["rows"] == 28000 and result["same_labels"]
     assert result["seconds"] <= 10
