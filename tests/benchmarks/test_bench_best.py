@@ -1,10 +1,10 @@
 """The `best` preset (an ensemble) on MNIST-train, scored on MNIST-test (10,000, used for no choice).
 
-Run: pytest -m benchmark -s tests/benchmarks/test_bench_best.py   (about an hour per seed on 2 cores)
+Run: pytest -m benchmark -s tests/benchmarks/test_bench_best.py   (about 53 minutes per seed on 2 cores)
 Target (issue 17): >= 99.70 % on MNIST-test for each of 3 seeds, each run <= 60 minutes; every member's
 accuracy printed beside the ensemble's. Each training runs in a fresh process.
 
-test_best_preset_on_kaggle (about 43 minutes): `digits run train-kaggle --preset best` on the Kaggle zip, the
+test_best_preset_on_kaggle (about 41 minutes): `digits run train-kaggle --preset best` on the Kaggle zip, the
 whole run in its own process; its val accuracy (4,200 rows) and members beside it, and the run's wall time (the
 submission is scored on labels we do not have). Asserts the run takes <= 60 minutes and val >= 99.5 %.
 """
