@@ -294,14 +294,14 @@ def robustness_sweep(predict: Predict, images: np.ndarray, labels: np.ndarray, s
 
     rng = np.random.default_rng(seed)
 
-    def scored(batch: np.ndarray) -> float:
-        return float((predict(batch).argmax(axis=1) == labels).mean())
+    def hits(scores: np.ndarray) -> float:
+        return float((scores.argmax(axis=1) == labels).mean())
 
     # each sweep's first point is the images as they are: scored once (or not at all), not thrice
-    unperturbed = scored(images) if probabilities is None else float((probabilities.argmax(axis=1) == labels).mean())
+    unperturbed = hits(predict(images) if probabilities is None else probabilities)
 
     def accuracy(batch: np.ndarray) -> float:
-        return unperturbed if batch is images else scored(batch)
+        return unperturbed if batch is images else hits(predict(batch))
 
     def rotated(angle: float) -> np.ndarray:
         if not angle:
