@@ -16,6 +16,7 @@ from runs import converted_kaggle_run, kill_when, make, output
 
 from components import records
 from components.tracking import tracking_uri
+from components.train import processor_name
 from schemas.config import ModelName, TrainConfig
 from schemas.errors import DigitsInputError
 
@@ -56,6 +57,7 @@ def test_one_short_epoch_writes_model_checkpoints_logs_and_mlflow_metrics(home, 
     run = client.get_run(trained.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == folder.run_id
     assert run.data.params["train.model"] == "digits-net" and run.data.params["seed"] == "42"
+    assert run.data.params["device"] == "CPU" and run.data.params["processor"] == processor_name()
     assert run.data.tags["digits.data_fingerprint"] == output(folder, "converted").fingerprint
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1]
 
@@ -126,6 +128,18 @@ def test_clean_epochs_train_without_the_augment_block_and_a_resumed_attempt_stay
     assert layers(work / "model.keras") == clean  # the same scores at inference: augment is inactive there
     with (work / "history.csv").open() as f:
         assert [int(row["epoch"]) for row in csv.DictReader(f)] == [0, 1, 2]
+
+
+def test_the_processor_name_comes_from_cpuinfo_and_falls_back_to_the_platform(tmp_path):
+    import platform
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9654 96-Core Processor\n"
+                       "\nprocessor\t: 1\nmodel name\t: AMD EPYC 9654 96-Core Processor\n")
+    assert processor_name(cpuinfo) == "AMD EPYC 9654 96-Core Processor"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: \n")  # blank, as some virtual machines report it
+    assert processor_name(cpuinfo) == platform.processor()
+    assert processor_name(tmp_path / "missing") == platform.processor()
 
 
 def test_a_schedule_without_warm_up_starts_at_its_learning_rate():
