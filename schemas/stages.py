@@ -222,7 +222,8 @@ GRAPH = Graph((
           optional=("tuning",),
           settings=("seed", "train"), code=("components/train", "components/lineage.py"), resumable=True, lines=True, applies=_from_scratch,
           reports=(Report("model", "model.keras"), Report("TensorBoard logs", "logs")),
-          help="Train train.model from random weights, or fine-tune transfer.base; an interrupted training resumes."),
+          help="Train train.model from random weights (transfer.base=scratch: train-mnist, train-kaggle); an "
+               "interrupted training resumes."),
     Stage("transfer", produces="model", artifact=Trained, run="flows.stages:transfer", consumes=("converted",),
           settings=("seed", "train", "transfer"), code=("components/transfer.py", "components/train", "components/lineage.py"), resumable=True,
           lines=True, applies=_fine_tuned, command="train",
@@ -232,7 +233,7 @@ GRAPH = Graph((
           settings=("evaluate.calibrate",), code=("components/calibrate.py", "components/evaluate"),
           applies=_calibrated, command="evaluate",
           reports=(Report("calibrated model", "model.keras"), Report("calibration", "calibration.json")),
-          help="evaluate.calibrate=true: fit a temperature on the val split and keep it inside the model."),
+          help="With evaluate.calibrate=true, first fit a temperature on the val split and keep it inside the model."),
     Stage("evaluate", produces="evaluation", artifact=Evaluation, run="flows.stages:evaluate",
           consumes=("model", "converted"), settings=("pipeline", "evaluate"), code=("components/evaluate", "components/lineage.py"),
           after="flows.stages:record_metrics", reports=(Report("evaluation report", "report.html"),),
