@@ -284,9 +284,11 @@ def predict(model, images, batch_size: int = 1024):
     gives a list of arrays."""
     import numpy as np
 
-    # no images: one empty batch, whose empty outputs have the right shape (`model.predict` raises on none)
-    chunks = [model.predict_on_batch(images[start:start + batch_size])
-              for start in range(0, max(len(images), 1), batch_size)]
+    if not len(images):  # empty outputs of the right shapes without running the model: `model.predict` raises on
+        # none, and an empty batch through a convolution fails on some CPUs' oneDNN kernels (seen on an AMD EPYC)
+        empty = [np.zeros((0, *output.shape[1:]), dtype=output.dtype) for output in model.outputs]
+        return empty if len(empty) > 1 else empty[0]
+    chunks = [model.predict_on_batch(images[start:start + batch_size]) for start in range(0, len(images), batch_size)]
     if isinstance(chunks[0], (list, tuple)):
         return [np.concatenate([np.asarray(chunk[i]) for chunk in chunks]) for i in range(len(chunks[0]))]
     return np.concatenate([np.asarray(chunk) for chunk in chunks])

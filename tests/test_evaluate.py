@@ -315,6 +315,7 @@ def test_batched_scoring_gives_what_keras_predict_gives_for_one_output_and_sever
     two = keras.Model(image, [model(image), model(image[:, ::-1])])
     ours, keras_own = predict(two, images, batch_size=700), two.predict(images, verbose=0)
     assert len(ours) == 2 and all(np.allclose(a, b, atol=1e-6) for a, b in zip(ours, keras_own))
+    assert [a.shape for a in predict(two, images[:0])] == [(0, 10), (0, 10)]
 
 
 def test_the_robustness_sweep_scores_the_unperturbed_images_once_and_its_numbers_do_not_change():
