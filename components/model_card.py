@@ -64,7 +64,9 @@ def _sections(f: dict[str, Any]) -> list[tuple[str, list[str | list[list[str]]],
     train_rows = [["setting", "value"], *[[k, str(v)] for k, v in training["config"].items()]]
     origin = (f"Fine-tuned from `{training['base']}` ({training['transfer_mode']})." if training.get("base")
               else "Trained from random weights.")
-    train = [f"{origin} {training['epochs']} epochs on {training['device']}, {training['seconds']:.0f} s.", train_rows]
+    processor = f" ({training['processor']})" if training.get("processor") else ""  # "": trained before it was recorded
+    epochs = f"{training['epochs']} epoch{'s' if training['epochs'] != 1 else ''}"
+    train = [f"{origin} {epochs} on {training['device']}{processor}, {training['seconds']:.0f} s.", train_rows]
     evaluation = [f"Validation accuracy **{_pct(m['val_accuracy'])}** on {m['val_rows']:,} images the model was not "
                   f"trained on (95 % interval {_pct(low)} to {_pct(high)}, Wilson).",
                   f"Gate ({gate['policy']}, alpha {gate['alpha']}): **{'passed' if gate['passed'] else 'refused'}** - "

@@ -373,7 +373,7 @@ def write_model_card(out: Path, folder: RunFolder, config: PipelineConfig, model
     robustness = evaluation.dir / "robustness.json"
     record = folder.load()
     training = {"model": model.model, "parameters": model.parameters, "epochs": model.epochs, "device": model.device,
-                "seconds": model.seconds, "base": model.base, "transfer_mode": model.transfer_mode,
+                "processor": model.processor, "seconds": model.seconds, "base": model.base, "transfer_mode": model.transfer_mode,
                 "config": {**{f"train.{k}": v for k, v in config.train.model_dump(mode="json").items()},
                            **({f"transfer.{k}": v for k, v in config.transfer.model_dump(mode="json").items()}
                               if model.base else {}), "seed": config.seed}}

@@ -271,6 +271,7 @@ class Trained(Artifact):
     seconds: float = 0.0  # training wall time of the last attempt
     seconds_per_epoch: float | None = None  # median over every epoch run
     device: str = "CPU"
+    processor: str = ""  # the CPU's name where it trained (an ensemble: its members', distinct); "" before 2026-12-05
     mlflow_run_id: str | None = None
     base: str | None = None  # transfer: the model it started from (e.g. models:/digits-mnist/3); None: scratch
     transfer_mode: str | None = None  # transfer: full | frozen | gradual

@@ -14,6 +14,8 @@ import pytest
 
 import datagen
 
+from components.train import processor_name
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package: chromium)")]
@@ -117,6 +119,8 @@ def test_the_model_card_of_a_registered_version_renders_its_sections_offline(cli
         assert f"<h2>{section}</h2>" in text, section
     assert text.count('src="data:image/png;base64,') == 3  # robustness, calibration, confusion: inlined
     assert "Wilson" in text and "seen.npz" in text and "train split" in text
+    processor = processor_name()
+    assert f"1 epoch on CPU{f' ({processor})' if processor else ''}, " in text  # where it trained, for its seconds
     shot = tmp_path / "card.png"
     taken = _chromium(*offline, f"--screenshot={shot}", "--window-size=1100,3000", card_uri,
                       profile=tmp_path / "profile")

@@ -17,6 +17,7 @@ from runs import converted_kaggle_run, kill_when, make, output
 from components import records
 from components.keras_layers import load_keras_model
 from components.tracking import tracking_uri
+from components.train import processor_name
 from components.train.ensemble import members_of
 from flows import stages
 
@@ -143,6 +144,7 @@ def test_members_train_on_a_two_worker_local_cluster_through_prefect(home, kaggl
     trained = output(folder, "model")
     workers = [m["worker"] for m in trained.members]
     assert all(w and "tcp://127.0.0.1:" in w for w in workers) and len(set(workers)) == 2, workers
+    assert [m["processor"] for m in trained.members] == [processor_name()] * 2 and trained.processor == processor_name()
     assert json.loads((folder.root / "run.json").read_text())["stages"]["train"]["outputs"]["members"][1]["worker"] \
         == workers[1]
     from prefect.client.orchestration import get_client

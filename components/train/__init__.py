@@ -223,7 +223,7 @@ def fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, 
                    resumed_at_epoch=initial_epoch + 1 if initial_epoch else None, val_accuracy=val_accuracy,
                    train_rows=len(train.ids), val_rows=len(val.ids), parameters=int(model.count_params()),
                    seconds=round(seconds, 2), seconds_per_epoch=_seconds_per_epoch(history),
-                   device=hardware["device"], mlflow_run_id=run_id, **trained_fields)
+                   device=hardware["device"], processor=hardware["processor"], mlflow_run_id=run_id, **trained_fields)
 
 
 def _optimizer(learning_rate: float, epochs: int, steps_per_epoch: int, warmup_epochs: float):
@@ -302,4 +302,5 @@ def _fit_svm(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, w
     progress(f"pca-svm: val_accuracy {val_accuracy:.2%} ({seconds:.1f} s)")
     return Trained(dir=work_dir, model=config.model.value, file=SVM_MODEL, epochs=1, resumed_at_epoch=None,
                    val_accuracy=val_accuracy, train_rows=rows, val_rows=len(val.ids), parameters=None,
-                   seconds=round(seconds, 2), seconds_per_epoch=round(seconds, 2), device="CPU", mlflow_run_id=run_id)
+                   seconds=round(seconds, 2), seconds_per_epoch=round(seconds, 2), device="CPU", processor=processor_name(),
+                   mlflow_run_id=run_id)

@@ -111,7 +111,8 @@ class MemberJob:
         record = {"name": self.name, "index": self.index, "model": self.config.model.value, "seed": self.seed,
                   "val_accuracy": trained.val_accuracy, "epochs": trained.epochs, "seconds": trained.seconds,
                   "resumed_at_epoch": trained.resumed_at_epoch, "parameters": trained.parameters,
-                  "mlflow_run_id": trained.mlflow_run_id, "worker": worker, "file": trained.file,
+                  "mlflow_run_id": trained.mlflow_run_id, "worker": worker, "processor": trained.processor,
+                  "file": trained.file,
                   "sha256": sha256_file(self.work_dir / trained.file), "signature": self.signature}
         write_json_atomic(self.work_dir / RECORD, record)
         return record
@@ -173,10 +174,12 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
                    train_rows=converted.counts.get("train", 0), val_rows=len(val.ids),
                    parameters=int(model.count_params()), seconds=round(seconds, 2), seconds_per_epoch=None,
                    device=_device_name(), mlflow_run_id=parent,
+                   processor=", ".join(dict.fromkeys(m["processor"] for m in members if m.get("processor"))),
                    base=base_ref, transfer_mode=transfer.mode.value if transfer else None,
                    rehearsal=rehearsal.describe() if rehearsal else None,
-                   members=[{k: m[k] for k in ("name", "model", "seed", "val_accuracy", "epochs", "seconds", "worker",
-                                               "resumed_at_epoch", "mlflow_run_id")} for m in members])
+                   members=[{**{k: m[k] for k in ("name", "model", "seed", "val_accuracy", "epochs", "seconds", "worker",
+                                                  "resumed_at_epoch", "mlflow_run_id")},
+                             "processor": m.get("processor", "")} for m in members])  # "": an older attempt's
 
 
 def _job(index: int, converted: Converted, config: TrainConfig, seed: int, work_dir: Path, tracking: Tracking | None,
