@@ -95,3 +95,11 @@ FIRST = ("test_team.py",)
 
 def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the rest keep their order
+
+
+def pytest_report_header(config):
+    """The machine under the numbers: benchmarks (and CI logs) say which CPU they ran on, since times and a
+    seed's last digits differ between machines (README)."""
+    from components.train import processor_name
+
+    return f"processor: {processor_name() or 'unknown'}, {os.cpu_count()} CPUs"
