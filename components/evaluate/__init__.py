@@ -12,6 +12,7 @@ its seen set (components.lineage); test images it has seen are reported as a war
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -63,6 +64,8 @@ def load_predict(model_file: Path, sha256: str | None = None) -> Predict:
         raise DigitsInputError(f"{model_file}: not a model file (expected .keras, or a recorded .joblib)")
     from components.keras_layers import load_keras_model, predict
 
+    if not zipfile.is_zipfile(model_file):  # Keras would say "File not found" of a file that is there
+        raise DigitsInputError(f"{model_file}: not a loadable Keras model (not a zip archive, which a .keras file is)")
     try:
         model = load_keras_model(model_file)
     except Exception as exc:  # Keras raises ValueError, TypeError, KeyError, OSError ... for a bad file
