@@ -277,6 +277,36 @@ def load_keras_model(path: Path, compile: bool = True):
     return keras.models.load_model(path, safe_mode=True, compile=compile)
 
 
+def check_classifier(model, name: str) -> None:
+    """Refuse, in one line (DigitsInputError naming `name`), a Keras model that is not a digit classifier as digits
+    uses one: one input of canonical images (28x28x1, uint8 0..255) and one output of 10 class probabilities.
+    The probabilities are checked on three probe images (blank, full ink, seeded noise): each output in [0, 1]
+    and each row summing to 1, so a model that ends in logits is refused instead of printing '7 238.8345'."""
+    import numpy as np
+
+    from schemas.dataset import IMAGE_SIDE, N_CLASSES
+    from schemas.errors import DigitsInputError
+
+    canonical = (IMAGE_SIDE, IMAGE_SIDE, 1)
+    inputs = [tuple(tensor.shape[1:]) for tensor in model.inputs]
+    if inputs != [canonical]:
+        raise DigitsInputError(f"{name}: does not take canonical digit images (one input {canonical}, uint8, 0 "
+                               f"background, 255 ink); it takes {', '.join(map(str, inputs)) or 'nothing'}")
+    outputs = [tuple(tensor.shape[1:]) for tensor in model.outputs]
+    if outputs != [(N_CLASSES,)]:
+        raise DigitsInputError(f"{name}: does not end in {N_CLASSES} class probabilities (one output of shape "
+                               f"({N_CLASSES},)); it gives {', '.join(map(str, outputs))}")
+    probes = np.stack([np.zeros(canonical, np.uint8), np.full(canonical, 255, np.uint8),
+                       np.random.default_rng(0).integers(0, 256, canonical, dtype=np.uint8)])
+    out = np.asarray(predict(model, probes), dtype=np.float64)
+    if not (np.isfinite(out).all() and out.min() >= -1e-6 and out.max() <= 1 + 1e-6
+            and np.allclose(out.sum(axis=1), 1.0, atol=1e-3)):
+        raise DigitsInputError(f"{name}: does not end in {N_CLASSES} class probabilities (on probe images its outputs "
+                               f"range {out.min():.4g} to {out.max():.4g} and rows sum to "
+                               f"{out.sum(axis=1).min():.4g} to {out.sum(axis=1).max():.4g}; a softmax output is "
+                               "expected, not logits)")
+
+
 def predict(model, images, batch_size: int = 1024):
     """A model's outputs for an in-memory array, batch by batch through its compiled predict step: the same
     numbers as `model.predict`, without the tf.data pipeline `predict` builds around an array each call

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from components.files import check_regular_file
 from schemas.dataset import IMAGE_SIDE
 from schemas.errors import DigitsInputError
 
@@ -88,9 +89,33 @@ def _saved_model(path: Path) -> Model:
     return lambda images: serving(images=tf.constant(images, dtype=tf.uint8))["probabilities"].numpy()
 
 
-def prepare_files(images: Sequence[Path], max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Canonical digits [N, 28, 28] uint8 from image files; the first bad file is one clear error."""
-    return np.stack([prepare(read(path, max_pixels), str(path)) for path in images])
+SUFFIXES = (".png", ".jpg", ".jpeg")  # what a folder given to predict (or the folder source) is read for
+
+
+def image_files(paths: Sequence[Path]) -> list[Path]:
+    """The images to predict: a file as given; a folder's PNG/JPEG files by name (hidden ones and other
+    files left out, not its sub-folders)."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
+        else:
+            found.append(path)
+    return found
+
+
+def prepare_files(images: Sequence[Path], max_pixels: int = MAX_PIXELS) -> tuple[list[Path], np.ndarray, list[str]]:
+    """(the files that could be prepared, their canonical digits [N, 28, 28] uint8, one line per file that could
+    not): one bad file does not stop the others."""
+    good, prepared, failures = [], [], []
+    for path in images:
+        try:
+            prepared.append(prepare(read(path, max_pixels), str(path)))
+            good.append(path)
+        except DigitsInputError as exc:
+            failures.append(str(exc))
+    batch = np.stack(prepared) if prepared else np.zeros((0, IMAGE_SIDE, IMAGE_SIDE), np.uint8)
+    return good, batch, failures
 
 
 def classify(model: Model, batch: np.ndarray) -> list[list[tuple[int, float]]]:
@@ -100,14 +125,18 @@ def classify(model: Model, batch: np.ndarray) -> list[list[tuple[int, float]]]:
 
 
 def read(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """The image as grayscale float in [0, 1]; transparent areas count as white paper.
+    """The image as grayscale float in [0, 1], upright; transparent areas count as white paper.
 
-    Raises DigitsInputError naming the file when it is missing, not a readable PNG/JPEG, truncated, or
-    larger than max_pixels (checked from its header, before any pixel is decoded)."""
+    Upright: a photo's EXIF Orientation tag (how phones store a picture taken sideways) is applied, as an
+    image viewer shows it. A 16-bit or floating-point grayscale image is scaled by its own darkest and lightest
+    values (its format's range would clip it, or leave it near black). Raises DigitsInputError naming the file
+    when it is missing, not a regular file (a FIFO or device would block the read), not a readable PNG/JPEG,
+    truncated, or larger than max_pixels (checked from its header, before any pixel is decoded)."""
     import warnings
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
+    check_regular_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below instead
@@ -117,6 +146,9 @@ def read(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                     raise DigitsInputError(f"{path}: image too large ({width} x {height} pixels; at most "
                                            f"{max_pixels:,} pixels are read)")
                 image.load()
+                image = ImageOps.exif_transpose(image)
+                if image.mode in WIDE_GRAY:
+                    return _own_range(np.asarray(image, dtype=np.float64))
                 if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                     paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
                     image = Image.alpha_composite(paper, image.convert("RGBA"))
@@ -128,6 +160,17 @@ def read(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # PIL's errors for a broken file
         raise DigitsInputError(f"{path}: not a readable image (PNG or JPEG expected): {exc}") from None
     return np.asarray(gray, dtype=np.float32) / 255.0
+
+
+WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL's modes of 16-bit, 32-bit and float grayscale
+
+
+def _own_range(values: np.ndarray) -> np.ndarray:
+    """Grayscale of any range as float32 in [0, 1], by its own darkest and lightest values (a flat image: 0)."""
+    low, high = float(np.nanmin(values)), float(np.nanmax(values))
+    if not np.isfinite(low) or not np.isfinite(high) or high <= low:
+        return np.zeros(values.shape, np.float32)
+    return ((np.nan_to_num(values, nan=low) - low) / (high - low)).astype(np.float32)
 
 
 def prepare(gray: np.ndarray, name: str = "image") -> np.ndarray:

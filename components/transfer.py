@@ -35,7 +35,7 @@ import numpy as np
 
 from components import records
 from components.calibrate import LAYER as CALIBRATION_LAYER
-from components.keras_layers import load_keras_model, model_name
+from components.keras_layers import check_classifier, load_keras_model, model_name
 from components.tracking import Tracking
 from components.train import Segment, clean_phase, fit_keras, phase, prepare_work_dir
 from components.train.models import augmentation, augments, chain_layers, computes_as
@@ -161,6 +161,7 @@ def transferred(base, config: TrainConfig, mode: TransferMode, keras) -> Any:
 
 def _chain(base, keras) -> tuple[Any, list[Any], Any]:
     """(scale layer, feature layers, head) of a digits model whose layers form one chain; refuses others."""
+    check_classifier(base, f"base model '{base.name}'")
     shape = tuple(base.inputs[0].shape[1:]) if base.inputs else None
     layers = chain_layers(base)
     scale = layers[0] if layers else None

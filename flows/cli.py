@@ -47,12 +47,21 @@ PresetOption = Annotated[Optional[str], typer.Option(
 
 def _config(pipeline: Pipeline | str, data: Path | None, overrides: list[str] | None,
             preset_name: str | None = None) -> PipelineConfig:
+    """The config of a new run, its --data checked against the source's layout (without reading it): a wrong
+    --data is one line before any run folder is made or Prefect starts."""
     pairs = list(overrides or [])
     if data is not None:
         pairs.insert(0, f"ingest.data={data.expanduser().resolve()}")
     if preset_name is not None:
         pairs[:0] = preset(preset_name).overrides
-    return apply_overrides(default_config(pipeline), pairs)
+    config = apply_overrides(default_config(pipeline), pairs)
+    if config.ingest.data:
+        from components.ingest import input_files
+
+        input_files(config.source, Path(config.ingest.data))
+    elif config.source.spec.needs_data:
+        raise DigitsInputError(f"{config.pipeline.value} needs --data: {config.source.spec.data_help}")
+    return config
 
 
 def run(
@@ -173,7 +182,8 @@ def predict(
     model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, a .keras file, or a "
                                                   "run's export/saved_model folder (a SavedModel is a TensorFlow "
                                                   "program: it is loaded only when it matches what its run recorded)")],
-    images: Annotated[list[Path], typer.Argument(help="PNG/JPEG files of one handwritten digit each")],
+    images: Annotated[list[Path], typer.Argument(help="PNG/JPEG files of one handwritten digit each, or folders "
+                                                      "of them")],
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="refuse larger images, from their header, "
                                             "before decoding them")] = 40_000_000,
     min_confidence: Annotated[Optional[float], typer.Option(
@@ -191,10 +201,18 @@ def predict(
     from components import predict as predict_component
     from flows import stages
 
-    batch = predict_component.prepare_files(images, max_pixels)  # bad images fail before the model is loaded
+    files = predict_component.image_files(images)
+    if not files:
+        raise DigitsInputError(f"{', '.join(map(str, images))}: no .png, .jpg or .jpeg images")
+    files, batch, failures = predict_component.prepare_files(files, max_pixels)
+    for failure in failures[:-1] if not files else failures:  # one line each; the others are still predicted
+        print(f"digits: error: {failure}", file=sys.stderr)
+    if not files:  # every image is bad: exit 2 before the model is loaded
+        raise DigitsInputError(failures[-1] + (f" (none of the {len(failures)} images could be read)"
+                                               if len(failures) > 1 else ""))
     model = predict_component.load(model_uri, stages.registry)
     rows = []
-    for path, ranked in zip(images, predict_component.classify(model, batch)):
+    for path, ranked in zip(files, predict_component.classify(model, batch)):
         (label, probability), (second, second_probability) = ranked[0], ranked[1]
         row = [str(path), str(label), f"{probability:.4f}"]
         if min_confidence is not None:
@@ -204,6 +222,8 @@ def predict(
         rows.append(tuple(row))
     columns = [Column("image", overflow="fold"), Column("label"), Column("probability")]
     _print_rows(columns + ([Column("candidates")] if min_confidence is not None else []), rows)
+    if failures:
+        sys.exit(1)
 
 
 def serve() -> None:

@@ -78,7 +78,11 @@ def run_stage(folder: RunFolder, stage: Stage, config: PipelineConfig, inputs: d
     is still shown. force: run the body even when this run completed the stage with an equal key or
     another run's output could be adopted (the old output is replaced only when the new one is in place).
     """
-    key = stage_key(stage, config, inputs)
+    try:
+        key = stage_key(stage, config, inputs)  # may read the input (a source's layout and fingerprint)
+    except BaseException as exc:
+        _fail(folder, stage.name, _first_line(exc), None)
+        raise
     done = None if force else _completed_here(folder, stage, key)
     if done is not None:
         progress(f"{stage.name}: already completed in this run, skipped")

@@ -119,6 +119,7 @@ class Examples(Artifact):
     fingerprints: dict[str, str] = field(default_factory=dict)
     duplicates: dict[str, int] = field(default_factory=dict)
     named: bool = False  # files.csv says which file each row came from (sources of one file per image)
+    skipped: dict[str, int] = field(default_factory=dict)  # per split, files left out as not images (Thumbs.db)
 
     FILES_CSV = "files.csv"
     CONTENT = ("*.parquet", FILES_CSV)
@@ -152,6 +153,7 @@ class Examples(Artifact):
 
     def describe(self) -> str:
         rows = ", ".join(f"{split} {n:,}" + (f" ({self.rejected[split]:,} rejected)" if self.rejected.get(split) else "")
+                         + (f" ({self.skipped[split]:,} non-image files skipped)" if self.skipped.get(split) else "")
                          for split, n in self.counts.items())
         return f"{rows} rows"
 

@@ -22,6 +22,7 @@ class SourceSpec:
     name: str
     title: str
     reader: str  # "module:function" with the signature of components.ingest.splits.Reader
+    layout: str  # "module:function" (data: Path) -> the input files read, checked without reading them
     data_help: str  # what --data names
     published_rows: Mapping[str, int] = field(default_factory=dict)  # rows per split of the published set
     threshold: float = 0.99  # the gate's default validation accuracy
@@ -56,14 +57,17 @@ _NOISY_FINE_TUNE = {"transfer": {**_FINE_TUNE["transfer"], "rehearse": 1.0},
 SOURCES: tuple[SourceSpec, ...] = (
     SourceSpec(
         name="kaggle", title="Kaggle Digit Recognizer", reader="components.ingest.kaggle:read",
+        layout="components.ingest.kaggle:layout",
         data_help="a folder with train.csv + test.csv, or the competition zip",
         published_rows={"train": 42_000, "test": 28_000}, threshold=0.99),
     SourceSpec(
         name="mnist", title="TFDS mnist", reader="components.ingest.mnist:read",
+        layout="components.ingest.mnist:layout",
         data_help="a folder with the 4 original idx .gz files, or a TFDS data_dir; omit to let TFDS download",
         published_rows={"train": 60_000, "test": 10_000}, threshold=0.99, needs_data=False),
     SourceSpec(
         name="noisy", title="noisy MNIST (random backgrounds)", reader="components.ingest.noisy:read",
+        layout="components.ingest.noisy:layout",
         data_help="a folder with mnist_background_random_{train,test}.amat, or train.csv + test.csv",
         published_rows={"train": 12_000, "test": 50_000}, threshold=0.97, defaults=_NOISY_FINE_TUNE,
         background_noise=True,
@@ -79,6 +83,7 @@ SOURCES: tuple[SourceSpec, ...] = (
         }),
     SourceSpec(
         name="folder", title="your own images", reader="components.ingest.folder:read",
+        layout="components.ingest.folder:layout",
         data_help="a folder with train/<digit>/*.png|jpg|jpeg (+ optional unlabelled test/*.png|jpg|jpeg)",
         threshold=0.9, defaults=_FINE_TUNE,
         suite_overrides={

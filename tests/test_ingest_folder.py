@@ -92,8 +92,8 @@ def _bad(folder: Path, case: str) -> Path:
         target = folder / "train"
         target.rename(folder / "training")
     elif case == "file-outside-classes":
-        target = folder / "train/readme.txt"
-        target.write_text("hello")
+        target = folder / "train/stray.png"
+        Image.new("L", (28, 28)).save(target)
     elif case == "too-large":
         target = folder / "train/1/huge.png"
         Image.new("L", (7000, 7000)).save(target)  # 49 megapixels: refused from the header
@@ -118,9 +118,15 @@ def test_each_bad_folder_is_one_line_exit_2_and_nothing_written(cli, home, folde
     assert result.code == 2
     (message,) = result.err.strip().splitlines()
     assert message.startswith(f"digits: error: {target}") and words in message, message
+    if case in LAYOUT_CASES:  # found from the listing, before a run folder is made
+        assert not (home / "runs").exists()
+        return
     (run,) = (home / "runs").iterdir()
     assert not (run / "ingest").exists() and not list(run.glob(".ingest*"))
     assert json.loads((run / "run.json").read_text())["status"] == "failed"
+
+
+LAYOUT_CASES = ("class-not-a-digit", "empty-class", "no-train", "file-outside-classes")
 
 
 def test_quarantine_sets_bad_files_aside_and_keeps_the_rest(cli, home, folder_data):

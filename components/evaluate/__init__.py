@@ -62,7 +62,7 @@ def load_predict(model_file: Path, sha256: str | None = None) -> Predict:
         return lambda images: _one_hot(model.predict(images.reshape(len(images), -1) / 255.0))
     if model_file.suffix != ".keras":
         raise DigitsInputError(f"{model_file}: not a model file (expected .keras, or a recorded .joblib)")
-    from components.keras_layers import load_keras_model, predict
+    from components.keras_layers import check_classifier, load_keras_model, predict
 
     if not zipfile.is_zipfile(model_file):  # Keras would say "File not found" of a file that is there
         raise DigitsInputError(f"{model_file}: not a loadable Keras model (not a zip archive, which a .keras file is)")
@@ -71,6 +71,7 @@ def load_predict(model_file: Path, sha256: str | None = None) -> Predict:
     except Exception as exc:  # Keras raises ValueError, TypeError, KeyError, OSError ... for a bad file
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DigitsInputError(f"{model_file}: not a loadable Keras model ({type(exc).__name__}: {first})") from None
+    check_classifier(model, str(model_file))
     return lambda images: predict(model, images[..., None])
 
 

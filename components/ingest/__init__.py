@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -22,23 +23,31 @@ REJECTED_CSV = "rejected.csv"
 
 def reader_of(source: Source | str) -> Reader:
     """The reader schemas.sources names for a source, imported now (a run imports only its own)."""
-    module, _, function = Source(source).spec.reader.partition(":")
+    return _named(Source(source).spec.reader)
+
+
+def input_files(source: Source | str, data: Path) -> list[Path]:
+    """The files ingest will read from data for this source, its layout checked without reading them (the
+    source's `layout` in schemas.sources): a wrong --data is one line (DataFormatError) in milliseconds."""
+    return _named(Source(source).spec.layout)(Path(data).expanduser())
+
+
+def _named(ref: str) -> Callable:
+    module, _, function = ref.partition(":")
     return getattr(importlib.import_module(module), function)
 
 
 def source_fingerprint(source: Source, config: IngestConfig) -> str | None:
-    """sha256 over the bytes ingest would read (a file, or every file under a folder, with their
-    relative names), so equal fingerprints mean equal input whatever the path. None when the source
-    is a download (mnist without --data): what it would fetch is unknown until it is fetched."""
+    """sha256 over the bytes ingest will read (input_files, with their names relative to --data), so equal
+    fingerprints mean equal input whatever the path; the layout is checked first, so a wrong --data is one
+    line before any byte is hashed. None when the source is a download (mnist without --data): what it
+    would fetch is unknown until it is fetched."""
     if not config.data:
         return None
     data = Path(config.data).expanduser()
-    files = [data] if data.is_file() else sorted(p for p in data.rglob("*") if p.is_file()) if data.is_dir() else []
-    if not files:
-        return None  # ingest itself reports the missing input, with its own message
     digest = hashlib.sha256(source.value.encode())
-    for path in files:
-        digest.update(str(path.relative_to(data) if path != data else path.name).encode())
+    for path in input_files(source, data):
+        digest.update(os.fsencode(path.relative_to(data) if path != data else path.name) + b"\0")
         with path.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 digest.update(block)
@@ -85,6 +94,7 @@ def run(source: Source, config: IngestConfig, out_dir: Path, *, tfds_dir: Path,
         fingerprints=fingerprints,
         duplicates=summary["duplicates"],
         named=named,
+        skipped={split.value: len(part.skipped) for split, part in splits.items() if part.skipped},
     )
 
 

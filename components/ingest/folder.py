@@ -6,43 +6,61 @@
 Every image is prepared exactly as `digits predict` prepares one (components.predict: grayscale, ink
 polarity, crop, fit 20x20, centre of mass in 28x28), so training sees what prediction will see. Ids
 are 1..N in file order by relative path; which file each row came from goes to ingest/files.csv and
-the submission. Hidden files (`.DS_Store`, `._x.png`) are skipped.
+the submission. Hidden files (`.DS_Store`, `._x.png`) are skipped, and so are files of other suffixes
+(`Thumbs.db`, `notes.txt`), counted as Keras' loader counts them; anything that is not a regular file (a FIFO,
+a device) or whose name is not valid UTF-8 is refused in one line.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 
 from components.ingest.splits import ReadOptions, SplitData
+from components.files import check_regular_file
+from components.predict import SUFFIXES
 from components.ingest.text import Reject
 from schemas.dataset import IMAGE_SIDE, Split
 from schemas.errors import DataFormatError, DigitsInputError
 
-SUFFIXES = (".png", ".jpg", ".jpeg")
 LAYOUT = "train/<digit>/*.png|jpg|jpeg (+ optional test/*.png|jpg|jpeg)"
 
 
-def read(data: Path, options: ReadOptions) -> tuple[dict[Split, SplitData], dict[str, str]]:
-    """Both splits (test only when DATA/test exists). Returns (splits, sha256 of each split's files)."""
+def layout(data: Path) -> list[Path]:
+    """The image files read from data (train/<digit>/ then test/), listed and checked without reading them."""
+    listed, _ = _listing(data)
+    return [path for files in listed.values() for path, _ in files]
+
+
+def _listing(data: Path) -> tuple[dict[Split, list[tuple[Path, int | None]]], dict[Split, list[Path]]]:
+    """((file, label or None) per split, the non-image files left out per split)."""
     if not data.is_dir():
         raise DataFormatError(data, f"not a folder (expected {LAYOUT})")
     train_dir = data / "train"
     if not train_dir.is_dir():
         raise DataFormatError(train_dir, f"missing: a folder of images holds {LAYOUT}")
-    listed = {Split.train: _labelled_files(train_dir)}
+    skipped: dict[Split, list[Path]] = {Split.train: [], Split.test: []}
+    listed: dict[Split, list[tuple[Path, int | None]]] = {Split.train: _labelled_files(train_dir, skipped[Split.train])}
     if (data / "test").is_dir():
-        test = _images_in(data / "test")
+        test = _images_in(data / "test", skipped[Split.test])
         if not test:
             raise DataFormatError(data / "test", "empty: an optional test/ folder holds .png, .jpg or .jpeg images")
         listed[Split.test] = [(path, None) for path in test]
+    return listed, skipped
+
+
+def read(data: Path, options: ReadOptions) -> tuple[dict[Split, SplitData], dict[str, str]]:
+    """Both splits (test only when DATA/test exists). Returns (splits, sha256 of each split's files)."""
+    listed, skipped = _listing(data)
     splits, prints = {}, {}
     for split, files in listed.items():
         if options.limit:
             files = _first(files, options.limit)
         splits[split] = _read_split(data, files, strict=options.strict, max_pixels=options.max_image_pixels)
+        splits[split].skipped = [path.relative_to(data).as_posix() for path in skipped[split]]
         prints[str(data / split.value)] = _fingerprint(data, [path for path, _ in files])
     return splits, prints
 
@@ -58,17 +76,20 @@ def _first(files: list[tuple[Path, int | None]], n: int) -> list[tuple[Path, int
     return [files[index] for index in sorted(index for _, index in sorted(order)[:n])]
 
 
-def _labelled_files(train_dir: Path) -> list[tuple[Path, int]]:
+def _labelled_files(train_dir: Path, skipped: list[Path]) -> list[tuple[Path, int]]:
     """(file, label) of every image under train/<digit>/, by class then name. Refuses a class folder that
-    is not a digit, an empty one, and files outside class folders."""
+    is not a digit, an empty one, and image files outside class folders (others are added to skipped)."""
     found: list[tuple[Path, int]] = []
     for entry in sorted(_visible(train_dir)):
+        if not entry.is_dir() and entry.suffix.lower() not in SUFFIXES:
+            skipped.append(entry)
+            continue
         if not entry.is_dir():
             raise DataFormatError(entry, f"a file outside a class folder: train/ holds one folder per digit "
                                          f"({LAYOUT})")
         if entry.name not in {str(d) for d in range(10)}:
             raise DataFormatError(entry, "not a class folder: train/ holds folders named 0 to 9, one per digit")
-        images = _images_in(entry)
+        images = _images_in(entry, skipped)
         if not images:
             raise DataFormatError(entry, "empty class folder: no .png, .jpg or .jpeg images")
         found += [(path, int(entry.name)) for path in images]
@@ -77,19 +98,39 @@ def _labelled_files(train_dir: Path) -> list[tuple[Path, int]]:
     return found
 
 
-def _images_in(folder: Path) -> list[Path]:
-    """The files of a folder, by name. A sub-folder is refused; a file that is not a PNG or JPEG is kept
-    (reading it fails, naming it: strict mode stops there, quarantine sets it aside)."""
+def _images_in(folder: Path, skipped: list[Path]) -> list[Path]:
+    """The image files of a folder (by suffix: .png, .jpg, .jpeg), by name; other files are added to skipped.
+    A sub-folder, or an image name that is not a regular file (a FIFO would block the read), is refused; a
+    file with an image suffix that is not a PNG or JPEG is kept (reading it fails, naming it: strict mode
+    stops there, quarantine sets it aside)."""
     files = []
     for entry in sorted(_visible(folder)):
         if entry.is_dir():
             raise DataFormatError(entry, f"unexpected folder: images go directly in {folder.name}/")
+        if entry.suffix.lower() not in SUFFIXES:
+            skipped.append(entry)
+            continue
+        try:
+            check_regular_file(entry)
+        except DigitsInputError as exc:
+            raise DataFormatError(entry, str(exc).removeprefix(f"{entry}: ")) from None
         files.append(entry)
     return files
 
 
 def _visible(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if not p.name.startswith(".")]
+    """The entries of a folder but hidden ones; a name that is not valid UTF-8 is refused (it could not be
+    written to files.csv, the submission or run.json)."""
+    entries = []
+    for path in folder.iterdir():
+        try:
+            path.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataFormatError(folder, f"a file name that is not valid UTF-8: {os.fsencode(path.name)!r}; rename "
+                                          "it (or move it out)") from None
+        if not path.name.startswith("."):
+            entries.append(path)
+    return entries
 
 
 def _read_split(data: Path, files: list[tuple[Path, int | None]], *, strict: bool, max_pixels: int) -> SplitData:
@@ -135,6 +176,6 @@ def _prepare_all(paths: list[Path], max_pixels: int) -> list[np.ndarray | str]:
 def _fingerprint(data: Path, paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(path.relative_to(data).as_posix().encode() + b"\0")
+        digest.update(path.relative_to(data).as_posix().encode() + b"\0")  # names are UTF-8 (_visible)
         digest.update(path.read_bytes())
     return digest.hexdigest()

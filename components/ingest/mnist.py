@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from components.files import check_regular_file, walk_files
 from components.ingest.splits import ReadOptions, SplitData
 from components.tensorflow_runtime import import_tfds
 from schemas.dataset import IMAGE_SIDE, Split
@@ -45,10 +46,26 @@ def read(data: Path | None, options: ReadOptions) -> tuple[dict[Split, SplitData
         absl.setLevel(level)
 
 
+def layout(data: Path) -> list[Path]:
+    """The files read from data, checked to be there as regular files without decoding them: the 4 idx .gz
+    files, or every file of a TFDS data_dir's prepared mnist."""
+    if not data.exists():
+        raise DataFormatError(data, "no such folder (expected the 4 MNIST idx .gz files or a TFDS data_dir)")
+    if not data.is_dir():
+        raise DataFormatError(data, "not a folder (expected one holding the 4 MNIST idx .gz files, or a TFDS "
+                                    "data_dir)")
+    if (data / _TFDS_NAME).is_dir():
+        return list(walk_files(data / _TFDS_NAME))
+    files = [data / name for name in IDX_FILES]
+    for path in files:
+        check_regular_file(path, f"missing: an MNIST folder holds {', '.join(IDX_FILES)}")
+    return files
+
+
 def _read(data: Path | None, tfds_dir: Path, limit: int | None) -> tuple[dict[Split, SplitData], dict[str, str]]:
     fingerprints: dict[str, str] = {}
-    if data is not None and not data.exists():
-        raise DataFormatError(data, "no such folder (expected the 4 MNIST idx .gz files or a TFDS data_dir)")
+    if data is not None:
+        layout(data)
     prepared_dir = data is not None and (data / _TFDS_NAME).is_dir()
     if data is not None and not prepared_dir:
         fingerprints = verify_idx_folder(data)  # before TensorFlow's import: bad files fail fast
@@ -83,8 +100,7 @@ def verify_idx_folder(folder: Path) -> dict[str, str]:
     prints = {}
     for name, (magic, count) in IDX_FILES.items():
         path = folder / name
-        if not path.is_file():
-            raise DataFormatError(path, f"missing: an MNIST folder holds {', '.join(IDX_FILES)}")
+        check_regular_file(path, f"missing: an MNIST folder holds {', '.join(IDX_FILES)}")
         raw = path.read_bytes()
         prints[str(path)] = hashlib.sha256(raw).hexdigest()
         try:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from components.files import check_regular_file
 from components.ingest.splits import ReadOptions, SplitData, keep_good_rows
 from components.ingest.text import TextBody, ValueRule, parse_numeric, split_text
 from schemas.dataset import IMAGE_SIDE, N_PIXELS, PIXEL_MAX, Split
@@ -22,18 +23,29 @@ CSV = {Split.train: "train.csv", Split.test: "test.csv"}
 _LABEL_NAMES = {"label", "labels", "y", "target", "class", "digit"}
 
 
-def read(data: Path, options: ReadOptions) -> tuple[dict[Split, SplitData], dict[str, str]]:
-    """Read both splits from a folder holding the .amat pair or the CSV pair."""
+def layout(data: Path) -> list[Path]:
+    """The two files read from data (the .amat pair, else the CSV pair), checked to be there as regular files."""
+    files, _ = _pair(data)
+    return [data / name for name in files.values()]
+
+
+def _pair(data: Path) -> tuple[dict[Split, str], str]:
+    """(file name per split, delimiter) of the pair data holds."""
     if not data.is_dir():
         raise DataFormatError(data, "not a folder (expected one holding "
                                     f"{' and '.join(AMAT.values())}, or {' and '.join(CSV.values())})")
-    if all((data / name).is_file() for name in AMAT.values()):
-        files, delimiter = AMAT, " "
-    elif all((data / name).is_file() for name in CSV.values()):
-        files, delimiter = CSV, ","
-    else:
-        raise DataFormatError(data, f"missing files: expected {' and '.join(AMAT.values())}, "
-                                    f"or {' and '.join(CSV.values())}")
+    for files, delimiter in ((AMAT, " "), (CSV, ",")):
+        if all((data / name).exists() for name in files.values()):
+            for name in files.values():
+                check_regular_file(data / name)
+            return files, delimiter
+    raise DataFormatError(data, f"missing files: expected {' and '.join(AMAT.values())}, "
+                                f"or {' and '.join(CSV.values())}")
+
+
+def read(data: Path, options: ReadOptions) -> tuple[dict[Split, SplitData], dict[str, str]]:
+    """Read both splits from a folder holding the .amat pair or the CSV pair."""
+    files, delimiter = _pair(data)
     splits, prints = {}, {}
     for split, name in files.items():
         path = data / name

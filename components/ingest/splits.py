@@ -23,6 +23,7 @@ class SplitData:
     rows_read: int
     rejects: list[Reject] = field(default_factory=list)
     files: list[str] | None = None  # per row, the file it was read from (sources of one file per image)
+    skipped: list[str] = field(default_factory=list)  # files left out as not images by their suffix (Thumbs.db)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,193 @@
+"""Defects a hostile but fair probe found in the folder source and `digits predict` (issue 37): phone photos
+read sideways, 16-bit scans refused as blank, FIFOs that hang, models that are not digit classifiers, file
+names that are not UTF-8, deep trees, and one bad file that stopped a whole batch or folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import datagen
+from components.files import walk_files
+from components.predict import prepare, read
+from strokes import draw_digit
+from test_ingest_folder import write_folder
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail (instead of hanging the suite) when the block takes longer than seconds: a FIFO read blocks forever."""
+    def expired(*_):
+        raise AssertionError(f"still running after {seconds} s: blocked on a read?")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def folder_data(tmp_path) -> Path:
+    labels, images = datagen.digits(40, seed=5)
+    return write_folder(tmp_path / "digits", labels, images)
+
+
+@pytest.fixture
+def untrained(tmp_path) -> Path:
+    """A digits model with random weights: a real classifier (10 probabilities) whose labels mean nothing."""
+    import keras
+
+    from components.train import models
+    from schemas.config import TrainConfig
+
+    path = tmp_path / "untrained.keras"
+    models.build(TrainConfig(model="baseline", augment=False), keras).save(path)
+    return path
+
+
+def _one_line(result) -> str:
+    (line,) = result.err.strip().splitlines()
+    assert "Traceback" not in result.err
+    return line
+
+
+def test_a_phone_photo_stored_sideways_is_read_upright(tmp_path):
+    """EXIF Orientation=6 (the camera was turned; the viewer rotates 90 degrees clockwise): read as shown."""
+    upright = Image.open(draw_digit(7, tmp_path / "seven.png", size=120, offset=(20, 10))).convert("RGB")
+    upright.save(tmp_path / "upright.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.jpg", quality=95, exif=exif)
+    expected = prepare(read(tmp_path / "upright.jpg")).astype(int)
+    assert np.abs(prepare(read(tmp_path / "sideways.jpg")).astype(int) - expected).mean() < 3
+    ignoring_exif = prepare(np.asarray(Image.open(tmp_path / "sideways.jpg").convert("L"), np.float32) / 255)
+    assert np.abs(ignoring_exif.astype(int) - expected).mean() > 20  # the tag is what makes the difference
+
+
+@pytest.mark.parametrize("top", [65535, 4000])
+def test_a_16_bit_scan_is_scaled_by_its_own_range(tmp_path, top):
+    eight = np.asarray(Image.open(draw_digit(3, tmp_path / "three.png")).convert("L"), np.float64)
+    wide = (eight / 255 * top).round().astype(np.uint16)  # dark ink on light paper, 16 bits deep
+    Image.fromarray(wide).save(tmp_path / "three-16.png")
+    assert Image.open(tmp_path / "three-16.png").mode.startswith("I;16")
+    assert np.abs(prepare(read(tmp_path / "three-16.png")).astype(int) - prepare(eight / 255).astype(int)).max() <= 2
+
+
+def test_a_fifo_named_like_an_image_is_one_line_not_a_hang(cli, home, tmp_path, folder_data, untrained):
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    with deadline(60):
+        result = cli("predict", untrained, pipe)
+    assert result.code == 2 and _one_line(result) == f"digits: error: {pipe}: a FIFO (named pipe), not a regular " \
+                                                      "file (only regular files are read)"
+    os.mkfifo(folder_data / "train/3/pipe.png")
+    with deadline(60):
+        result = cli("ingest", "--source", "folder", "--data", folder_data)
+    assert result.code == 2 and "pipe.png: a FIFO (named pipe)" in _one_line(result)
+    assert not (home / "runs").exists()  # found from the listing, before a run folder is made
+
+
+def test_a_model_that_is_not_a_digit_classifier_is_one_line(cli, tmp_path):
+    import keras
+
+    digit = draw_digit(4, tmp_path / "four.png")
+
+    def saved(name, inputs, outputs):
+        keras.Model(inputs, outputs).save(tmp_path / name)
+        return tmp_path / name
+
+    image = keras.Input((28, 28, 1))
+    flat = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(image))
+    wide = keras.Input((32, 32, 1))
+    cases = {
+        saved("wide.keras", wide, keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(wide))):
+            "does not take canonical digit images",
+        saved("five.keras", image, keras.layers.Dense(5, activation="softmax")(flat)):
+            "does not end in 10 class probabilities (one output of shape (10,)); it gives (5,)",
+        saved("logits.keras", image, keras.layers.Dense(10, kernel_initializer="ones")(flat)):
+            "its outputs range",
+    }
+    for model, words in cases.items():
+        result = cli("predict", model, digit, "--min-confidence", "0.99")
+        assert result.code == 2 and words in _one_line(result), result.err
+        assert result.out == ""
+
+
+def test_predict_reads_folders_and_keeps_going_past_a_bad_image(cli, tmp_path, untrained):
+    images = tmp_path / "images"
+    images.mkdir()
+    for digit in (1, 7):
+        draw_digit(digit, images / f"digit-{digit}.png")
+    Image.new("L", (50, 50), 255).save(images / "blank.png")
+    (images / "notes.txt").write_text("not an image, and not an image name: left out")
+    result = cli("predict", untrained, images)
+    assert result.code == 1
+    assert _one_line(result) == f"digits: error: {images / 'blank.png'}: no digit found (the image is blank or has " \
+                                "no contrast)"
+    assert [Path(line.split("\t")[0]).name for line in result.out.strip().splitlines()] == ["digit-1.png",
+                                                                                          "digit-7.png"]
+    result = cli("predict", untrained, images / "blank.png")  # nothing could be predicted: bad input
+    assert result.code == 2 and result.out == ""
+
+
+def test_non_image_files_in_class_folders_are_skipped_and_counted(cli, home, folder_data):
+    (folder_data / "train/2/Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0 a Windows thumbnail cache")
+    (folder_data / "train/notes.txt").write_text("where these came from")
+    result = cli("ingest", "--source", "folder", "--data", folder_data)
+    assert result.code == 0, result.err
+    assert "train 40 (2 non-image files skipped)" in result.out
+    (run,) = (home / "runs").iterdir()
+    assert json.loads((run / "run.json").read_text())["stages"]["ingest"]["outputs"]["skipped"] == {"train": 2}
+
+
+def test_a_file_name_that_is_not_utf8_is_one_line(cli, home, folder_data):
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1, as an old camera or zip tool may write it
+    Image.fromarray(np.full((28, 28), 200, np.uint8)).save(folder_data / "train/1" / name)
+    result = cli("ingest", "--source", "folder", "--data", folder_data)
+    assert result.code == 2
+    assert _one_line(result) == f"digits: error: {folder_data / 'train/1'}: a file name that is not valid UTF-8: " \
+                                "b'caf\\xe9.png'; rename it (or move it out)"
+    assert not (home / "runs").exists()
+
+
+def test_a_tree_1500_folders_deep_is_walked_without_recursion(cli, home, tmp_path):
+    deep = tmp_path / "deep"
+    leaf = deep
+    deep.mkdir()
+    for _ in range(1500):  # one level at a time: pathlib's and os' makedirs recurse themselves
+        leaf = leaf / "d"
+        leaf.mkdir()
+    (leaf / "x.bin").write_bytes(b"x")
+    (deep / "top.bin").write_bytes(b"t")
+    os.symlink(deep, leaf / "loop")  # a symlink loop is walked once
+    assert [p.name for p in walk_files(deep)] == ["x.bin", "top.bin"]
+    # beside a source's files, a deep tree is neither read nor fingerprinted
+    data = tmp_path / "kaggle"
+    datagen.write_kaggle(data, n_train=30, n_test=10)
+    (data / "extra").symlink_to(deep)
+    result = cli("ingest", "--source", "kaggle", "--data", data)
+    assert result.code == 0, result.err
+
+
+def test_a_source_that_fails_while_its_stage_is_keyed_leaves_the_run_failed(home, tmp_path):
+    """A config that skipped the CLI's check (a deployment's parameters): the failure is the stage's."""
+    from flows import runner, stages
+    from schemas.config import apply_overrides, default_config
+    from schemas.errors import DataFormatError
+    from schemas.stages import GRAPH
+
+    config = apply_overrides(default_config("train-kaggle"), [f"ingest.data={tmp_path}"])
+    folder = stages.start_run(config)
+    with pytest.raises(DataFormatError, match="train.csv: missing"):
+        runner.run_stage(folder, GRAPH.stage("ingest"), config, {})
+    record = folder.load()
+    assert record.status == "failed" and "train.csv: missing" in record.stages["ingest"].error
