@@ -13,7 +13,29 @@ from schemas.runs import locked
 
 
 def tracking_uri(home: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home.resolve() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(home / "mlflow.db")
+
+
+URI_SYNTAX = "%?#"  # what SQLAlchemy reads as URI syntax in a sqlite:/// path
+
+
+def sqlite_uri(path: Path) -> str:
+    """The SQLAlchemy URI of a SQLite file under $DIGITS_HOME (MLflow's and Optuna's stores). A path holding `%`,
+    `?` or `#` is refused (DigitsInputError): SQLAlchemy unquotes `%XX` and ends the path at `?`, so the store
+    would open in another folder (`p%20q` -> `p q/`), outside this home and its locks; quoting them does not
+    help, since MLflow also creates the quoted name as a folder beside the home."""
+    path = path.resolve()
+    odd = sorted({c for c in str(path) if c in URI_SYNTAX})
+    if odd:
+        raise DigitsInputError(f"{path.parent}: a folder whose path holds {' or '.join(repr(c) for c in odd)} cannot "
+                               "hold a SQLite store (the URI would open another folder); choose a DIGITS_HOME "
+                               "without them, or set MLFLOW_TRACKING_URI (and tune.storage)")
+    return f"sqlite:///{path}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a `sqlite:///` URI; None for any other URI."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def artifact_location(uri: str, root: Path | None) -> str | None:
@@ -26,20 +48,51 @@ def artifact_location(uri: str, root: Path | None) -> str | None:
     return root.resolve().as_uri()
 
 
+# MLflow's HTTP client retries a refused connection 7 times with a backoff factor of 2 (about four minutes)
+# and waits 120 s for an answer. A tracking server that is down should be said in seconds: three retries, 1 s
+# apart and doubling (about 7 s in all), 30 s for an answer. A user's own settings of these win.
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def check_reachable(uri: str) -> None:
+    """Raise ServiceUnavailable (one line) within seconds (components.reach) when an http(s) tracking server
+    does not accept connections; any other URI (SQLite, a folder) passes. Called before long work starts and
+    when a process first opens a client for the URI."""
+    from components.reach import unreachable
+
+    scheme = uri.split("://", 1)[0]
+    if scheme not in ("http", "https") or uri in _REACHED:
+        return
+    reason = unreachable(uri, 443 if scheme == "https" else 80)
+    if reason is not None:
+        raise ServiceUnavailable(f"MLflow tracking server {uri} unreachable ({reason}): start it, or unset "
+                                 "MLFLOW_TRACKING_URI to track in SQLite under $DIGITS_HOME")
+    _REACHED.add(uri)
+
+
+_REACHED: set[str] = set()
+
+
 def mlflow_client(uri: str):
     """An MlflowClient for tracking and registry at uri, quiet: MLflow and alembic log at INFO to stderr
-    (database creation, migrations) and draw download progress bars there, and stderr is for errors."""
+    (database creation, migrations) and draw download progress bars there, and stderr is for errors. An
+    http(s) server is checked to accept connections first, and MLflow's retries are bounded (HTTP_SETTINGS)."""
     import logging
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name, value in HTTP_SETTINGS.items():
+        os.environ.setdefault(name, value)
+    check_reachable(uri)
     from mlflow.tracking import MlflowClient  # configures MLflow's loggers: quiet them after it
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    if uri.startswith("sqlite:///") and uri not in _CREATED:
+    database = sqlite_path(uri)
+    if database is not None and uri not in _CREATED:
         # held while this process first opens the store: MLflow creates or migrates its tables then, and two
         # processes doing that at once on a new home collided (a UNIQUE constraint, a half-made schema)
-        with locked(Path(uri.removeprefix("sqlite:///"))):
+        with locked(database):
             client = _open(MlflowClient, uri)
             client.search_experiments(max_results=1)  # the tracking store's tables, created or migrated
             client.search_registered_models(max_results=1)  # the registry store's
@@ -93,7 +146,7 @@ def _one_line(exc: Exception, uri: str) -> Exception:
                                   "MLFLOW_TRACKING_URI to track in SQLite under $DIGITS_HOME")
     damaged = _damaged_store(exc)
     if damaged is not None:
-        return DigitsInputError(f"{uri.removeprefix('sqlite:///')}: not a readable MLflow database ({damaged}); "
+        return DigitsInputError(f"{sqlite_path(uri) or uri}: not a readable MLflow database ({damaged}); "
                                 "restore it from a backup, or move it aside to start a new, empty registry")
     return exc
 

@@ -68,7 +68,9 @@ def storage_url(tune: TuneConfig, home: Path) -> str:
     if tune.storage:
         return tune.storage
     (home / "tune").mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(home / 'tune' / 'optuna.db').resolve()}"
+    from components.tracking import sqlite_uri
+
+    return sqlite_uri(home / "tune" / "optuna.db")
 
 
 def _shown(url: str) -> str:

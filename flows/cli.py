@@ -23,7 +23,7 @@ from flows.local_api import LocalAPI
 from schemas.config import Pipeline, PipelineConfig, apply_overrides, default_config
 from schemas.errors import DigitsInputError, OutOfSpace, ServiceUnavailable, chain
 from schemas.presets import PRESETS, preset
-from schemas.runs import RunFolder, scan_runs
+from schemas.runs import RunFolder, digits_home, scan_runs
 from schemas.sources import SOURCES, Source
 
 console = Console(highlight=False, soft_wrap=True)  # paths and run ids are never broken across lines
@@ -55,6 +55,7 @@ def _config(pipeline: Pipeline | str, data: Path | None, overrides: list[str] | 
     if preset_name is not None:
         pairs[:0] = preset(preset_name).overrides
     config = apply_overrides(default_config(pipeline), pairs)
+    _check_services(config)
     if config.ingest.data:
         from components.ingest import input_files
 
@@ -62,6 +63,17 @@ def _config(pipeline: Pipeline | str, data: Path | None, overrides: list[str] | 
     elif config.source.spec.needs_data:
         raise DigitsInputError(f"{config.pipeline.value} needs --data: {config.source.spec.data_help}")
     return config
+
+
+def _check_services(config: PipelineConfig) -> None:
+    """What a run will talk to, checked in seconds before any work: the registry's store (a home that cannot hold
+    its SQLite file, a tracking server that is down) and the Dask scheduler of dask.address."""
+    from components.reach import check_scheduler
+    from components.tracking import check_reachable, tracking_uri
+
+    check_reachable(tracking_uri(digits_home()))
+    if config.dask.address:
+        check_scheduler(config.dask.address)
 
 
 def run(
@@ -90,7 +102,9 @@ def resume(
     from flows import stages
 
     folder = RunFolder.open(run_id)
-    _run_flow(folder, stages.config_of(folder), require_promotion, LocalAPI.launch())
+    config = stages.config_of(folder)
+    _check_services(config)
+    _run_flow(folder, config, require_promotion, LocalAPI.launch())
 
 
 def _run_flow(folder: RunFolder, config: PipelineConfig, require_promotion: bool, api: LocalAPI | None) -> None:
@@ -358,7 +372,9 @@ def _open_run(run_id: str | None, overrides: list[str] | None):
     from flows import stages
 
     folder = RunFolder.open(run_id)
-    return folder, apply_overrides(stages.config_of(folder), list(overrides or []))
+    config = apply_overrides(stages.config_of(folder), list(overrides or []))
+    _check_services(config)
+    return folder, config
 
 
 def _print_rows(columns: list[Column], rows: list[tuple[str, ...]]) -> None:
@@ -435,6 +451,10 @@ def main() -> None:
         print(f"digits: error: {exc}", file=sys.stderr)
         sys.exit(1)
     except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # a folder the user cannot write: theirs to fix
+            print(f"digits: error: {exc.filename or 'writing'}: {exc.strerror}"
+                  + (" (DIGITS_HOME is read-only?)" if exc.errno == errno.EROFS else ""), file=sys.stderr)
+            sys.exit(2)
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         print(f"digits: error: no space left on device ({exc.filename or 'writing'}): free some space and run "

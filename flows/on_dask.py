@@ -33,6 +33,10 @@ def on_dask(address: str | None, workers: int, progress, *, flow_name: str = "en
     """An executor that runs jobs (ensemble members, tune trials: objects with `run(progress, worker)` and
     `describe()`) as Prefect tasks on Dask: on `address`, or on a LocalCluster of `workers` processes."""
     def execute(jobs: list[Any]) -> list[dict]:
+        if address:  # seconds, where Dask's client would retry for minutes
+            from components.reach import check_scheduler
+
+            check_scheduler(address)
         from flows.pipeline import console_logs_to_stdout  # first: it sets the local API's start-up limit
 
         api = LocalAPI.launch()  # the jobs report to the same Prefect API as this process (Prefect's settings

@@ -36,8 +36,17 @@ RUN_ID = re.compile(r"[0-9]{8}T[0-9]{6}-[A-Za-z0-9_.-]+")  # <UTC yyyymmddThhmms
 
 
 def digits_home() -> Path:
-    """$DIGITS_HOME (unset or empty: ./.digits), as an absolute path (not created here)."""
-    return Path(os.environ.get("DIGITS_HOME") or ".digits").expanduser().resolve()
+    """$DIGITS_HOME (unset or empty: ./.digits), as an absolute path (not created here). Raises DigitsInputError
+    (one line) when it cannot be a folder: a file or device is there, or a file stands where a folder above it
+    would be (so nothing can be made under it)."""
+    home = Path(os.environ.get("DIGITS_HOME") or ".digits").expanduser().resolve()
+    existing = next(path for path in (home, *home.parents) if path.exists())
+    if not existing.is_dir():
+        where = "it is" if existing == home else f"{existing} is"
+        kind = "a device" if existing.is_char_device() or existing.is_block_device() else "a file"
+        raise DigitsInputError(f"DIGITS_HOME {home} cannot be a folder: {where} {kind}; set DIGITS_HOME to a folder "
+                               "(or unset it for ./.digits)")
+    return home
 
 
 class StageRecord(BaseModel):

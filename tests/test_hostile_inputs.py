@@ -169,25 +169,125 @@ def test_a_tree_1500_folders_deep_is_walked_without_recursion(cli, home, tmp_pat
     (leaf / "x.bin").write_bytes(b"x")
     (deep / "top.bin").write_bytes(b"t")
     os.symlink(deep, leaf / "loop")  # a symlink loop is walked once
-    assert [p.name for p in walk_files(deep)] == ["x.bin", "top.bin"]
-    # beside a source's files, a deep tree is neither read nor fingerprinted
-    data = tmp_path / "kaggle"
-    datagen.write_kaggle(data, n_train=30, n_test=10)
-    (data / "extra").symlink_to(deep)
-    result = cli("ingest", "--source", "kaggle", "--data", data)
-    assert result.code == 0, result.err
+    try:
+        assert [p.name for p in walk_files(deep)] == ["x.bin", "top.bin"]
+        # beside a source's files, a deep tree is neither read nor fingerprinted
+        data = tmp_path / "kaggle"
+        datagen.write_kaggle(data, n_train=30, n_test=10)
+        (data / "extra").symlink_to(deep)
+        result = cli("ingest", "--source", "kaggle", "--data", data)
+        assert result.code == 0, result.err
+    finally:  # bottom up, one level at a time: shutil.rmtree (pytest's clean-up) recurses as deep as the tree
+        (leaf / "x.bin").unlink()
+        (leaf / "loop").unlink()
+        while leaf != deep:
+            leaf.rmdir()
+            leaf = leaf.parent
 
 
 def test_a_source_that_fails_while_its_stage_is_keyed_leaves_the_run_failed(home, tmp_path):
     """A config that skipped the CLI's check (a deployment's parameters): the failure is the stage's."""
     from flows import runner, stages
     from schemas.config import apply_overrides, default_config
-    from schemas.errors import DataFormatError
+    from schemas.errors import DigitsInputError
     from schemas.stages import GRAPH
 
     config = apply_overrides(default_config("train-kaggle"), [f"ingest.data={tmp_path}"])
     folder = stages.start_run(config)
-    with pytest.raises(DataFormatError, match="train.csv: missing"):
+    with pytest.raises(DigitsInputError, match="train.csv: missing"):
         runner.run_stage(folder, GRAPH.stage("ingest"), config, {})
     record = folder.load()
     assert record.status == "failed" and "train.csv: missing" in record.stages["ingest"].error
+
+
+def _closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (connections to it are refused)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("home_name", ["p%20q", "a?b", "c#d"])
+def test_a_home_whose_path_is_uri_syntax_is_one_line_and_nothing_is_written_outside_it(cli, tmp_path, monkeypatch,
+                                                                                     home_name):
+    home = tmp_path / "homes" / home_name
+    monkeypatch.setenv("DIGITS_HOME", str(home))
+    data = tmp_path / "kaggle"
+    datagen.write_kaggle(data, n_train=30, n_test=10)
+    for command in (["registry", "list"], ["run", "train-kaggle", "--data", data], ["ingest", "--source", "kaggle",
+                                                                                    "--data", data]):
+        result = cli(*command)
+        assert result.code == 2, result.err
+        assert _one_line(result).startswith(f"digits: error: {home}: a folder whose path holds ")
+    assert not (tmp_path / "homes").exists()  # neither the home nor another folder (`p q/`, `a`) was made
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "dev-null"])
+def test_a_home_that_cannot_be_a_folder_is_one_line(cli, tmp_path, monkeypatch, where):
+    (tmp_path / "file").write_text("a file, not a folder")
+    home = tmp_path / "file" / "home" if where == "under-a-file" else Path("/dev/null")
+    monkeypatch.setenv("DIGITS_HOME", str(home))
+    data = tmp_path / "kaggle"
+    datagen.write_kaggle(data, n_train=30, n_test=10)
+    for command in (["registry", "list"], ["reports"], ["ingest", "--source", "kaggle", "--data", data]):
+        result = cli(*command)
+        assert result.code == 2 and _one_line(result).startswith(f"digits: error: DIGITS_HOME {home} cannot be a "
+                                                                 "folder: "), result.err
+
+
+def test_a_dead_tracking_server_or_dask_scheduler_is_one_line_within_seconds(cli, home, tmp_path, monkeypatch):
+    import time
+
+    from runs import converted_kaggle_run, make
+    from schemas.config import apply_overrides
+
+    data = tmp_path / "kaggle"
+    datagen.write_kaggle(data, n_train=60, n_test=10)
+    folder, config = converted_kaggle_run(data, "train.epochs=1")
+    record = folder.load()
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    expected = f"digits: error: MLflow tracking server {dead} unreachable (connection refused): start it, or unset " \
+               "MLFLOW_TRACKING_URI to track in SQLite under $DIGITS_HOME"
+    for command in (["registry", "list"], ["train", "--run", folder.run_id], ["run", "train-kaggle", "--data", data]):
+        started = time.monotonic()
+        result = cli(*command)
+        assert result.code == 1 and _one_line(result) == expected
+        assert time.monotonic() - started < 15  # MLflow's own retries took about four minutes
+    assert folder.load() == record  # checked before any stage started: the run is as it was
+    assert len(list((home / "runs").iterdir())) == 1  # and `digits run` made no run folder
+
+    # a server that went away after the run started (a deployment's parameters skip the CLI's check): the stage
+    # that needs it fails in seconds with the same line, and the run ends failed
+    from schemas.errors import ServiceUnavailable
+
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable, match="unreachable"):
+        make(folder, config, "model")
+    assert time.monotonic() - started < 15
+    record = folder.load()
+    assert record.status == "failed" and "unreachable" in record.stages["train"].error
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+    scheduler = f"tcp://127.0.0.1:{_closed_port()}"
+    expected = f"digits: error: Dask scheduler {scheduler} unreachable (connection refused): start it"
+    for command in (["train", "--run", folder.run_id, "--set", "train.members=2", "--set", "train.epochs=1",
+                     "--set", f"dask.address={scheduler}"],
+                    ["run", "train-kaggle", "--data", data, "--set", "train.members=2",
+                     "--set", f"dask.address={scheduler}"]):
+        started = time.monotonic()
+        result = cli(*command)
+        assert result.code == 1 and _one_line(result).startswith(expected), result.err
+        assert time.monotonic() - started < 15  # Dask's client waited about 5 1/2 minutes, then tracebacks
+    assert folder.load() == record
+    assert len(list((home / "runs").iterdir())) == 1
+
+    config = apply_overrides(config, ["train.members=2", f"dask.address={scheduler}"])
+    started = time.monotonic()
+    with pytest.raises(Exception, match="Dask scheduler .* unreachable"):
+        make(folder, config, "model")
+    assert time.monotonic() - started < 15
+    record = folder.load()
+    assert record.status == "failed" and "Dask scheduler" in record.stages["train"].error

@@ -137,6 +137,9 @@ def _runner_args(config: ConvertConfig, dask_address: str | None) -> Iterator[li
     # the DaskRunner's default packs 128 elements into one partition.
     partitions = [] if "--dask_npartitions" in config.beam_args else ["--dask_partition_size=1"]
     if dask_address:
+        from components.reach import check_scheduler
+
+        check_scheduler(dask_address)
         yield [f"--runner={runner}", f"--dask_client_address={dask_address}", *partitions]
         return
     from dask.distributed import LocalCluster
