@@ -73,6 +73,44 @@ def storage_url(tune: TuneConfig, home: Path) -> str:
     return sqlite_uri(home / "tune" / "optuna.db")
 
 
+def check_storage(storage: str) -> None:
+    """Raise ServiceUnavailable (one line) within seconds when tune.storage names a database server that does
+    not accept connections (a database file passes: opening it says what is wrong)."""
+    from sqlalchemy.engine import make_url
+
+    from components.reach import unreachable
+    from schemas.errors import ServiceUnavailable
+
+    url = make_url(storage)
+    if url.host:
+        reason = unreachable(f"tcp://{url.host}:{url.port or _DEFAULT_PORTS.get(url.get_backend_name(), 0)}", 0)
+        if reason is not None:
+            raise ServiceUnavailable(f"tune.storage {_shown(storage)} unreachable ({reason}): start its database "
+                                     "server, or leave tune.storage unset for SQLite under $DIGITS_HOME/tune")
+
+
+_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433, "oracle": 1521}
+
+
+def _storage_error(exc: Exception, storage: str) -> Exception:
+    """The one line for a study storage that cannot be opened: a database server that refuses connections is
+    unavailable (ServiceUnavailable); a database or driver that is not there is the user's to fix; anything
+    else is raised as it is."""
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
+    from schemas.errors import DigitsInputError, ServiceUnavailable
+
+    if isinstance(exc, OperationalError):
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        kind = ServiceUnavailable if "connect" in reason.lower() else DigitsInputError
+        return kind(f"tune.storage {_shown(storage)} cannot be opened ({reason}): start its database server, or "
+                    "leave tune.storage unset for SQLite under $DIGITS_HOME/tune")
+    if isinstance(exc, (ArgumentError, ImportError)):
+        return DigitsInputError(f"tune.storage {_shown(storage)} is not a usable SQLAlchemy URL "
+                                f"({str(exc).splitlines()[0]})")
+    return exc
+
+
 def _shown(url: str) -> str:
     """A storage URL without its password."""
     from sqlalchemy.engine import make_url
@@ -199,8 +237,11 @@ def run(converted: Converted, tune: TuneConfig, config: TrainConfig, seed: int, 
     _quiet_optuna()
     started = time.perf_counter()
     deadline = time.time() + 60 * tune.budget_minutes if tune.budget_minutes else None
-    created = optuna.create_study(study_name=study, storage=storage, direction="maximize", load_if_exists=True,
-                                  sampler=optuna.samplers.TPESampler(seed=seed), pruner=_pruner(tune))
+    try:
+        created = optuna.create_study(study_name=study, storage=storage, direction="maximize", load_if_exists=True,
+                                      sampler=optuna.samplers.TPESampler(seed=seed), pruner=_pruner(tune))
+    except Exception as exc:
+        raise _storage_error(exc, storage) from None
     _fail_unfinished(created)
     finished = _finished(created)
     if finished:

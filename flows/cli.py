@@ -67,13 +67,17 @@ def _config(pipeline: Pipeline | str, data: Path | None, overrides: list[str] | 
 
 def _check_services(config: PipelineConfig) -> None:
     """What a run will talk to, checked in seconds before any work: the registry's store (a home that cannot hold
-    its SQLite file, a tracking server that is down) and the Dask scheduler of dask.address."""
+    its SQLite file, a tracking server that is down), the Dask scheduler of dask.address and tune's database."""
     from components.reach import check_scheduler
     from components.tracking import check_reachable, tracking_uri
 
     check_reachable(tracking_uri(digits_home()))
     if config.dask.address:
         check_scheduler(config.dask.address)
+    if config.tune.trials and config.tune.storage:
+        from components.tune import check_storage
+
+        check_storage(config.tune.storage)
 
 
 def run(
@@ -163,7 +167,11 @@ def _stage_command(name: str, stages_: list):
     command is NAME (those that apply to the run's pipeline) on the run's upstream artifacts."""
     def command(run_id: RunOption = None, overrides: SetOption = None, force: ForceOption = False) -> None:
         folder, config = _open_run(run_id, overrides)
-        _run_stages(folder, config, [s for s in stages_ if s.applies_to(config)], force=force)
+        applicable = [s for s in stages_ if s.applies_to(config)]
+        if not applicable:  # say so, instead of printing nothing
+            console.print("; ".join(s.off or f"{s.name} does not apply to this run" for s in stages_))
+            return
+        _run_stages(folder, config, applicable, force=force)
         if overrides:  # run.json's config is what the run's stages were last run with (`digits resume` uses it)
             folder.update(lambda record: setattr(record, "config", config.model_dump(mode="json")))
 
@@ -215,6 +223,10 @@ def predict(
     from components import predict as predict_component
     from flows import stages
 
+    if model_uri.startswith("models:/"):  # a URI's syntax is checked before any image is read
+        from components.registry import parse_model_uri
+
+        parse_model_uri(model_uri)
     files = predict_component.image_files(images)
     if not files:
         raise DigitsInputError(f"{', '.join(map(str, images))}: no .png, .jpg or .jpeg images")
@@ -279,11 +291,16 @@ def registry_show(name: Annotated[str, typer.Argument(help="e.g. digits-mnist")]
     model card is."""
     from flows import stages
 
+    from components.registry import checked_name, checked_version
+
     reg = stages.registry()
     if version is not None:
-        _show_version(reg, reg.resolve(f"models:/{name}/{version}"))
+        _show_version(reg, reg.resolve(f"models:/{checked_name(name)}/{checked_version(version)}"))
         return
     versions = reg.versions(name)
+    if not versions and name in reg.names():
+        print(f"{name} is registered but has no versions (they were deleted); `digits run` registers new ones")
+        return
     if not versions:
         raise DigitsInputError(f"no registered model '{name}' (see `digits registry list`)")
     _print_rows([Column("version"), Column("aliases"), Column("val_accuracy"), Column("model"),

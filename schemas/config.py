@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
@@ -248,6 +249,24 @@ SPACE_KINDS = ("float", "log", "int", "choice")
 _NOT_TUNED = {"epochs", "members", "workers", "mixed_precision", "svm_rows"}  # a trial's length, or not the model
 
 
+# which kinds of tune.space draw each type of train setting (bool and the model name: 'choice' only)
+_SPACE_KINDS_OF = {float: SPACE_KINDS, int: ("int", "choice"), PositiveInt: ("int", "choice")}
+_KIND_TEXT = {"float": "'float LOW HIGH'", "log": "'log LOW HIGH'", "int": "'int LOW HIGH'",
+              "choice": "'choice A B ...'"}
+
+
+def _check_train_value(key: str, spec: str, value: Any) -> None:
+    """Raise ValueError (one line) when train.<key> does not take value (its type and bounds)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    field = TrainConfig.model_fields[key]
+    try:
+        TypeAdapter(Annotated[field.annotation, field]).validate_python(value)
+    except ValidationError as exc:
+        raise ValueError(f"{key}={spec!r}: {value!r} is not a value of train.{key} "
+                         f"({exc.errors()[0]['msg'][0].lower()}{exc.errors()[0]['msg'][1:]})") from None
+
+
 class TuneConfig(_Model):
     """The tune stage: an Optuna study over train settings, before train (off at trials=0)."""
 
@@ -267,6 +286,22 @@ class TuneConfig(_Model):
     workers: PositiveInt = Field(1, description="trials at once, each in a worker process of a Dask LocalCluster "
                                                 "(1: one after another, in-process); with dask.address, trials "
                                                 "run on that cluster")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_is_a_database_url(cls, value: str | None) -> str | None:
+        """A SQLAlchemy URL whose driver is installed: checked now, not in a traceback when the stage starts."""
+        if value is None:
+            return value
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        try:
+            make_url(value).get_dialect()
+        except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as exc:
+            raise ValueError("expected a SQLAlchemy database URL whose driver is installed, e.g. "
+                             f"postgresql+psycopg://USER:PASSWORD@HOST/DB ({str(exc).splitlines()[0]})") from None
+        return value
 
     @field_validator("space", mode="before")
     @classmethod
@@ -294,13 +329,21 @@ class TuneConfig(_Model):
             if kind not in SPACE_KINDS or not values or (kind != "choice" and len(values) != 2):
                 raise ValueError(f"{key}={spec!r}: expected 'float LOW HIGH', 'log LOW HIGH', 'int LOW HIGH' "
                                  "or 'choice A B ...'")
+            kinds = _SPACE_KINDS_OF.get(TrainConfig.model_fields[key].annotation, ("choice",))
+            if kind not in kinds:
+                raise ValueError(f"{key}={spec!r}: train.{key} takes {' or '.join(_KIND_TEXT[k] for k in kinds)}")
             if kind != "choice":
                 try:
                     low, high = float(values[0]), float(values[1])
                 except ValueError:
                     raise ValueError(f"{key}={spec!r}: LOW and HIGH must be numbers") from None
+                if not (math.isfinite(low) and math.isfinite(high)):
+                    raise ValueError(f"{key}={spec!r}: LOW and HIGH must be finite numbers")
                 if not low < high or (kind == "log" and low <= 0):
                     raise ValueError(f"{key}={spec!r}: needs LOW < HIGH (and LOW > 0 for log)")
+                values = [int(low), int(high)] if kind == "int" else [low, high]  # as tune.distributions draws
+            for value in values:  # every value a trial may be given is one train.<key> takes: said now, not in a
+                _check_train_value(key, spec, value)  # trial's traceback (the bounds of a range stand for it)
         return space
 
 

@@ -63,6 +63,7 @@ class Stage:
     help: str = ""
     command: str | None = None  # the per-stage CLI command that runs it; default: its name
     applies: Callable[[PipelineConfig], bool] | None = None  # None: in every pipeline
+    off: str = ""  # what its command says when the stage does not apply to a run (and how to turn it on)
     external: str | Callable[[PipelineConfig], str | None] | None = None
     """What the stage reads from outside the run, as a fingerprint for its key (ingest: the data's bytes);
     None from it: unknown content (a download), so the stage is not reused across runs."""
@@ -214,6 +215,7 @@ GRAPH = Graph((
           settings=("seed", "train", "tune.trials", "tune.budget_minutes", "tune.epochs", "tune.rows", "tune.space",
                     "tune.pruner"),
           code=("components/tune.py", "components/train"), applies=_tuned, lines=True,
+          off="tune is off for this run (tune.trials=0): `--set tune.trials=N` runs a study of N trials",
           reports=(Report("tune report", "report.html"), Report("trials", "trials.csv"),
                    Report("optimisation history", "history.png")),
           help="tune.trials > 0: an Optuna study (TPE, pruned on per-epoch val accuracy) over tune.space; its "

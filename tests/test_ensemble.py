@@ -4,6 +4,7 @@ into one Keras model that evaluate, the registry and export take like any model.
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -45,6 +46,9 @@ def test_a_two_member_ensemble_is_one_model_through_evaluate_registry_export_and
     assert [(m["name"], m["model"], m["seed"]) for m in members] == [("member-00", "digits-net", 42),
                                                                      ("member-01", "baseline", 43)]
     assert "member-01: epoch 1/1" in result.out
+    # each member's time is an estimate of the whole ensemble's (train.members=1000 started with none)
+    assert re.search(r"member-00 \(digits-net, seed 42\): trained in \d+ s; at that pace the 2 members take about "
+                     r"\d+ (s|min)", result.out), result.out
 
     # one model: its members nested, their probabilities averaged over each image and its 4 one-pixel shifts
     model = load_keras_model(run / "train/model.keras")

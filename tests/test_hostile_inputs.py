@@ -291,3 +291,90 @@ def test_a_dead_tracking_server_or_dask_scheduler_is_one_line_within_seconds(cli
     assert time.monotonic() - started < 15
     record = folder.load()
     assert record.status == "failed" and "Dask scheduler" in record.stages["train"].error
+
+
+@pytest.mark.parametrize("space, words", [
+    ("width=float -3 -1", "-3.0 is not a value of train.width (input should be greater than 0)"),
+    ("batch_size=choice 0", "'0' is not a value of train.batch_size (input should be greater than 0)"),
+    ("model=choice nosuchnet", "'nosuchnet' is not a value of train.model (input should be 'digits-net'"),
+    ("augment=choice maybe", "'maybe' is not a value of train.augment (input should be a valid boolean"),
+    ("batch_size=float 1.5 2.5", "train.batch_size takes 'int LOW HIGH' or 'choice A B ...'"),
+    ("learning_rate=log -inf 1", "LOW and HIGH must be finite numbers"),
+])
+def test_a_tune_space_outside_a_settings_domain_is_one_line_before_any_trial(cli, home, tmp_path, space, words):
+    data = tmp_path / "kaggle"
+    datagen.write_kaggle(data, n_train=30, n_test=10)
+    result = cli("run", "train-kaggle", "--data", data, "--set", "tune.trials=2", "--set", f"tune.space={space}")
+    assert result.code == 2 and words in _one_line(result) and "tune.space" in result.err
+    assert not (home / "runs").exists()
+
+
+def test_a_tune_storage_that_is_malformed_or_unreachable_is_one_line(cli, home, tmp_path):
+    data = tmp_path / "kaggle"
+    datagen.write_kaggle(data, n_train=30, n_test=10)
+    result = cli("run", "train-kaggle", "--data", data, "--set", "tune.trials=2", "--set", "tune.storage=notaurl")
+    assert result.code == 2 and "invalid value for 'tune.storage': expected a SQLAlchemy database URL" in \
+        _one_line(result)
+    port = _closed_port()
+    result = cli("run", "train-kaggle", "--data", data, "--set", "tune.trials=2",
+                 "--set", f"tune.storage=postgresql+psycopg://digits:secret@127.0.0.1:{port}/optuna")
+    assert result.code == 1 and _one_line(result) == (
+        f"digits: error: tune.storage postgresql+psycopg://digits:***@127.0.0.1:{port}/optuna unreachable (connection "
+        "refused): start its database server, or leave tune.storage unset for SQLite under $DIGITS_HOME/tune")
+    assert not (home / "runs").exists()
+
+
+def test_the_tune_stage_says_it_is_off_without_trials(cli, home, tmp_path):
+    from runs import converted_kaggle_run
+
+    data = tmp_path / "kaggle"
+    datagen.write_kaggle(data, n_train=60, n_test=10)
+    folder, _ = converted_kaggle_run(data)
+    result = cli("tune", "--run", folder.run_id)
+    assert result.code == 0 and "tune is off for this run (tune.trials=0)" in result.out
+    assert "tune" not in folder.load().stages
+
+
+@pytest.mark.parametrize("args, words", [
+    (["registry", "promote", "digits-mnist", "abc"], "'abc' is not a version number"),
+    (["registry", "show", "digits-mnist", "0"], "'0' is not a version number"),
+    (["registry", "promote", "../x", "1"], "'../x' is not a model name"),
+    (["registry", "show", "cham pion"], "'cham pion' is not a model name"),
+    (["registry", "show", "%00"], "'%00' is not a model name"),
+    (["registry", "rollback", "champion@x"], "'champion@x' is not a model name"),
+    (["registry", "show", "x'; DROP"], "is not a model name"),
+    (["predict", "models:/digits-mnist@cham pion", "missing.png"], "'cham pion' is not an alias"),
+    (["predict", "models:/digits-mnist@champion@x", "missing.png"], "'champion@x' is not an alias"),
+    (["predict", "models:/digits-mnist@latest", "missing.png"], "'latest' is not an alias"),
+])
+def test_registry_names_versions_and_aliases_with_odd_characters_are_one_line(cli, home, args, words):
+    result = cli(*args)
+    assert result.code == 2 and words in _one_line(result), result.err
+    assert not list(home.glob("*/**/.registry-*")) and not list(home.parent.glob(".registry-*"))
+
+
+def test_a_registered_model_without_versions_is_shown_as_such(cli, home):
+    from components.tracking import mlflow_client, tracking_uri
+
+    mlflow_client(tracking_uri(home)).create_registered_model("digits-folder")  # its versions deleted, say
+    listed = cli("registry", "list")
+    assert listed.code == 0 and listed.out.splitlines() == ["digits-folder\t-\t0"]
+    shown = cli("registry", "show", "digits-folder")
+    assert shown.code == 0 and "digits-folder is registered but has no versions" in shown.out
+
+
+def test_a_csv_with_bare_cr_lines_or_semicolons_is_diagnosed_as_such(cli, home, tmp_path):
+    for name, change in (("cr", lambda text: text.replace("\n", "\r")), ("semicolon", lambda t: t.replace(",", ";"))):
+        data = tmp_path / name
+        datagen.write_kaggle(data, n_train=30, n_test=10)
+        for file in ("train.csv", "test.csv"):
+            (data / file).write_bytes(change((data / file).read_text()).encode())
+        result = cli("ingest", "--source", "kaggle", "--data", data)
+        line = _one_line(result)
+        assert result.code == 2 and len(line) < 300, line  # the semicolon header was quoted whole: 7,139 characters
+        assert line == (f"digits: error: {data / 'train.csv'}, line 1, column 1: lines end in a bare CR (classic Mac "
+                        "OS line endings) where LF or CRLF was expected; save the file with LF or CRLF line endings"
+                        if name == "cr" else
+                        f"digits: error: {data / 'train.csv'}, line 1, column 1: columns separated by ';', where a "
+                        "Kaggle CSV separates them by ',' (header: label;pixel0;pixel1;pixel2;pixel3;pix...); save "
+                        "it as comma-separated")

@@ -15,7 +15,7 @@ import numpy as np
 
 from components.files import check_regular_file
 from components.ingest.splits import ReadOptions, SplitData, keep_good_rows
-from components.ingest.text import ValueRule, parse_numeric, split_text
+from components.ingest.text import ValueRule, other_separator, parse_numeric, shorten, split_text
 from schemas.dataset import (IMAGE_SIDE, KAGGLE_TEST_HEADER, KAGGLE_TRAIN_HEADER, N_PIXELS, PIXEL_MAX,
                              Split)
 from schemas.errors import DataFormatError
@@ -92,6 +92,10 @@ def _check_header(path: str, header: str | None, expected: tuple[str, ...], spli
     names = [name.strip().strip('"') for name in (header or "").split(",")]
     if names == list(expected):
         return
+    separator = other_separator(header or "")
+    if len(names) == 1 and separator:
+        raise DataFormatError(path, f"columns separated by {separator!r}, where a Kaggle CSV separates them by ',' "
+                                    f"(header: {shorten(header or '')}); save it as comma-separated", line=1, column=1)
     if split is Split.test and names and names[0] == "label":
         raise DataFormatError(path, "the test file carries a 'label' column; Kaggle's test.csv has none "
                                     "(expected header pixel0..pixel783)", line=1, column=1)
@@ -103,7 +107,7 @@ def _check_header(path: str, header: str | None, expected: tuple[str, ...], spli
         seen[name] = j
     for j, (got, want) in enumerate(zip(names, expected)):
         if got != want:
-            raise DataFormatError(path, f"wrong header: expected '{want}', found '{got}' "
+            raise DataFormatError(path, f"wrong header: expected '{want}', found '{shorten(got)}' "
                                         f"(header must be {expected[0]},...,{expected[-1]})", line=1, column=j + 1)
     raise DataFormatError(path, f"wrong header: expected {len(expected)} columns "
                                 f"({expected[0]},...,{expected[-1]}), found {len(names)}",

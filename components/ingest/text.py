@@ -94,6 +94,9 @@ def split_text(path: str, raw: bytes, *, header: str) -> TextBody:
         raise DataFormatError(path, "file is empty (expected a header and data rows)" if header == "required"
                               else "file is empty (expected data rows)", line=1, column=1)
     newline = raw.find(b"\n", start, end)
+    if newline < 0 and b"\r" in raw[start:end]:  # the first line holds the whole file: its lines end in CR alone
+        raise DataFormatError(path, "lines end in a bare CR (classic Mac OS line endings) where LF or CRLF was "
+                                    "expected; save the file with LF or CRLF line endings", line=1, column=1)
     _refuse_binary(path, raw, start, end if newline < 0 else newline)
     first = raw[start:end if newline < 0 else newline].rstrip(b"\r")
     has_header = header == "required" or (
@@ -102,7 +105,7 @@ def split_text(path: str, raw: bytes, *, header: str) -> TextBody:
         return TextBody(path, None, raw, start, end, 1)
     text = first.decode("ascii", errors="replace")
     if newline < 0:
-        raise DataFormatError(path, f"header only, no data rows (header: {_shorten(text)})", line=2, column=1)
+        raise DataFormatError(path, f"header only, no data rows (header: {shorten(text)})", line=2, column=1)
     return TextBody(path, text, raw, newline + 1, end, 2)
 
 
@@ -220,11 +223,21 @@ def _describe_bad_field(value: bytes) -> str:
     if not value.isascii() or _CONTROL.search(value):
         bad = next(b for b in value if b > 126 or b < 32)
         return f"binary data (byte 0x{bad:02x}) where a number was expected"
-    return f"expected a number, got {_shorten(value.decode('ascii'))!r}"
+    return f"expected a number, got {shorten(value.decode('ascii'))!r}"
 
 
-def _shorten(text: str, limit: int = 40) -> str:
+def shorten(text: str, limit: int = 40) -> str:
+    """text cut to limit characters (an error line quotes a header or field, never a whole 7,000-character row)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def other_separator(line: str) -> str | None:
+    """The separator a line of a comma-separated file uses instead of ',' (';', a tab or '|'), when it has none."""
+    if "," in line:
+        return None
+    counts = {sep: line.count(sep) for sep in (";", "\t", "|")}
+    found = max(counts, key=counts.get)
+    return found if counts[found] else None
 
 
 @dataclass(frozen=True)

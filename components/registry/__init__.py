@@ -15,6 +15,7 @@ and read back only through `fetch`, which checks them too.
 from __future__ import annotations
 
 import abc
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,19 +33,48 @@ def model_name(source: str) -> str:
     return f"digits-{source}"
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # a registered model (digits registers digits-<source>)
+ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,254}")  # MLflow's alias rule, less its reserved forms (below)
+
+
+def checked_name(name: str) -> str:
+    """A registered model's name, refused in one line unless it is letters, digits, '.', '_' and '-' (a name
+    becomes a lock file's name and a search filter: `../x` or a quote must never reach either)."""
+    if not NAME.fullmatch(name) or name in (".", ".."):
+        raise DigitsInputError(f"{name!r} is not a model name: letters, digits, '.', '_' and '-' (e.g. digits-mnist; "
+                               "see `digits registry list`)")
+    return name
+
+
+def checked_version(version: str) -> str:
+    """A version number, refused in one line unless it is one."""
+    if not version.isascii() or not version.isdigit() or int(version) < 1:
+        raise DigitsInputError(f"{version!r} is not a version number (1, 2, ...; see `digits registry show NAME`)")
+    return str(int(version))
+
+
+def checked_alias(alias: str) -> str:
+    """An alias, refused in one line unless MLflow can hold it: letters, digits, '_' and '-', not `latest` and not
+    of the form v<number> (MLflow reserves both)."""
+    if not ALIAS.fullmatch(alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise DigitsInputError(f"{alias!r} is not an alias: letters, digits, '_' and '-', starting with a letter "
+                               "(e.g. champion)")
+    return alias
+
+
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """(name, alias, version) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`."""
+    """(name, alias, version) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`, each checked."""
     rest = uri.removeprefix("models:/")
     if rest == uri or not rest:
         raise DigitsInputError(f"'{uri}' is not a registry URI: expected models:/NAME@ALIAS or models:/NAME/VERSION")
     if "@" in rest:
         name, _, alias = rest.partition("@")
         if name and alias and "/" not in name:
-            return name, alias, None
+            return checked_name(name), checked_alias(alias), None
     else:
         name, _, number = rest.partition("/")
         if name and number.isdigit():
-            return name, None, number
+            return checked_name(name), None, checked_version(number)
     raise DigitsInputError(f"'{uri}' is not a registry URI: expected models:/NAME@ALIAS or models:/NAME/VERSION")
 
 

@@ -22,6 +22,8 @@ from components.registry import (
     Gate,
     Registry,
     Version,
+    checked_name,
+    checked_version,
     kept_files,
     parse_model_uri,
 )
@@ -50,12 +52,14 @@ class MlflowRegistry(Registry):
         return sorted(m.name for m in self._client().search_registered_models())
 
     def versions(self, name: str) -> list[Version]:
+        checked_name(name)
         client = self._client()
         aliases = self._aliases(client, name)
         found = client.search_model_versions(f"name = '{name}'")
         return sorted((self._version(v, aliases) for v in found), key=lambda v: int(v.version))
 
     def champion(self, name: str) -> Version | None:
+        checked_name(name)
         client = self._client()
         try:
             found = client.get_model_version_by_alias(name, CHAMPION)
@@ -150,6 +154,7 @@ class MlflowRegistry(Registry):
         return self._version(client.get_model_version(name, created.version), self._aliases(client, name)), promoted
 
     def promote(self, name: str, version: str) -> Version:
+        checked_name(name), checked_version(version)
         client = self._client()
         with self._lock(name):
             try:
@@ -162,6 +167,7 @@ class MlflowRegistry(Registry):
         return self._version(client.get_model_version(name, version), self._aliases(client, name))
 
     def rollback(self, name: str) -> Version:
+        checked_name(name)
         client = self._client()
         with self._lock(name):
             current = self.champion(name)

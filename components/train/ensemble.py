@@ -23,6 +23,7 @@ members and copies alike; a member scored alone, or fine-tuned from the ensemble
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,8 @@ class MemberJob:
     transfer: TransferConfig | None = None
     rehearsal: Rehearsal | None = None  # transfer: the base's own images, fine-tuned on too
     signature: dict = field(default_factory=dict)
+    of: int = 1  # members in the ensemble
+    at_once: int = 1  # members trained at once (train.workers): with `of`, what a member's time says of the whole
 
     @property
     def name(self) -> str:
@@ -115,6 +118,10 @@ class MemberJob:
                   "file": trained.file,
                   "sha256": sha256_file(self.work_dir / trained.file), "signature": self.signature}
         write_json_atomic(self.work_dir / RECORD, record)
+        if self.of > 1:  # the first estimate of the whole ensemble's time comes with the first member's
+            whole = math.ceil(self.of / self.at_once) * trained.seconds
+            progress(f"{self.describe()}: trained in {trained.seconds:.0f} s; at that pace the {self.of} members take "
+                     f"about {duration(whole)}" + (f" on {self.at_once} workers" if self.at_once > 1 else ""))
         return record
 
 
@@ -152,8 +159,10 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
         "members": count}) if tracking else None
     write_json_atomic(work_dir / STATE, {"signature": signature, "mlflow_run_id": parent})
     jobs = [_job(i, converted, config, seed, work_dir, tracking, parent, transfer,
-                 bases[i % len(bases)] if bases else None, base_ref, rehearsal) for i in range(count)]
-    progress(f"ensemble of {len(jobs)} members: " + ", ".join(job.describe() for job in jobs))
+                 bases[i % len(bases)] if bases else None, base_ref, rehearsal, count) for i in range(count)]
+    shown = ", ".join(job.describe() for job in jobs[:SHOWN])
+    progress(f"ensemble of {len(jobs)} members: {shown}" + (f" and {len(jobs) - SHOWN} more" if len(jobs) > SHOWN
+                                                             else ""))
     started = time.perf_counter()
     members = sorted(execute(jobs), key=lambda record: record["index"])
     progress("combining the members into one model")
@@ -182,15 +191,30 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
                              "processor": m.get("processor", "")} for m in members])  # "": an older attempt's
 
 
+SHOWN = 5  # members named in the ensemble's first progress line
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '12 min', '3.5 h' or '2.1 days': a time estimate as people say it."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 36 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
 def _job(index: int, converted: Converted, config: TrainConfig, seed: int, work_dir: Path, tracking: Tracking | None,
          parent: str | None, transfer: TransferConfig | None, base_file: Path | None, base_ref: str | None,
-         rehearsal: Rehearsal | None = None) -> MemberJob:
+         rehearsal: Rehearsal | None = None, count: int = 1) -> MemberJob:
     member = config.member(index)
     if base_file is not None:  # fine-tuning: the member is the base member's architecture, whatever train.model says
         architecture = model_name(base_file)
         if architecture in set(ModelName):
             member = member.model_copy(update={"model": ModelName(architecture)})
-    job = MemberJob(index=index, seed=seed + index, config=member, converted=converted,
+    job = MemberJob(index=index, seed=seed + index, config=member, converted=converted, of=count,
+                    at_once=config.workers,
                     work_dir=work_dir / MEMBERS / f"{PREFIX}{index:02d}", base_file=base_file, base_ref=base_ref,
                     transfer=transfer, rehearsal=rehearsal,
                     signature={"data": converted.fingerprint, "seed": seed + index,
