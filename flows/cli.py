@@ -469,8 +469,8 @@ def main() -> None:
         sys.exit(1)
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # a folder the user cannot write: theirs to fix
-            print(f"digits: error: {exc.filename or 'writing'}: {exc.strerror}"
-                  + (" (DIGITS_HOME is read-only?)" if exc.errno == errno.EROFS else ""), file=sys.stderr)
+            print(f"digits: error: {exc.filename or 'writing'}: {exc.strerror.lower()}: digits writes its runs and "
+                  "registry under DIGITS_HOME, which must be a folder it can write", file=sys.stderr)
             sys.exit(2)
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -378,3 +378,44 @@ def test_a_csv_with_bare_cr_lines_or_semicolons_is_diagnosed_as_such(cli, home, 
                         f"digits: error: {data / 'train.csv'}, line 1, column 1: columns separated by ';', where a "
                         "Kaggle CSV separates them by ',' (header: label;pixel0;pixel1;pixel2;pixel3;pix...); save "
                         "it as comma-separated")
+
+
+def test_a_read_only_home_is_one_line(tmp_path):
+    """A read-only bind mount in a mount namespace of its own (root bypasses file modes); skipped where the
+    machine allows none."""
+    import subprocess
+    import sys
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no mount namespaces here (unshare -m)")
+    digits = Path(sys.executable).with_name("digits")
+    data = tmp_path / "kaggle"
+    datagen.write_kaggle(data, n_train=30, n_test=10)
+    for command in (f"{digits} registry list", f"{digits} ingest --source kaggle --data {data}"):
+        script = f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} && DIGITS_HOME={ro}/home {command}"
+        result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line == f"digits: error: {ro}/home: read-only file system: digits writes its runs and registry under " \
+                       "DIGITS_HOME, which must be a folder it can write"
+
+
+def test_the_layout_is_checked_before_any_byte_is_hashed_and_only_what_is_read_is_hashed(cli, tmp_path):
+    """A 2.9 GB folder was hashed whole (20 s) before 'missing train.csv'; files ingest does not read change
+    nothing."""
+    from components.ingest import source_fingerprint
+    from schemas.config import IngestConfig
+    from schemas.sources import Source
+
+    data = tmp_path / "kaggle"
+    datagen.write_kaggle(data, n_train=30, n_test=10)
+    before = source_fingerprint(Source.kaggle, IngestConfig(data=str(data)))
+    with (data / "photos.tar").open("wb") as fh:  # 8 GB, sparse: reading it would take minutes
+        fh.truncate(8 << 30)
+    assert source_fingerprint(Source.kaggle, IngestConfig(data=str(data))) == before
+    (data / "train.csv").unlink()
+    result = cli("run", "train-kaggle", "--data", data)
+    assert result.code == 2 and _one_line(result) == f"digits: error: {data / 'train.csv'}: missing: a Kaggle folder " \
+                                                     "holds train.csv and test.csv"
