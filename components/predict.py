@@ -23,7 +23,48 @@ INK = 0.25  # share of the darkest-to-lightest range above which a pixel counts 
 MAX_PIXELS = 40_000_000  # larger images are refused before they are decoded (a 12-megapixel photo is fine)
 
 
-def load(uri: str, registry: Callable[[], object]) -> Model:
+Judge = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # canonical images -> (is a digit, OOD score)
+
+
+def load(uri: str, registry: Callable[[], object], *, reject_ood: bool = False) -> tuple[Model, Judge | None]:
+    """(scoring function, out-of-distribution judge or None) for a model URI (see load_model). reject_ood: also
+    the detector the evaluate stage fitted for that very model (components.ood), from the registry version or,
+    for a .keras file, beside it or in its run's evaluate/ folder; DigitsInputError when there is none."""
+    import tempfile
+
+    from components import ood
+    from components.registry import MODEL_SHA256
+
+    if not reject_ood:
+        return load_model(uri, registry), None
+    if uri.startswith("models:/"):
+        reg = registry()
+        version = reg.resolve(uri)
+        with tempfile.TemporaryDirectory(prefix="digits-predict-") as scratch:
+            model_file = reg.download(version, Path(scratch))
+            fetched = reg.fetch(version, ood.FILE, Path(scratch))
+            candidates = [fetched] if fetched is not None else []
+            return _with_judge(model_file, version.tags.get(MODEL_SHA256), candidates, uri)
+    path = Path(uri).expanduser()
+    if path.suffix != ".keras" or not path.is_file():
+        raise DigitsInputError(f"{uri}: --reject-ood needs a models:/ URI or a run's .keras model (the out-of-"
+                               "distribution detector is fitted for a Keras model by the evaluate stage)")
+    return _with_judge(path, None, [path.parent / ood.FILE, path.parent.parent / "evaluate" / ood.FILE], uri)
+
+
+def _with_judge(model_file: Path, sha256: str | None, candidates: list[Path], uri: str) -> tuple[Model, Judge]:
+    from components import ood
+    from components.evaluate import load_predict
+    from components.keras_layers import load_keras_model
+    from schemas.artifacts import sha256_file
+
+    scoring = load_predict(model_file, sha256)  # checks the file (its sha256, that it is a digit classifier)
+    detector = ood.for_model(Path(uri), sha256 or sha256_file(model_file), candidates)
+    model = load_keras_model(model_file, compile=False)
+    return scoring, lambda images: detector.is_digit(model, images)
+
+
+def load_model(uri: str, registry: Callable[[], object]) -> Model:
     """A scoring function for a registry URI (models:/NAME@ALIAS or models:/NAME/VERSION), a .keras file, or
     an exported SavedModel folder.
 

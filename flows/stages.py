@@ -276,7 +276,8 @@ def evaluate(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
                                                    current.tags.get(MODEL_SHA256))
         return evaluate_component.run(model, converted, out, threshold=config.threshold, champion=champion,
                                       policy=config.evaluate.promote_when, alpha=config.evaluate.alpha,
-                                      seen=seen, allow_seen_val=config.evaluate.allow_seen_val, progress=progress)
+                                      seen=seen, allow_seen_val=config.evaluate.allow_seen_val,
+                                      ood_keep=config.evaluate.ood_keep, progress=progress)
 
 
 def record_metrics(folder: RunFolder, config: PipelineConfig, evaluation: Evaluation) -> None:
@@ -350,8 +351,10 @@ def register(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
                **{f"digits.input.{Path(k).name}": v for k, v in record.data_fingerprints.items()}}
     check_not_replaced(digits_home(), reg, name, allow_new=config.evaluate.allow_new_registry)
     seen_file = model.seen_path
-    version, promoted = reg.register(name, model.path, lineage, gate,
-                                     files={Trained.SEEN: seen_file} if seen_file else None)
+    kept = {Trained.SEEN: seen_file} if seen_file else {}
+    if evaluation.ood_file:
+        kept[evaluation.ood_file] = evaluation.path_of(evaluation.ood_file)  # predict --reject-ood fetches it
+    version, promoted = reg.register(name, model.path, lineage, gate, files=kept or None)
     remember(digits_home(), reg, version)
     progress(f"registered {name} version {version.version}" + (" as champion" if promoted else ", not champion"))
     card = write_model_card(out, folder, config, model, converted, evaluation, version, promoted)

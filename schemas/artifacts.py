@@ -359,8 +359,14 @@ class Evaluation(Artifact):
     seen_test: int = 0  # test images it was trained on
     lineage_warning: str | None = None  # test images seen, or a lineage not (fully) known
     members: list[dict[str, Any]] | None = None  # an ensemble's members, each scored alone on the same images
+    ood_file: str | None = None  # the out-of-distribution detector fitted for the model (components.ood)
 
-    CONTENT = ("metrics.json",)
+    CONTENT = ("metrics.json", "ood.npz")
+
+    def path_of(self, name: str) -> Path:
+        """A content file of the evaluation, verified (DamagedArtifact if it is not what evaluate wrote)."""
+        self.verify(name)
+        return self.dir / name
 
     @property
     def report(self) -> Path:

@@ -378,6 +378,9 @@ class EvaluateConfig(_Model):
                                                "(the calibrate stage): calibrated probabilities everywhere after")
     allow_seen_val: bool = Field(False, description="let a model whose val split holds images it (or its base) "
                                                     "was trained on pass the gate; recorded in the registry")
+    ood_keep: float | None = Field(0.99, gt=0.5, lt=1, description="fit the out-of-distribution detector that "
+                                   "`digits predict --reject-ood` uses, its threshold keeping this share of the val "
+                                   "digits (components.ood); None: none is fitted")
 
 
 class PipelineConfig(_Model):

@@ -112,9 +112,11 @@ def _one_hot(labels: np.ndarray) -> np.ndarray:
 
 def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: float, champion: Champion | None,
         policy: PromoteWhen = PromoteWhen.at_least_champion, alpha: float = 0.05, seen=None,
-        allow_seen_val: bool = False, progress: Progress = lambda _: None) -> Evaluation:
+        allow_seen_val: bool = False, ood_keep: float | None = None, progress: Progress = lambda _: None
+        ) -> Evaluation:
     """Score the model on the val split, compare it with the champion on the same images, gate it, and
-    write metrics.json, the pictures and report.html into out_dir."""
+    write metrics.json, the pictures and report.html into out_dir; with ood_keep, fit the out-of-distribution
+    detector (components.ood) into out_dir/ood.npz."""
     from components.evaluate import report
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,10 +137,11 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
     seen_val = lineage["val"]["seen"] if lineage.get("val") else 0
     gate = decide(metrics["val_accuracy"], threshold, comparison, policy, alpha, seen_val=seen_val,
                   allow_seen_val=allow_seen_val)
+    ood = out_of_distribution(trained, converted, val, out_dir, ood_keep, progress) if ood_keep else None
     metrics = {**metrics, "gate": gate, "comparison": comparison, "model": trained.model, "val_rows": len(val.ids),
                "data_fingerprint": converted.fingerprint,
                "calibration": {**calibration(val.labels, probabilities), "scaling": trained.calibration},
-               "lineage": lineage, "members": members}
+               "lineage": lineage, "members": members, "ood": ood}
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(out_dir / "robustness.json", robustness)
     report.confusion_png(np.array(metrics["confusion"]), out_dir / "confusion.png")
@@ -152,7 +155,29 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
                       reason=gate["reason"], threshold=threshold, champion_version=gate["champion_version"],
                       champion_val_accuracy=gate["champion_val_accuracy"], model=trained.model, comparison=comparison,
                       seen_val=seen_val, seen_test=lineage["test"]["seen"] if lineage.get("test") else 0,
-                      lineage_warning=lineage_warning(lineage), members=members)
+                      lineage_warning=lineage_warning(lineage), members=members,
+                      ood_file=ood["file"] if ood else None)
+
+
+def out_of_distribution(trained: Trained, converted: Converted, val, out_dir: Path, keep: float,
+                        progress: Progress = lambda _: None) -> dict | None:
+    """Fit the out-of-distribution detector of a single Keras model on the train split, its threshold keeping
+    `keep` of the val digits, into out_dir/ood.npz; its summary for metrics.json (None: a model it does not fit,
+    an ensemble or a pca-svm)."""
+    from components import ood
+    from components.keras_layers import load_keras_model
+
+    if trained.path.suffix != ".keras" or trained.members:
+        return None
+    progress("fitting the out-of-distribution detector (Mahalanobis distance on features)")
+    model = load_keras_model(trained.path, compile=False)
+    train = records.load(converted.files("train"))
+    detector = ood.fit(model, trained.hashes.get(trained.file) or sha256_file(trained.path), train.images,
+                       train.labels, val.images, keep=keep)
+    detector.save(out_dir / ood.FILE)
+    kept, _ = detector.is_digit(model, val.images)
+    return {"method": ood.METHOD, "file": ood.FILE, "keep": keep, "threshold": detector.threshold,
+            "val_kept": float(kept.mean()), "layers": list(detector.layers)}
 
 
 def member_scores(trained: Trained, val, progress: Progress = lambda _: None) -> list[dict] | None:
