@@ -298,7 +298,7 @@ def check_classifier(model, name: str) -> None:
                                f"({N_CLASSES},)); it gives {', '.join(map(str, outputs))}")
     probes = np.stack([np.zeros(canonical, np.uint8), np.full(canonical, 255, np.uint8),
                        np.random.default_rng(0).integers(0, 256, canonical, dtype=np.uint8)])
-    out = np.asarray(predict(model, probes), dtype=np.float64)
+    out = np.asarray(model(probes, training=False), dtype=np.float64)  # eager: no predict function traced for 3
     if not (np.isfinite(out).all() and out.min() >= -1e-6 and out.max() <= 1 + 1e-6
             and np.allclose(out.sum(axis=1), 1.0, atol=1e-3)):
         raise DigitsInputError(f"{name}: does not end in {N_CLASSES} class probabilities (on probe images its outputs "

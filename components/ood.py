@@ -26,6 +26,7 @@ from schemas.dataset import N_CLASSES
 from schemas.errors import DigitsInputError
 
 FILE = "ood.npz"
+BATCH = 512  # images a feature extraction takes at once
 METHOD = "Mahalanobis distance on features, feature ensemble (Lee et al. 2018)"
 
 
@@ -131,14 +132,14 @@ def _features(model, layers: tuple[str, ...], images: np.ndarray) -> list[np.nda
     """Each tapped layer's output for images, 4-D outputs global-average pooled: [N, d] per layer."""
     import keras
 
-    from components.keras_layers import predict
-
-    outputs = [model.get_layer(name).output for name in layers]
-    extractor = keras.Model(model.inputs, outputs)
-    found = predict(extractor, images[..., None])
-    found = found if isinstance(found, list) else [found]
-    return [np.asarray(f, np.float64).mean(axis=(1, 2)) if f.ndim == 4 else np.asarray(f, np.float64).reshape(len(f), -1)
-            for f in found]
+    extractor = keras.Model(model.inputs, [model.get_layer(name).output for name in layers])
+    pooled: list[list[np.ndarray]] = [[] for _ in layers]
+    for start in range(0, len(images), BATCH):  # called eagerly: a new model's predict function would be traced
+        outputs = extractor(images[start:start + BATCH, ..., None], training=False)  # again (TensorFlow warns)
+        for found, output in zip(pooled, outputs if isinstance(outputs, (list, tuple)) else [outputs]):
+            output = np.asarray(output, np.float64)
+            found.append(output.mean(axis=(1, 2)) if output.ndim == 4 else output.reshape(len(output), -1))
+    return [np.concatenate(found) if found else np.zeros((0, 0)) for found in pooled]
 
 
 def _distance(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:

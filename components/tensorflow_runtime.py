@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from types import ModuleType
 
 _NOTICE = re.compile(rb"All log messages before absl::InitializeLog|oneDNN custom operations are on|"
@@ -33,7 +34,18 @@ def import_tfds() -> ModuleType:
     return tfds
 
 
+_IMPORTING = threading.RLock()
+
+
 def _quiet_import(name: str) -> ModuleType:
+    """One thread at a time: a second thread (Beam's multi-threaded DirectRunner sets up its DoFns at once) would
+    find the module in sys.modules half-imported and fail on a name it has not defined yet, and the two would
+    swap file descriptor 2 under each other."""
+    with _IMPORTING:
+        return _import_capturing_stderr(name)
+
+
+def _import_capturing_stderr(name: str) -> ModuleType:
     if name in sys.modules:
         return sys.modules[name]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -215,14 +215,21 @@ def test_console_script_prints_one_line_and_no_traceback(tmp_path, command):
 
 
 def test_a_failed_run_resumes_at_the_failed_stage(cli, home, tmp_path, monkeypatch):
-    """The tracking server is down during training: the run fails at train. Once it is back,
+    """The tracking server goes down after the run started: the run fails at train. Once it is back,
     `digits resume` skips ingest, validate and convert and finishes the run in the same folder."""
     import socket
+    import threading
 
     datagen.write_kaggle(tmp_path / "kaggle", n_train=200, n_test=10)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]  # nothing listens there once the socket is closed
+    listener = socket.create_server(("127.0.0.1", 0))
+    dead = listener.getsockname()[1]
+
+    def up_for_one_connection() -> None:  # the CLI's check before the run finds it up; then it is gone
+        connection, _ = listener.accept()
+        connection.close()
+        listener.close()
+
+    threading.Thread(target=up_for_one_connection, daemon=True).start()
     with monkeypatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{dead}")
         patch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

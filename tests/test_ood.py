@@ -61,14 +61,15 @@ def test_predict_reject_ood_says_not_a_digit_for_noise_and_checkerboards(cli, re
     for uri in ("models:/digits-kaggle@champion", str(run / "train/model.keras"), str(run / "export/model.keras")):
         result = cli("predict", uri, images, "--reject-ood")
         assert result.code in (0, 1), result.err  # blank-ish scans may have no digit to find: one line each
-        rows = [line.split("\t") for line in result.out.strip().splitlines()]
+        rows = [line.split("\t") for line in result.out.splitlines() if line.startswith(str(images))]
         verdicts = {Path(row[0]).name: row for row in rows}
         obvious = [row for name, row in verdicts.items() if name.startswith(("noise", "checkerboard"))]
         assert len(obvious) == 20
         rejected = [row for row in obvious if row[1] == "-" and row[3].startswith("no (out-of-distribution score ")]
         assert len(rejected) >= 16, rows  # a 1-epoch model on 360 images: most; the benchmark measures the rate
     plain = cli("predict", "models:/digits-kaggle@champion", images)
-    assert "-" not in [line.split("\t")[1] for line in plain.out.strip().splitlines()]  # off unless asked
+    labels = [line.split("\t")[1] for line in plain.out.splitlines() if line.startswith(str(images))]
+    assert len(labels) >= 50 and all(label.isdigit() for label in labels), plain  # off unless asked
 
 
 def test_reject_ood_without_a_detector_for_that_model_is_one_line(cli, registered, tmp_path):
