@@ -43,6 +43,7 @@ class Detector:
     threshold: float  # scores above it are not digits
     keep: float  # the share of val digits the threshold keeps, as asked
     model_sha256: str
+    val_kept: float = 0.0  # the share of val digits it keeps (>= keep)
 
     def save(self, path: Path) -> None:
         arrays = {f"mean_{i}": m for i, m in enumerate(self.means)}
@@ -51,6 +52,7 @@ class Detector:
         with partial.open("wb") as fh:
             np.savez(fh, layers=np.array(self.layers), location=self.location, scale=self.scale,
                      threshold=np.float64(self.threshold), keep=np.float64(self.keep),
+                     val_kept=np.float64(self.val_kept),
                      model_sha256=np.array(self.model_sha256), **arrays)
         partial.replace(path)
 
@@ -63,7 +65,8 @@ class Detector:
                 return cls(layers=layers, means=tuple(saved[f"mean_{i}"] for i in range(len(layers))),
                            precisions=tuple(saved[f"precision_{i}"] for i in range(len(layers))),
                            location=saved["location"], scale=saved["scale"], threshold=float(saved["threshold"]),
-                           keep=float(saved["keep"]), model_sha256=str(saved["model_sha256"]))
+                           keep=float(saved["keep"]), model_sha256=str(saved["model_sha256"]),
+                           val_kept=float(saved["val_kept"]))
         except (OSError, KeyError, ValueError) as exc:
             raise DigitsInputError(f"{path}: not an out-of-distribution detector ({exc})") from None
 
@@ -100,9 +103,11 @@ def fit(model, model_sha256: str, train_images: np.ndarray, train_labels: np.nda
     val_logs = np.stack([np.log(_distance(f, m, p)) for f, m, p in
                          zip(_features(model, layers, val_images), means, precisions)], axis=1)
     location, scale = val_logs.mean(axis=0), np.maximum(val_logs.std(axis=0), 1e-6)
-    threshold = float(np.quantile(((val_logs - location) / scale).sum(axis=1), keep, method="higher"))  # keeps >= keep
+    val_scores = ((val_logs - location) / scale).sum(axis=1)
+    threshold = float(np.quantile(val_scores, keep, method="higher"))  # the next score up: keeps >= keep
     return Detector(layers=layers, means=tuple(means), precisions=tuple(precisions), location=location, scale=scale,
-                    threshold=threshold, keep=keep, model_sha256=model_sha256)
+                    threshold=threshold, keep=keep, model_sha256=model_sha256,
+                    val_kept=float((val_scores <= threshold).mean()))
 
 
 def tapped_layers(model) -> tuple[str, ...]:
@@ -132,14 +137,18 @@ def _features(model, layers: tuple[str, ...], images: np.ndarray) -> list[np.nda
     """Each tapped layer's output for images, 4-D outputs global-average pooled: [N, d] per layer."""
     import keras
 
-    extractor = keras.Model(model.inputs, [model.get_layer(name).output for name in layers])
-    pooled: list[list[np.ndarray]] = [[] for _ in layers]
+    outputs = []
+    for i, name in enumerate(layers):
+        output = model.get_layer(name).output
+        outputs.append(keras.layers.GlobalAveragePooling2D(name=f"ood_pool_{i}")(output) if len(output.shape) == 4
+                       else keras.layers.Flatten(name=f"ood_flat_{i}")(output))
+    extractor = keras.Model(model.inputs[0], outputs)  # one input, called with one array
+    found: list[list[np.ndarray]] = [[] for _ in layers]
     for start in range(0, len(images), BATCH):  # called eagerly: a new model's predict function would be traced
-        outputs = extractor(images[start:start + BATCH, ..., None], training=False)  # again (TensorFlow warns)
-        for found, output in zip(pooled, outputs if isinstance(outputs, (list, tuple)) else [outputs]):
-            output = np.asarray(output, np.float64)
-            found.append(output.mean(axis=(1, 2)) if output.ndim == 4 else output.reshape(len(output), -1))
-    return [np.concatenate(found) if found else np.zeros((0, 0)) for found in pooled]
+        batch = extractor(images[start:start + BATCH, ..., None], training=False)  # again (TensorFlow warns)
+        for kept, output in zip(found, batch if isinstance(batch, (list, tuple)) else [batch]):
+            kept.append(np.asarray(output, np.float64))
+    return [np.concatenate(kept) if kept else np.zeros((0, 0)) for kept in found]
 
 
 def _distance(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:

@@ -175,9 +175,8 @@ def out_of_distribution(trained: Trained, converted: Converted, val, out_dir: Pa
     detector = ood.fit(model, trained.hashes.get(trained.file) or sha256_file(trained.path), train.images,
                        train.labels, val.images, keep=keep)
     detector.save(out_dir / ood.FILE)
-    kept, _ = detector.is_digit(model, val.images)
     return {"method": ood.METHOD, "file": ood.FILE, "keep": keep, "threshold": detector.threshold,
-            "val_kept": float(kept.mean()), "layers": list(detector.layers)}
+            "val_kept": detector.val_kept, "layers": list(detector.layers)}
 
 
 def member_scores(trained: Trained, val, progress: Progress = lambda _: None) -> list[dict] | None:
