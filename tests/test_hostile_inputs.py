@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -240,7 +241,7 @@ def test_a_home_that_cannot_be_a_folder_is_one_line(cli, tmp_path, monkeypatch, 
 def test_a_dead_tracking_server_or_dask_scheduler_is_one_line_within_seconds(cli, home, tmp_path, monkeypatch):
     import time
 
-    from runs import converted_kaggle_run, make
+    from runs import converted_kaggle_run
     from schemas.config import apply_overrides
 
     data = tmp_path / "kaggle"
@@ -261,14 +262,7 @@ def test_a_dead_tracking_server_or_dask_scheduler_is_one_line_within_seconds(cli
 
     # a server that went away after the run started (a deployment's parameters skip the CLI's check): the stage
     # that needs it fails in seconds with the same line, and the run ends failed
-    from schemas.errors import ServiceUnavailable
-
-    started = time.monotonic()
-    with pytest.raises(ServiceUnavailable, match="unreachable"):
-        make(folder, config, "model")
-    assert time.monotonic() - started < 15
-    record = folder.load()
-    assert record.status == "failed" and "unreachable" in record.stages["train"].error
+    record = _train_fails_within_seconds(folder, config, f"MLflow tracking server {dead} unreachable")
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
 
     scheduler = f"tcp://127.0.0.1:{_closed_port()}"
@@ -284,13 +278,25 @@ def test_a_dead_tracking_server_or_dask_scheduler_is_one_line_within_seconds(cli
     assert folder.load() == record
     assert len(list((home / "runs").iterdir())) == 1
 
-    config = apply_overrides(config, ["train.members=2", f"dask.address={scheduler}"])
+    _train_fails_within_seconds(folder, apply_overrides(config, ["train.members=2", f"dask.address={scheduler}"]),
+                                f"Dask scheduler {scheduler} unreachable")
+
+
+def _train_fails_within_seconds(folder, config, words: str):
+    """The train stage of folder's run fails with ServiceUnavailable saying `words` within 15 s, and the run ends
+    failed with that reason; returns its record."""
+    import time
+
+    from runs import make
+    from schemas.errors import ServiceUnavailable
+
     started = time.monotonic()
-    with pytest.raises(Exception, match="Dask scheduler .* unreachable"):
+    with pytest.raises(ServiceUnavailable, match=re.escape(words)):
         make(folder, config, "model")
     assert time.monotonic() - started < 15
     record = folder.load()
-    assert record.status == "failed" and "Dask scheduler" in record.stages["train"].error
+    assert record.status == "failed" and words in record.stages["train"].error
+    return record
 
 
 @pytest.mark.parametrize("space, words", [
