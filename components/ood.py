@@ -98,7 +98,8 @@ def fit(model, model_sha256: str, train_images: np.ndarray, train_labels: np.nda
         features = features.astype(np.float64)
         mean = np.stack([features[train_labels == c].mean(axis=0) if (train_labels == c).any()
                          else features.mean(axis=0) for c in range(N_CLASSES)])
-        precisions.append(LedoitWolf(assume_centered=True).fit(features - mean[train_labels]).precision_)
+        shrunk = LedoitWolf(assume_centered=True, store_precision=False).fit(features - mean[train_labels]).covariance_
+        precisions.append(np.linalg.inv(shrunk))  # positive definite: LU inverse, ~3x faster than sklearn's pinvh
         means.append(mean)
     val_logs = np.stack([np.log(_distance(f, m, p)) for f, m, p in
                          zip(_features(model, layers, val_images), means, precisions)], axis=1)
@@ -156,7 +157,7 @@ def _distance(features: np.ndarray, means: np.ndarray, precision: np.ndarray) ->
     nearest = np.full(len(features), np.inf)
     for mean in means:
         centred = features - mean
-        nearest = np.minimum(nearest, np.einsum("nd,de,ne->n", centred, precision, centred))
+        nearest = np.minimum(nearest, ((centred @ precision) * centred).sum(axis=1))  # BLAS, not einsum's loops
     return np.maximum(nearest, 1e-12)
 
 
