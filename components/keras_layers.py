@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 _EPSILON = 1e-12
+TEMPERATURE_LAYER = "temperature"  # the Temperature layer's name in a calibrated model (components.calibrate)
 _CLASSES: dict[str, Any] = {}
 
 

@@ -17,7 +17,7 @@ data reaches the base layers exactly as its training data did; a base model that
 canonical images is refused. The base's own augmentation layers are replaced by this run's (train.augment
 and the robustness augmentations, components.train.models.augmentation).
 
-Rehearsal (transfer.rehearse, `Rehearsal`): a share of the base's own training images — its run's train
+Rehearsal (transfer.rehearse, components.train.rehearsal): a share of the base's own training images — its run's train
 split, verified against what that run recorded — joins the run's train split, each drawn the way the
 source looks (the noisy set: every background pixel uniform noise, as make_noisy draws it). The base has
 learnt those digits; as noisy images they are thousands more examples of the source's look than its own
@@ -27,18 +27,18 @@ train split holds (10,799 on the noisy set), and they keep the clean task from b
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from components import records
-from components.calibrate import LAYER as CALIBRATION_LAYER
+from components.keras_layers import TEMPERATURE_LAYER as CALIBRATION_LAYER
 from components.keras_layers import check_classifier, load_keras_model, model_name
 from components.tracking import Tracking
 from components.train import Segment, clean_phase, fit_keras, phase, prepare_work_dir
 from components.train.models import augmentation, augments, chain_layers, computes_as
+from components.train.rehearsal import Rehearsal
 from schemas.artifacts import Converted, Trained, sha256_file
 from schemas.config import TrainConfig, TransferConfig, TransferMode
 from schemas.dataset import IMAGE_SIDE, N_CLASSES
@@ -46,39 +46,6 @@ from schemas.errors import ConfigError, DigitsInputError
 
 Progress = Callable[[str], None]
 BASE = "base.keras"  # the base model, kept in the stage folder for lineage
-
-
-@dataclass(frozen=True)
-class Rehearsal:
-    """Images of the base model's own training run to fine-tune on beside the run's train split."""
-
-    converted: Converted  # the base run's convert output (its train split)
-    share: float  # of that split, drawn at random (seeded)
-    noise_background: bool  # draw each image's background as uniform noise (a noise-background source)
-    run_id: str  # the base run, for the record
-
-    @property
-    def rows(self) -> int:
-        return int(round(self.share * self.converted.counts.get("train", 0)))
-
-    def describe(self) -> dict[str, Any]:
-        return {"run": self.run_id, "data": self.converted.fingerprint, "share": self.share,
-                "noise_background": self.noise_background, "rows": self.rows}
-
-    def arrays(self, seed: int) -> records.Arrays:
-        """The rehearsal images, the same for the same seed (a resumed fine-tuning sees the same ones).
-        Their ids are negative: -1 - their row in the base's train split."""
-        rng = np.random.default_rng([seed, 7])
-        base = records.load(self.converted.files("train"))
-        rows = np.sort(rng.permutation(len(base.ids))[:self.rows])
-        images = base.images[rows]
-        if self.noise_background:  # make_noisy's recipe: a pixel with no ink becomes uniform noise
-            images = np.where(images == 0, rng.integers(0, 256, images.shape, dtype=np.uint8), images)
-        return records.Arrays(ids=-1 - rows.astype(np.int64), labels=base.labels[rows], images=images)
-
-    @staticmethod
-    def joined(train: records.Arrays, extra: records.Arrays) -> records.Arrays:
-        return records.Arrays(*(np.concatenate([a, b]) for a, b in zip(train, extra)))
 
 
 def run(converted: Converted, config: TrainConfig, transfer: TransferConfig, base_model: Path, base_ref: str,

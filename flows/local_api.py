@@ -28,9 +28,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-# The server's first start in a fresh PREFECT_HOME (database migrations) took 8-19 s on a busy 2-core machine
-# here, against Prefect's default limit of 20 s; set before Prefect (which reads it once) is imported.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 EXIT_STARTUP_FAILED = 3  # uvicorn's exit code when it could not start: its port taken, or its app's start-up failed
 START_LOCK = ".digits-api-start.lock"  # in PREFECT_HOME: one server at a time creates or migrates its database
 _SERVER_ENV = {  # as prefect.server.api.server.SubprocessASGIServer
@@ -53,6 +50,9 @@ class LocalAPI:
     @classmethod
     def launch(cls) -> LocalAPI | None:
         """Start the server in the background (once per process); None when PREFECT_API_URL names one."""
+        from flows import setup
+
+        setup.environment()  # its start-up limit, before Prefect is imported
         if os.environ.get("PREFECT_API_URL"):
             return None
         if cls._current is None:

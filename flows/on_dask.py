@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from flows import setup
 from flows.local_api import LocalAPI
 
 
@@ -37,8 +38,6 @@ def on_dask(address: str | None, workers: int, progress, *, flow_name: str = "en
             from components.reach import check_scheduler
 
             check_scheduler(address)
-        from flows.pipeline import console_logs_to_stdout  # first: it sets the local API's start-up limit
-
         api = LocalAPI.launch()  # the jobs report to the same Prefect API as this process (Prefect's settings
         if api is not None:  # context travels with each task to its worker)
             api.connect()
@@ -60,7 +59,7 @@ def on_dask(address: str | None, workers: int, progress, *, flow_name: str = "en
 
         @flow(name=flow_name, task_runner=runner, log_prints=True)
         def jobs_on_dask() -> list[dict]:
-            console_logs_to_stdout()
+            setup.console_logs_to_stdout()
             futures = [job_task.submit(job) for job in jobs]
             return [future.result() for future in futures]
 
@@ -76,9 +75,7 @@ def _run_job(job: Any) -> dict:
     from distributed import get_client, get_worker
     from prefect import get_run_logger
 
-    from flows.pipeline import console_logs_to_stdout
-
-    console_logs_to_stdout()
+    setup.console_logs_to_stdout()
     worker = get_worker()
     host = _host(worker.address)
     on_host = sum(1 for w in get_client().scheduler_info(n_workers=-1)["workers"] if _host(w) == host) or 1

@@ -14,6 +14,9 @@ import pytest
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="digits-test-prefect-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from flows import setup as _setup  # noqa: E402  (imports no Prefect)
+
+_setup.environment()  # what the CLI sets first: the local API's start-up limit for tests that run flows directly
 
 
 class _CurrentStderr:

@@ -226,7 +226,7 @@ def test_a_base_that_is_not_a_digits_model_is_refused_in_one_line(cli, home, noi
 
 def test_rehearsal_draws_the_bases_training_images_on_noise_backgrounds_and_refuses_damaged_ones(home, kaggle_data):
     from components import records
-    from components.transfer import Rehearsal
+    from components.train.rehearsal import Rehearsal
     from runs import validated_kaggle_run
     from schemas.errors import DamagedArtifact
 

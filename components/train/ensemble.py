@@ -41,7 +41,7 @@ from schemas.errors import TrainingDiverged
 from schemas.runs import write_json_atomic
 
 if TYPE_CHECKING:
-    from components.transfer import Rehearsal
+    from components.train.rehearsal import Rehearsal
 
 Progress = Callable[[str], None]
 MEMBERS = "members"
