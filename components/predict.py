@@ -173,18 +173,32 @@ def read(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     values (its format's range would clip it, or leave it near black). Raises DigitsInputError naming the file
     when it is missing, not a regular file (a FIFO or device would block the read), not a readable PNG/JPEG,
     truncated, or larger than max_pixels (checked from its header, before any pixel is decoded)."""
+    check_regular_file(path)
+    try:
+        return _decode(path, str(path), max_pixels)
+    except FileNotFoundError:
+        raise DigitsInputError(f"{path}: no such file") from None
+
+
+def decode(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """read() of an image's bytes (an upload): the same checks, named `name` in the one-line errors."""
+    import io
+
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source, name: str, max_pixels: int) -> np.ndarray:
     import warnings
 
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    check_regular_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below instead
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 if width * height > max_pixels:
-                    raise DigitsInputError(f"{path}: image too large ({width} x {height} pixels; at most "
+                    raise DigitsInputError(f"{name}: image too large ({width} x {height} pixels; at most "
                                            f"{max_pixels:,} pixels are read)")
                 image.load()
                 image = ImageOps.exif_transpose(image)
@@ -195,11 +209,11 @@ def read(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                     image = Image.alpha_composite(paper, image.convert("RGBA"))
                 gray = image.convert("L")
     except FileNotFoundError:
-        raise DigitsInputError(f"{path}: no such file") from None
+        raise
     except Image.DecompressionBombError as exc:
-        raise DigitsInputError(f"{path}: image too large ({exc})") from None
+        raise DigitsInputError(f"{name}: image too large ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # PIL's errors for a broken file
-        raise DigitsInputError(f"{path}: not a readable image (PNG or JPEG expected): {exc}") from None
+        raise DigitsInputError(f"{name}: not a readable image (PNG or JPEG expected): {exc}") from None
     return np.asarray(gray, dtype=np.float32) / 255.0
 
 

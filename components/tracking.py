@@ -185,9 +185,13 @@ def experiment_id(client, name: str, artifacts: str | None) -> str:
     return client.get_experiment_by_name(name).experiment_id
 
 
-def log_model_file(uri: str, run_id: str, model_file: Path) -> None:
-    """A model's file as artifacts `model/` of its MLflow run (registered or not)."""
-    mlflow_client(uri).log_artifact(run_id, str(model_file), artifact_path="model")
+def ui_link(uri: str, model_uri: str) -> str | None:
+    """The MLflow UI's page of a registry version (models:/NAME/VERSION) when uri is a tracking server (http, https);
+    None for a local store, which has no UI running."""
+    if not uri.startswith(("http://", "https://")) or not model_uri.startswith("models:/"):
+        return None
+    name, _, version = model_uri.removeprefix("models:/").partition("/")
+    return f"{uri.rstrip('/')}/#/models/{name}/versions/{version}" if version.isdigit() else None
 
 
 def _connection_failure(exc: BaseException) -> str | None:

@@ -17,13 +17,12 @@ from typing import Callable
 from components import convert as convert_component
 from components import ingest as ingest_component
 from components import validate as validate_component
-from components.registry import (MODEL_SHA256, Registry, Version, check_not_replaced, model_name, open_registry,
-                                 remember)
-from components.tracking import Tracking, log_model_file, tracking_uri
+from components.registry import MODEL_SHA256, Registry, model_name
+from components.tracking import Tracking, tracking_uri
 from schemas.artifacts import Converted, Evaluation, Examples, Exported, Registration, Trained, Tuned, Validation
 from schemas.config import ENSEMBLE_FIELDS, FailOn, PipelineConfig
 from schemas.errors import DigitsInputError, ValidationFailed
-from schemas.runs import RunFolder, RunRecord, digits_home, list_runs, write_json_atomic
+from schemas.runs import RunFolder, RunRecord, digits_home, list_runs
 from schemas.sources import CHAMPION_OF_MNIST
 
 Progress = Callable[[str], None]
@@ -39,7 +38,11 @@ def config_of(folder: RunFolder) -> PipelineConfig:
 
 
 def registry() -> Registry:
-    return open_registry(digits_home())
+    """The registry of this digits home: MLflow's at MLFLOW_TRACKING_URI, else SQLite under $DIGITS_HOME."""
+    from components.registry.mlflow import MlflowRegistry
+
+    home = digits_home()
+    return MlflowRegistry(tracking_uri(home), home)
 
 
 # --- ingest -----------------------------------------------------------------------------------------
@@ -188,7 +191,7 @@ def transfer(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
 
 def _rehearsal(config: PipelineConfig, base_ref: str, base_run: str | None):
     """transfer.rehearse: the base's training images, from its run's convert output (verified when read)."""
-    from components.transfer import Rehearsal
+    from components.train.rehearsal import Rehearsal
     from flows.runner import output_of
 
     off = "or --set transfer.rehearse=0 to fine-tune on this run's images alone"
@@ -295,105 +298,37 @@ SEEN_WARNING = "evaluate: seen images: "
 
 # --- register ---------------------------------------------------------------------------------------
 
-REGISTRATION = "registration.json"
-
-
 def register(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progress, *,
-             model: Trained, converted: Converted, evaluation: Evaluation) -> Registration:
-    """Push a gate-passing model to the registry as a new version of digits-<source> and make it champion.
-
-    The champion is read again under the registry lock: when another promotion replaced the one this
-    run was measured against, the new champion is measured on this run's validation data first.
-    A refused model is logged to its MLflow run only.
-    """
-    from components import evaluate as evaluate_component
-    from components import records
-
-    name = model_name(config.source.value)
-    out.mkdir(parents=True, exist_ok=True)
-    if not evaluation.passed:
-        progress(f"not registered: {evaluation.reason}")
-        if model.mlflow_run_id:
-            log_model_file(tracking_uri(digits_home()), model.mlflow_run_id, model.path)
-        return _registration(out, Registration(dir=out, model_name=name, reason=evaluation.reason))
-    reg = registry()
-    reason = evaluation.reason
-
-    def gate(current: Version | None) -> bool:
-        nonlocal reason
-        if current is None or current.version == evaluation.champion_version:
-            return True
-        val = records.load(converted.files("val"))
-        with tempfile.TemporaryDirectory(prefix="digits-champion-") as scratch:
-            champion = evaluate_component.predictions_of(reg.download(current, Path(scratch)), val.images,
-                                                         current.tags.get(MODEL_SHA256))
-        candidate = evaluate_component.predictions_of(model.path, val.images, model.hashes.get(model.file))
-        comparison = {"champion_version": current.version, **evaluate_component.compare(val.labels, candidate, champion)}
-        decision = evaluate_component.decide(evaluation.val_accuracy, config.threshold, comparison,
-                                             config.evaluate.promote_when, config.evaluate.alpha,
-                                             seen_val=evaluation.seen_val,
-                                             allow_seen_val=config.evaluate.allow_seen_val)
-        reason = decision["reason"] + " (champion replaced during this run)"
-        return decision["passed"]
-
-    record = folder.load()
-    lineage = {"digits.run_id": folder.run_id, "digits.pipeline": config.pipeline.value,
-               "digits.code_version": record.code_version, "digits.data_fingerprint": converted.fingerprint,
-               "digits.val_accuracy": f"{evaluation.val_accuracy:.6f}", "digits.model": model.model,
-               "digits.evaluation_report": str(folder.stage_dir("evaluate") / "report.html"),
-               "digits.validation_report": str(folder.stage_dir("validate") / "index.html"),
-               **({"digits.mlflow_run_id": model.mlflow_run_id} if model.mlflow_run_id else {}),
-               **({"digits.comparison": json.dumps(evaluation.comparison)} if evaluation.comparison else {}),
-               "digits.promote_when": config.evaluate.promote_when.value,
-               "digits.seen_val_images": str(evaluation.seen_val), "digits.seen_test_images": str(evaluation.seen_test),
-               **({"digits.allow_seen_val": "true"} if evaluation.seen_val and config.evaluate.allow_seen_val else {}),
-               **({"digits.base": model.base, "digits.transfer_mode": model.transfer_mode} if model.base else {}),
-               **{f"digits.input.{Path(k).name}": v for k, v in record.data_fingerprints.items()}}
-    check_not_replaced(digits_home(), reg, name, allow_new=config.evaluate.allow_new_registry)
-    seen_file = model.seen_path
-    kept = {Trained.SEEN: seen_file} if seen_file else {}
-    if evaluation.ood_file:
-        kept[evaluation.ood_file] = evaluation.path_of(evaluation.ood_file)  # predict --reject-ood fetches it
-    version, promoted = reg.register(name, model.path, lineage, gate, files=kept or None)
-    remember(digits_home(), reg, version)
-    progress(f"registered {name} version {version.version}" + (" as champion" if promoted else ", not champion"))
-    card = write_model_card(out, folder, config, model, converted, evaluation, version, promoted)
-    reg.attach(version, {path.name: path for path in card})
-    progress(f"model card: {out / 'model_card.html'}")
-    return _registration(out, Registration(dir=out, model_name=name, version=version.version, promoted=promoted,
-                                           reason=reason, model_card="model_card.html"))
-
-
-def write_model_card(out: Path, folder: RunFolder, config: PipelineConfig, model: Trained, converted: Converted,
-                     evaluation: Evaluation, version: Version, promoted: bool) -> list[Path]:
-    """The version's model card (components.model_card) from this run's artifacts, into out."""
-    import datetime
-
-    from components import model_card
+             model: Trained, converted: Converted, evaluation: Evaluation,
+             validation: Validation | None = None) -> Registration:
+    """Push a gate-passing model to the registry as a new version of digits-<source>, champion when the gate
+    says so (components.registration)."""
+    from components import registration
     from schemas.sources import source_spec
 
-    evaluation.verify("metrics.json")
-    robustness = evaluation.dir / "robustness.json"
     record = folder.load()
-    training = {"model": model.model, "parameters": model.parameters, "epochs": model.epochs, "device": model.device,
-                "processor": model.processor, "seconds": model.seconds, "base": model.base, "transfer_mode": model.transfer_mode,
-                "config": {**{f"train.{k}": v for k, v in config.train.model_dump(mode="json").items()},
-                           **({f"transfer.{k}": v for k, v in config.transfer.model_dump(mode="json").items()}
-                              if model.base else {}), "seed": config.seed}}
-    facts = {"name": version.name, "version": version.version, "promoted": promoted, "run_id": folder.run_id,
-             "code_version": record.code_version, "model_sha256": version.tags.get(MODEL_SHA256, ""),
-             "registered_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "source_title": source_spec(config.source.value).title, "pipeline": config.pipeline.value,
-             "counts": converted.counts, "data_fingerprint": converted.fingerprint,
-             "inputs": dict(record.data_fingerprints), "training": training,
-             "metrics": json.loads((evaluation.dir / "metrics.json").read_text()),
-             "robustness": json.loads(robustness.read_text()) if robustness.is_file() else {}}
-    return model_card.write(out, facts, evaluation.dir)
-
-
-def _registration(out: Path, registration: Registration) -> Registration:
-    write_json_atomic(out / REGISTRATION, registration.summary())
-    return registration
+    lineage = registration.Lineage(
+        run_id=folder.run_id, pipeline=config.pipeline.value, code_version=record.code_version,
+        data_fingerprint=converted.fingerprint, model=model.model, val_accuracy=evaluation.val_accuracy,
+        promote_when=config.evaluate.promote_when.value, seen_val_images=evaluation.seen_val,
+        seen_test_images=evaluation.seen_test, evaluation_report=str(evaluation.report),
+        validation_report=str(validation.report) if validation else "", mlflow_run_id=model.mlflow_run_id,
+        comparison=evaluation.comparison, allow_seen_val=config.evaluate.allow_seen_val, base=model.base,
+        transfer_mode=model.transfer_mode if model.base else None, inputs=dict(record.data_fingerprints))
+    gate = registration.Gate(threshold=config.threshold, policy=config.evaluate.promote_when,
+                             alpha=config.evaluate.alpha, allow_seen_val=config.evaluate.allow_seen_val,
+                             allow_new_registry=config.evaluate.allow_new_registry)
+    settings = {**{f"train.{k}": v for k, v in config.train.model_dump(mode="json").items()},
+                **({f"transfer.{k}": v for k, v in config.transfer.model_dump(mode="json").items()}
+                   if model.base else {}), "seed": config.seed}
+    card = {"settings": settings, "source_title": source_spec(config.source.value).title,
+            "inputs": dict(record.data_fingerprints)}
+    found = registration.register(registry(), digits_home(), model_name(config.source.value), out, progress,
+                                  model=model, converted=converted, evaluation=evaluation, validation=validation,
+                                  lineage=lineage, gate=gate, card=card)
+    if found.model_card:
+        progress(f"model card: {folder.stage_dir('register') / found.model_card}")
+    return found
 
 
 def record_promotion(folder: RunFolder, config: PipelineConfig, registration: Registration) -> None:

@@ -31,7 +31,7 @@ import datagen
 import pytest
 import yaml
 
-from flows import deployments
+from flows import deployments, stages
 from flows.local_api import free_port
 from schemas.runs import RunFolder, list_runs
 
@@ -64,8 +64,10 @@ class Team:
 
     def __init__(self, tmp: Path, home: Path) -> None:
         self.tmp, self.home = tmp, home
-        self.ports = {name: free_port() for name in ("postgres", "prefect-server", "mlflow", "dask-scheduler")}
-        compose_port = {"postgres": 5432, "prefect-server": 4200, "mlflow": 5000, "dask-scheduler": 8786}
+        self.ports = {name: free_port() for name in ("postgres", "prefect-server", "mlflow", "dask-scheduler",
+                                                     "model-server")}
+        compose_port = {"postgres": 5432, "prefect-server": 4200, "mlflow": 5000, "dask-scheduler": 8786,
+                        "model-server": 8765}
         self.replace = {f"{host}:{compose_port[host]}": f"127.0.0.1:{port}" for host, port in self.ports.items()}
         self.replace.update({f"--port {compose_port[host]}": f"--port {port}" for host, port in self.ports.items()})
         self.replace.update({"localhost:4200": f"127.0.0.1:{self.ports['prefect-server']}", "0.0.0.0": "127.0.0.1",
@@ -162,10 +164,10 @@ class Team:
         with urllib.request.urlopen(f"{self.url(service)}{path}", timeout=10) as response:
             return json.loads(response.read())
 
-    def post(self, service: str, path: str, body: dict):
+    def post(self, service: str, path: str, body: dict, timeout: float = 10):
         request = urllib.request.Request(f"{self.url(service)}{path}", data=json.dumps(body).encode(), method="POST",
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
 
     def up(self, service: str, path: str) -> bool:
@@ -346,6 +348,36 @@ def test_team_mode_on_postgres_prefect_mlflow_and_dask(home, tmp_path, prepared_
         members = run_of(noisy_id).load().stages["transfer"].outputs["members"]
         assert len(members) == 2 and sorted(m["worker"].split()[0] for m in members) == ["dask-worker-1", "dask-worker-2"], members
 
+        # the champion served (compose's model-server, `digits app`): a digit posted is answered by digits-mnist
+        # version 1; another version promoted, the next answer comes from it
+        team.start("model-server")
+        wait_for(lambda: team.up("model-server", "/api/model"), 180, "the model server", team.procs["model-server"],
+                 lambda: team.log("model-server"))
+        _, pixels = datagen.digits(3, seed=5)
+        answer = team.post("model-server", "/api/predict", {"images": pixels.tolist()}, timeout=120)
+        assert answer["model"]["version"] == "1" and len(answer["predictions"]) == 3, answer
+        # and by MLflow's own server, on the model the registry on PostgreSQL holds
+        team.ports["mlflow-serve"] = free_port()
+        team._popen("mlflow-serve", [str(BIN / "mlflow"), "models", "serve", "-m", "models:/digits-mnist@champion",
+                                     "--env-manager", "local", "-h", "127.0.0.1", "-p", str(team.ports["mlflow-serve"])],
+                    team.env("worker"))
+        wait_for(lambda: team.up("mlflow-serve", "/ping"), 180, "mlflow models serve", team.procs["mlflow-serve"],
+                 lambda: team.log("mlflow-serve"))
+        served = team.post("mlflow-serve", "/invocations", {"inputs": pixels[..., None].astype(float).tolist()},
+                           timeout=120)
+        assert [p["digit"] for p in served["predictions"]] == [p["digit"] for p in answer["predictions"]], served
+        team.stop("mlflow-serve")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLFLOW_TRACKING_URI", team.url("mlflow"))
+            reg = stages.registry()
+            model_file = reg.download(reg.champion("digits-mnist"), tmp_path / "champion")
+            second, _ = reg.register("digits-mnist", model_file, {"digits.run_id": "team-test"}, lambda current: False)
+        promoted = subprocess.run([str(BIN / "digits"), "registry", "promote", "digits-mnist", second.version],
+                                  cwd=ROOT, env=team.env("worker"), capture_output=True, text=True, timeout=120)
+        assert promoted.returncode == 0, promoted.stderr
+        answer = team.post("model-server", "/api/predict", {"images": pixels.tolist()}, timeout=120)
+        assert answer["model"]["version"] == second.version, answer
+
         # the registry, through MLflow's REST API: both models, their champions, the noisy one's lineage
         models = {m["name"]: m for m in team.get("mlflow", "/api/2.0/mlflow/registered-models/search")["registered_models"]}
         assert {"digits-mnist", "digits-noisy"} <= set(models)
@@ -357,9 +389,11 @@ def test_team_mode_on_postgres_prefect_mlflow_and_dask(home, tmp_path, prepared_
         assert champion["model_version"]["source"].startswith("mlflow-artifacts:")  # files held by the server
         # Prefect's API: each run's artifacts
         for flow_run_id in (mnist_id, noisy_id):
-            keys = {a["key"] for a in team.post("prefect-server", "/api/artifacts/filter",
-                                                {"flow_runs": {"id": {"any_": [flow_run_id]}}})}
+            found = team.post("prefect-server", "/api/artifacts/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+            keys = {a["key"] for a in found}
             assert {"validation-results", "validation-report", "evaluation-summary", "registry-version"} <= keys, keys
+            (version_link,) = [a["data"] for a in found if a["key"] == "registry-version"]  # a page, not models:/
+            assert f"{team.url('mlflow')}/#/models/" in version_link, version_link
 
         # 4. three train-kaggle at once
         # one epoch on 270 images: a run (the resumed one below) may land a few of the 30 val images below the

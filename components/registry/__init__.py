@@ -2,7 +2,7 @@
 gate-passing model, the alias `champion` on the promoted one, lineage carried as tags.
 
 `Registry` is the interface the stages, `digits predict` and `digits registry` use; MLflow is its one
-implementation (components.registry.mlflow), opened by `open_registry`. Users name models as
+implementation (components.registry.mlflow; flows.stages.registry opens it). Users name models as
 `models:/NAME@ALIAS` or `models:/NAME/VERSION`.
 
 Every version records the file name and sha256 of its model (tags `digits.model_file`,
@@ -85,6 +85,7 @@ class Version:
     tags: dict[str, str]
     aliases: list[str]
     source: str = ""  # where the registry keeps its files (an MLflow artifact URI)
+    description: str = ""  # why it was, or was not, promoted
 
     @property
     def champion(self) -> bool:
@@ -126,11 +127,21 @@ class Registry(abc.ABC):
 
     @abc.abstractmethod
     def register(self, name: str, model_file: Path, lineage: dict[str, str], gate: Gate,
-                 files: dict[str, Path] | None = None) -> tuple[Version, bool]:
+                 files: dict[str, Path] | None = None, example=None) -> tuple[Version, bool]:
         """Register model_file as a new version of name with the lineage tags and the documents `files`
         (name -> local file, see attach), and make it champion when gate(current champion) says so, that
         champion read under the registry's lock (two racing registrations cannot both win against a stale
-        one). Returns (version, promoted)."""
+        one). A Keras model is registered as a model the registry's own tools load and serve; example:
+        canonical images (uint8 [N, 28, 28]), the first shown as its input example. Returns (version, promoted)."""
+
+    @abc.abstractmethod
+    def describe(self, version: Version, text: str) -> None:
+        """Set the version's description (why it was, or was not, promoted)."""
+
+    @abc.abstractmethod
+    def migrate(self, name: str) -> list[tuple[Version, str]]:
+        """Make every Keras version of name registered before versions were MLflow Models into one, in place (same
+        version, model file, tags and aliases). Returns (version, what was done) per version."""
 
     @abc.abstractmethod
     def attach(self, version: Version, files: dict[str, Path]) -> dict[str, str]:
@@ -147,12 +158,18 @@ class Registry(abc.ABC):
         """Where the registry keeps a document of the version (a URI), or None."""
 
     @abc.abstractmethod
-    def promote(self, name: str, version: str) -> Version:
-        """Make version the champion (the replaced one stays a version). Raises DigitsInputError."""
+    def promote(self, name: str, version: str, reason: str = "", by: str = "") -> Version:
+        """Make version the champion (the replaced one stays a version), recorded in its history with why and by
+        whom. Raises DigitsInputError."""
 
     @abc.abstractmethod
-    def rollback(self, name: str) -> Version:
-        """Move champion back to the version the current champion replaced. Raises DigitsInputError."""
+    def rollback(self, name: str, reason: str = "", by: str = "") -> Version:
+        """Move champion back to the version the current champion replaced, recorded in its history. Raises
+        DigitsInputError."""
+
+    @abc.abstractmethod
+    def history(self, name: str) -> list[dict]:
+        """Every move of the champion alias, oldest first: {at, alias, from, to, why, by}."""
 
 
 def kept_files(version: Version) -> dict[str, str]:
@@ -208,11 +225,3 @@ def remember(home: Path, registry: Registry, version: Version) -> None:
         if version.version not in versions:
             versions.append(version.version)
         write_json_atomic(path, ledger)
-
-
-def open_registry(home: Path) -> Registry:
-    """The registry of a digits home: MLflow at MLFLOW_TRACKING_URI, else SQLite under home."""
-    from components.registry.mlflow import MlflowRegistry
-    from components.tracking import tracking_uri
-
-    return MlflowRegistry(tracking_uri(home), home)

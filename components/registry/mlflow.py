@@ -1,6 +1,7 @@
 """The registry on MLflow's model registry (components.registry.Registry's one implementation).
 
-A version's files are logged as artifacts `model/` of an MLflow run — the training's run when the
+A version is an MLflow Model (components.registry.mlflow_model: MLmodel with the keras and python_function
+flavors, signature, input example, and the trained model.keras byte for byte), logged as artifacts `model/` of an MLflow run — the training's run when the
 lineage names one (`digits.mlflow_run_id`), else a run of the experiment `digits-registry`. Promotion
 never deletes a version: it moves the alias, and remembers the alias it replaced in the new version's
 `digits.previous_champion` tag so `rollback` can move it back. Promotions are serialised by a lock file
@@ -11,6 +12,7 @@ under $DIGITS_HOME; under it the champion is read again. Across machines that ne
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 from components.registry import (
@@ -27,11 +29,14 @@ from components.registry import (
     kept_files,
     parse_model_uri,
 )
-from components.tracking import artifact_location, experiment_id, is_missing, log_model_file, mlflow_client
+from components.registry import mlflow_model
+from components.tracking import artifact_location, experiment_id, is_missing, mlflow_client
 from schemas.artifacts import sha256_file
 from schemas.errors import DigitsInputError
 from schemas.runs import locked
 
+HISTORY = "digits.history."  # registered-model tags: every move of the champion alias, numbered
+MIGRATED = "digits.migrated"  # a version made an MLflow model by `digits registry migrate`
 RUN_TAG = "digits.mlflow_run_id"  # lineage: the MLflow run the model was trained in
 EXPERIMENT = "digits-registry"  # runs that hold models registered without a training run
 
@@ -133,14 +138,15 @@ class MlflowRegistry(Registry):
         return {name: f"{root}/{self._folder(version.version)}/{name}" for name in files}
 
     def register(self, name: str, model_file: Path, lineage: dict[str, str], gate: Gate,
-                 files: dict[str, Path] | None = None) -> tuple[Version, bool]:
+                 files: dict[str, Path] | None = None, example=None) -> tuple[Version, bool]:
         client = self._client()
         run_id = lineage.get(RUN_TAG)
         if not run_id or not self._has_run(client, run_id):  # none, or not in this store (a new registry)
             run_id = self._holding_run(client, name, artifact_location(self.uri, self.lock_dir / "mlartifacts"))
-        log_model_file(self.uri, run_id, model_file)
+        mlflow_model.log(client, run_id, model_file, example=example, facts={"registered_model": name})
         source = f"{client.get_run(run_id).info.artifact_uri}/model"
-        tags = {**lineage, RUN_TAG: run_id, MODEL_FILE: model_file.name, MODEL_SHA256: sha256_file(model_file)}
+        stored = mlflow_model.MODEL if model_file.suffix == ".keras" else model_file.name
+        tags = {**lineage, RUN_TAG: run_id, MODEL_FILE: stored, MODEL_SHA256: sha256_file(model_file)}
         with self._lock(name):
             if not client.search_registered_models(f"name = '{name}'"):
                 client.create_registered_model(name, description="digits models; alias 'champion' = the promoted one")
@@ -150,10 +156,12 @@ class MlflowRegistry(Registry):
             current = self.champion(name)
             promoted = gate(current)
             if promoted:
-                self._move_champion(client, name, str(created.version), current)
+                run = lineage.get("digits.run_id")
+                self._move_champion(client, name, str(created.version), current,
+                                    why="its run's evaluation gate passed", by=f"run {run}" if run else "register")
         return self._version(client.get_model_version(name, created.version), self._aliases(client, name)), promoted
 
-    def promote(self, name: str, version: str) -> Version:
+    def promote(self, name: str, version: str, reason: str = "", by: str = "") -> Version:
         checked_name(name), checked_version(version)
         client = self._client()
         with self._lock(name):
@@ -163,10 +171,11 @@ class MlflowRegistry(Registry):
                 if is_missing(exc):
                     raise DigitsInputError(f"{name} has no version {version} (see `digits registry show {name}`)") from None
                 raise
-            self._move_champion(client, name, str(target.version), self.champion(name))
+            self._move_champion(client, name, str(target.version), self.champion(name),
+                                why=reason or "promoted by hand", by=by or "promote")
         return self._version(client.get_model_version(name, version), self._aliases(client, name))
 
-    def rollback(self, name: str) -> Version:
+    def rollback(self, name: str, reason: str = "", by: str = "") -> Version:
         checked_name(name)
         client = self._client()
         with self._lock(name):
@@ -177,7 +186,37 @@ class MlflowRegistry(Registry):
             if not previous:
                 raise DigitsInputError(f"{name} version {current.version} replaced no earlier champion")
             client.set_registered_model_alias(name, CHAMPION, previous)
+            self._record(client, name, current.version, previous, why=reason or "rolled back", by=by or "rollback")
         return self._version(client.get_model_version(name, previous), self._aliases(client, name))
+
+    def describe(self, version: Version, text: str) -> None:
+        self._client().update_model_version(version.name, version.version, description=text)
+
+    def migrate(self, name: str) -> list[tuple[Version, str]]:
+        checked_name(name)
+        client = self._client()
+        done = []
+        for version in self.versions(name):
+            run_id = client.get_model_version(version.name, version.version).run_id
+            held = {Path(f.path).name for f in client.list_artifacts(run_id, "model")}
+            if mlflow_model.MLMODEL in held:
+                done.append((version, "already an MLflow model"))
+                continue
+            if not version.tags.get(MODEL_FILE, "").endswith(".keras"):
+                done.append((version, f"left as it is: {version.tags.get(MODEL_FILE) or 'no model file'} is not a "
+                                      "Keras model"))
+                continue
+            with tempfile.TemporaryDirectory(prefix="digits-migrate-") as scratch:
+                model_file = self.download(version, Path(scratch) / "download")  # checked against its sha256
+                if model_file.name != mlflow_model.MODEL:
+                    raise DigitsInputError(f"{version.uri}: its model file is {model_file.name}; expected "
+                                           f"{mlflow_model.MODEL}")
+                folder = mlflow_model.write(model_file, Path(scratch) / "model", sha256=version.tags[MODEL_SHA256],
+                                            facts={"registered_model": name})
+                client.log_artifacts(run_id, str(folder), artifact_path="model")  # beside the same model.keras
+            client.set_model_version_tag(name, version.version, MIGRATED, "true")
+            done.append((version, "now an MLflow model"))
+        return done
 
     @staticmethod
     def _has_run(client, run_id: str) -> bool:
@@ -197,11 +236,40 @@ class MlflowRegistry(Registry):
         client.set_terminated(run_id, status="FINISHED")
         return run_id
 
-    @staticmethod
-    def _move_champion(client, name: str, version: str, current: Version | None) -> None:
+    @classmethod
+    def _move_champion(cls, client, name: str, version: str, current: Version | None, *, why: str, by: str) -> None:
         if current is not None and current.version != version:
             client.set_model_version_tag(name, version, PREVIOUS, current.version)
         client.set_registered_model_alias(name, CHAMPION, version)
+        cls._record(client, name, current.version if current else None, version, why=why, by=by)
+
+    @staticmethod
+    def _record(client, name: str, before: str | None, after: str, *, why: str, by: str) -> None:
+        """An alias move as the registered model's tag digits.history.NNNNN (under the registry's lock: numbered
+        in order), so every registry client and the MLflow UI see the same history."""
+        import datetime
+
+        tags = client.get_registered_model(name).tags or {}
+        number = 1 + sum(1 for key in tags if key.startswith(HISTORY))
+        event = {"at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "alias": CHAMPION,
+                 "from": before, "to": after, "why": why[:2000], "by": by[:500]}
+        client.set_registered_model_tag(name, f"{HISTORY}{number:05d}", json.dumps(event))
+
+    def history(self, name: str) -> list[dict]:
+        checked_name(name)
+        try:
+            tags = self._client().get_registered_model(name).tags or {}
+        except Exception as exc:
+            if is_missing(exc):
+                raise DigitsInputError(f"no registered model '{name}' (see `digits registry list`)") from None
+            raise
+        events = []
+        for key in sorted(k for k in tags if k.startswith(HISTORY)):
+            try:
+                events.append(json.loads(tags[key]))
+            except ValueError:
+                continue
+        return events
 
     @staticmethod
     def _aliases(client, name: str) -> dict[str, list[str]]:
@@ -219,4 +287,5 @@ class MlflowRegistry(Registry):
     @staticmethod
     def _version(found, aliases: dict[str, list[str]]) -> Version:
         return Version(name=found.name, version=str(found.version), source=found.source,
-                       tags=dict(found.tags or {}), aliases=sorted(aliases.get(str(found.version), [])))
+                       tags=dict(found.tags or {}), aliases=sorted(aliases.get(str(found.version), [])),
+                       description=found.description or "")

@@ -1,0 +1,181 @@
+"""`digits app`: a local page to try a registered model — draw a digit or drop PNG/JPEG files, and see the digit,
+its ten probabilities, whether the model abstains, and which model answered (name, version, alias, model card).
+
+A FastAPI app served by uvicorn (both installed with MLflow); the page is one HTML file with its script and style
+inline, so it works offline. Routes:
+
+    GET  /                 the page
+    GET  /api/model        the model that answers now: name, version, alias, model card, min_confidence
+    POST /api/predict      an image's bytes (image/png, image/jpeg; prepared as `digits predict` prepares a file:
+                           crop, centre by mass, resize, polarity), or JSON {"images": [N x 28 x 28 (x 1)]} of
+                           canonical images (0 background, 255 ink) -> {"model": ..., "predictions": [...]}
+    GET  /model-card       the version's model card (kept with it in the registry, checked against its sha256)
+
+It follows the alias: each request resolves `models:/NAME@ALIAS` again, and a version that changed (a promotion, a
+rollback) is loaded before it answers — no restart. Bad input is one line in {"error": ...} with HTTP 400 (413
+for a body over MAX_IMAGE_BODY or MAX_JSON_BODY bytes); the server stays up.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from fastapi import Request  # at module level: FastAPI reads the route's annotations from this module's names
+
+from components.registry import Registry, Version
+from components.registry import mlflow_model
+from schemas.errors import DigitsInputError
+
+MAX_IMAGE_BODY = 10 * 1024 * 1024  # bytes of one uploaded picture: a phone photo fits; a 50 MB upload is refused
+MAX_JSON_BODY = 32 * 1024 * 1024  # bytes of JSON images: MAX_IMAGES images of 0..255 as text fit
+MAX_IMAGES = mlflow_model.MAX_IMAGES
+PAGE = Path(__file__).with_name("app.html")
+
+
+@dataclass
+class Loaded:
+    version: Version
+    model: mlflow_model.DigitsModel
+    card: bytes | None  # the model card's HTML, when the version has one
+
+
+class Follower:
+    """The model `models:/NAME@ALIAS` names now, loaded again when the alias moves."""
+
+    def __init__(self, registry: Callable[[], Registry], name: str, alias: str) -> None:
+        self.registry, self.uri = registry, f"models:/{name}@{alias}"
+        self.name, self.alias = name, alias
+        self._loaded: Loaded | None = None
+        self._lock = threading.Lock()
+
+    def current(self) -> Loaded:
+        """The version the alias names now (DigitsInputError when it names none)."""
+        reg = self.registry()
+        version = reg.resolve(self.uri)
+        loaded = self._loaded
+        if loaded is not None and loaded.version.version == version.version:
+            return loaded
+        with self._lock:
+            if self._loaded is None or self._loaded.version.version != version.version:
+                self._loaded = _load(reg, version)
+            return self._loaded
+
+
+def _load(reg: Registry, version: Version) -> Loaded:
+    from components.model_card import HTML
+
+    with tempfile.TemporaryDirectory(prefix="digits-app-") as scratch:
+        model_file = reg.download(version, Path(scratch))  # checked against the sha256 it was registered with
+        if model_file.suffix != ".keras":
+            raise DigitsInputError(f"{version.uri} is a {model_file.suffix} model; the app serves Keras models")
+        model = mlflow_model.from_file(model_file)
+        card_file = reg.fetch(version, HTML, Path(scratch) / "card")
+        return Loaded(version, model, card_file.read_bytes() if card_file else None)
+
+
+def describe(loaded: Loaded, alias: str, min_confidence: float) -> dict:
+    version = loaded.version
+    return {"name": version.name, "version": version.version, "alias": alias, "aliases": version.aliases,
+            "uri": f"models:/{version.name}/{version.version}", "model_card": "/model-card" if loaded.card else None,
+            "val_accuracy": version.tags.get("digits.val_accuracy"), "min_confidence": min_confidence}
+
+
+def predict_body(loaded: Loaded, body: bytes, content_type: str, min_confidence: float) -> dict:
+    """The answer to a POST /api/predict body (DigitsInputError, one line, for anything it cannot take)."""
+    import json
+
+    from components import predict as predict_component
+
+    prepared = None
+    if content_type.startswith("application/json"):
+        try:
+            payload = json.loads(body)
+        except ValueError as exc:
+            raise DigitsInputError(f"the body is not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+        images = payload.get("images", payload.get("inputs")) if isinstance(payload, dict) else None
+        if images is None:
+            raise DigitsInputError('expected JSON {"images": [[28 rows of 28 values 0..255], ...]}')
+        try:
+            canonical = mlflow_model.checked_images(images)
+        except Exception as exc:  # mlflow_model refuses with MlflowException; its message is the one line
+            raise DigitsInputError(getattr(exc, "message", str(exc)).removeprefix("digits: ")) from None
+    else:
+        if not body:
+            raise DigitsInputError("the body is empty: send an image (PNG or JPEG) or JSON images")
+        gray = predict_component.decode(body, "the upload")
+        prepared = predict_component.prepare(gray, "the upload")
+        canonical = prepared[None, ..., None].astype(np.float32)
+    table = loaded.model.predict(canonical, {"min_confidence": min_confidence})
+    rows = [{"digit": int(r.digit), "confidence": float(r.confidence), "abstained": bool(r.abstained),
+             "probabilities": [float(p) for p in r.probabilities]} for r in table.itertuples()]
+    answer = {"predictions": rows}
+    if prepared is not None:
+        answer["prepared"] = prepared.tolist()  # what the model saw: 28 x 28, 0..255
+    return answer
+
+
+def build(follower: Follower, min_confidence: float = 0.0):
+    """The FastAPI app."""
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+    app = FastAPI(title="digits", docs_url=None, redoc_url=None, openapi_url=None)
+    page = PAGE.read_text()
+
+    def refused(message: str, status: int = 400) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return page
+
+    @app.get("/api/model")
+    def model():
+        try:
+            return describe(follower.current(), follower.alias, min_confidence)
+        except DigitsInputError as exc:
+            return refused(str(exc), 503)
+
+    @app.get("/model-card")
+    def model_card():
+        try:
+            loaded = follower.current()
+        except DigitsInputError as exc:
+            return refused(str(exc), 503)
+        if loaded.card is None:
+            return refused(f"{loaded.version.uri} has no model card", 404)
+        return Response(loaded.card, media_type="text/html")
+
+    @app.post("/api/predict")
+    async def predict(request: Request):
+        content_type = request.headers.get("content-type", "application/octet-stream").lower()
+        limit = MAX_JSON_BODY if content_type.startswith("application/json") else MAX_IMAGE_BODY
+        what = "JSON images" if limit == MAX_JSON_BODY else "an uploaded image"
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            return refused(f"the body is {int(declared):,} bytes; at most {limit:,} are taken for {what}", 413)
+        body = bytearray()
+        async for chunk in request.stream():  # counted as it comes: a body that does not declare its length
+            body += chunk
+            if len(body) > limit:
+                return refused(f"the body is over {limit:,} bytes; at most {limit:,} are taken for {what}", 413)
+        return await _answer(bytes(body), content_type)
+
+    async def _answer(body: bytes, content_type: str):
+        from starlette.concurrency import run_in_threadpool
+
+        def work():
+            loaded = follower.current()
+            return {"model": describe(loaded, follower.alias, min_confidence),
+                    **predict_body(loaded, body, content_type, min_confidence)}
+        try:
+            return await run_in_threadpool(work)
+        except DigitsInputError as exc:
+            return refused(str(exc))
+
+    return app
