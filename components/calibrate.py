@@ -23,11 +23,12 @@ from typing import Callable
 
 import numpy as np
 
+from components.keras_layers import TEMPERATURE_LAYER
 from schemas.artifacts import Converted, Trained
 from schemas.errors import DigitsInputError
 
 Progress = Callable[[str], None]
-LAYER = "temperature"  # the layer's name in a calibrated model
+LAYER = TEMPERATURE_LAYER  # the layer's name in a calibrated model
 REPORT = "calibration.json"
 BOUNDS = (0.05, 20.0)
 _EPSILON = 1e-12
@@ -100,6 +101,11 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, progress: Prog
     os.replace(partial, out_dir / "model.keras")
     if trained.seen_path is not None:
         shutil.copyfile(trained.seen_path, out_dir / Trained.SEEN)
+    for history in [trained.dir / "history.csv", *sorted(trained.dir.glob("members/*/history.csv"))]:
+        if history.is_file():  # the training curves, for evaluate's report and the model card
+            target = out_dir / history.relative_to(trained.dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(history, target)
     write_json_atomic(out_dir / REPORT, summary)
     progress(f"temperature {temperature:.3f}: ECE {before:.4f} -> {after:.4f} on val ({held_out:.4f} cross-fitted)")
     return dataclasses.replace(trained, dir=out_dir, hashes={}, temperature=temperature, calibration=summary)

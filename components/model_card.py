@@ -20,7 +20,7 @@ from typing import Any
 
 MARKDOWN = "model_card.md"
 HTML = "model_card.html"
-PICTURES = ("robustness.png", "reliability.png", "confusion.png")
+PICTURES = ("training.png", "robustness.png", "reliability.png", "confusion.png")
 SECTIONS = ("Model details", "Intended use", "Data", "Training", "Evaluation", "Per class", "Robustness",
             "Calibration", "Lineage", "Limitations")
 
@@ -125,7 +125,7 @@ def _sections(f: dict[str, Any]) -> list[tuple[str, list[str | list[list[str]]],
         limits.append(f"WARNING: {lineage['test']['seen']:,} of {lineage['test']['images']:,} test images were seen "
                       "in training: a score on that test set overstates accuracy on new digits.")
     return [("Model details", details, []), ("Intended use", intended, []), ("Data", data, []),
-            ("Training", train, []), ("Evaluation", evaluation, []), ("Per class", per_class, ["confusion.png"]),
+            ("Training", train, ["training.png"]), ("Evaluation", evaluation, []), ("Per class", per_class, ["confusion.png"]),
             ("Robustness", sweep, ["robustness.png"]), ("Calibration", calib, ["reliability.png"]),
             ("Lineage", lines, []), ("Limitations", limits, [])]
 

@@ -34,6 +34,12 @@ def write(folder: RunFolder, graph) -> Path:
              _stages(folder, record, graph), _validation(folder), _evaluation(folder, record)]
     if record.warnings:
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{_e(w)}</li>" for w in record.warnings) + "</ul>")
+    from components.pages import mlflow_run_url
+
+    for name, stage in record.stages.items():  # with a tracking server: the training's run in the MLflow UI
+        url = mlflow_run_url(stage.outputs.get("mlflow_run_id"))
+        if url:
+            parts.append(f'<p>The {_e(name)} stage\'s <a href="{_e(url)}">MLflow run</a>.</p>')
     parts.append('<p><a href="run.json">run.json</a>: the full record.</p>')
     page = (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>digits run {_e(record.run_id)}"
             f"</title><style>{_STYLE}</style></head><body>\n" + "\n".join(p for p in parts if p) + "\n</body></html>\n")
@@ -84,8 +90,9 @@ def _validation(folder: RunFolder) -> str:
                     f"<td>{len(found) - len(failed)} of {len(found)} passed</td><td>{' · '.join(docs)}</td></tr>")
         failures += [f"<tr><td>{_e(suite)}</td><td>{_e(r['expectation'])}</td><td>{_e(r['column'])}</td>"
                      f"<td>{_e(r['observed'])}</td><td>{_e(r['intent'])}</td></tr>" for r in failed]
-    text = ("<h2>Validation</h2><p>Great Expectations suites; the full "
-            '<a href="validate/index.html">Data Docs</a> need their CDN scripts for the tables, these links do not.</p>'
+    text = ('<h2>Validation</h2><p>Great Expectations suites: every result in the <a href="validate/report.html">'
+            'validation report</a>; GX\'s own <a href="validate/index.html">Data Docs</a> need their CDN scripts for '
+            "their tables, the pages linked below do not.</p>"
             "<table><tr><th>suite</th><th>batch</th><th>result</th><th>expectations</th><th>Data Docs</th></tr>"
             + "".join(rows) + "</table>")
     if failures:
@@ -113,3 +120,46 @@ def _evaluation(folder: RunFolder, record) -> str:
 
 def _e(value: Any) -> str:
     return html.escape(str(value))
+
+
+def summary(folder: RunFolder) -> list[str]:
+    """What happened, in a few lines, for the end of `digits run` and the flow run's summary artifact: the pipeline
+    and status; val accuracy (and test accuracy where the test split has labels); the gate's decision; the registry
+    version and alias; warnings; the run page. A failed run: its stage, the one-line reason and the resume command."""
+    record = folder.load()
+    status = record.effective_status()
+    lines = [f"{record.pipeline} run {record.run_id}: {status.replace('_', ' ')}"]
+    failed = [(name, s) for name, s in record.stages.items() if s.status == "failed"]
+    if status in ("failed", "interrupted"):
+        if failed:
+            name, stage = failed[-1]
+            lines.append(f"failed at stage {name}: {stage.error or 'no reason recorded'}")
+        else:
+            outside = [w.removeprefix("failed outside its stages: ") for w in record.warnings
+                       if w.startswith("failed outside its stages: ")]
+            lines.append(f"failed: {outside[-1] if outside else 'interrupted before its stages could record why'}")
+        lines.append(f"fix the cause, then continue it: digits resume {record.run_id}")
+    evaluated = record.stages.get("evaluate")
+    if evaluated is not None and evaluated.status == "completed":
+        out = evaluated.outputs
+        accuracy = f"val accuracy {out.get('val_accuracy', 0):.2%}"
+        exported = record.stages.get("export")
+        test = exported.outputs.get("test_accuracy") if exported is not None and exported.status == "completed" else None
+        if test is not None:
+            accuracy += f"; test accuracy {test:.2%} on {exported.outputs.get('test_rows', 0):,} images it never saw"
+        lines.append(accuracy)
+        lines.append(f"gate {'passed' if out.get('passed') else 'refused'}: {out.get('reason', '')}")
+    registered = record.stages.get("register")
+    if registered is not None and registered.status == "completed":
+        out = registered.outputs
+        if out.get("version"):
+            name, version = out.get("model_name"), out.get("version")
+            lines.append(f"registry: {name} version {version}" + (f", now champion (models:/{name}@champion)"
+                                                                  if out.get("promoted") else ", not champion"))
+        else:
+            lines.append("registry: not registered")
+    lines += [f"warning: {w}" for w in record.warnings if not w.startswith("failed outside its stages: ")]
+    page = folder.root / PAGE
+    if page.is_file():
+        lines.append(f"run page: {page.as_uri()}")
+    return lines

@@ -11,8 +11,8 @@ Where trials run is the caller's choice (`execute`, as for ensemble members): on
 process, or as Prefect tasks on a Dask cluster (flows.ensemble.on_dask), each worker asking the shared
 study for its next settings. A trial is plain data (`TrialJob`) so it can be pickled to a worker.
 
-Output: best.json (the winning settings: train.<field> -> value), trials.csv, history.png and
-importances.png (Optuna's matplotlib pictures), report.html.
+Output: best.json (the winning settings: train.<field> -> value), trials.csv, curves.png (every trial's val
+accuracy per epoch), history.png and importances.png (Optuna's matplotlib pictures), report.html.
 """
 
 from __future__ import annotations
@@ -333,6 +333,25 @@ def _pictures(study, out: Path) -> list[str]:
     import optuna.visualization.matplotlib as vis
 
     made = []
+    curves = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
+    if curves:  # every trial's val accuracy per epoch: where the pruner stopped the ones behind
+        figure, ax = plt.subplots(figsize=(8, 4.5))
+        for t in sorted(curves, key=lambda t: t.number):
+            steps = sorted(t.intermediate_values)
+            ax.plot(steps, [t.intermediate_values[s] for s in steps], marker="o", markersize=3,
+                    linestyle="-" if t.state.name == "COMPLETE" else ":", label=f"trial {t.number} ({t.state.name.lower()})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("val accuracy")
+        ax.set_title("Each trial's val accuracy per epoch (dotted: pruned or failed)")
+        ax.grid(alpha=0.3)
+        if len(curves) <= 12:
+            ax.legend(fontsize=7)
+        figure.tight_layout()
+        partial = out / ".curves.partial.png"
+        figure.savefig(partial, dpi=100)
+        plt.close(figure)
+        os.replace(partial, out / "curves.png")
+        made.append("curves.png")
     for name, plot in (("history.png", vis.plot_optimization_history), ("importances.png", vis.plot_param_importances)):
         try:
             with warnings.catch_warnings():
@@ -362,16 +381,10 @@ def _report(out: Path, best, trials: list, pictures: list[str], study: str) -> N
                      for name in pictures)
     chosen = html.escape(", ".join(f"train.{k}={v:.4g}" if isinstance(v, float) else f"train.{k}={v}"
                                    for k, v in best.params.items()))
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>digits tune: {html.escape(study)}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px}} img{{max-width:100%;display:block;margin:1em 0}}</style></head><body>
-<h1>Tuning study <code>{html.escape(study)}</code></h1>
+    from components import pages
+
+    body = f"""<h1>Tuning study <code>{html.escape(study)}</code></h1>
 <p>Best: trial {best.number}, validation accuracy <b>{100 * best.value:.2f}%</b> with <code>{chosen}</code>
 (the train stage uses these).</p>{images}
-<h2>Trials</h2><table><tr><th>trial</th><th>state</th><th>val accuracy</th><th>settings</th></tr>{rows}</table>
-</body></html>
-"""
-    partial = out / ".report.html.partial"
-    partial.write_text(page)
-    os.replace(partial, out / "report.html")
+<h2>Trials</h2><table><tr><th>trial</th><th>state</th><th>val accuracy</th><th>settings</th></tr>{rows}</table>"""
+    pages.write(out / "report.html", f"digits tune: {study}", body, pages.nav(out.parent, "tune"))

@@ -8,6 +8,7 @@ codes: 0 done, 2 bad input or usage (one line on stderr), 1 anything else (a bug
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from rich.table import Column, Table
 
 import schemas.stages
 from components.tensorflow_runtime import import_tensorflow
+from flows import setup
 from flows.local_api import LocalAPI
 from schemas.config import Pipeline, PipelineConfig, apply_overrides, default_config
 from schemas.errors import DigitsInputError, OutOfSpace, ServiceUnavailable, chain
@@ -28,8 +30,10 @@ from schemas.sources import SOURCES, Source
 
 console = Console(highlight=False, soft_wrap=True)  # paths and run ids are never broken across lines
 
-SetOption = Annotated[Optional[list[str]], typer.Option(
-    "--set", metavar="KEY=VALUE", help="override a config field, e.g. --set ingest.limit=500 (repeatable)")]
+SET_HELP = "override a setting, SECTION.KEY=VALUE (repeatable; a wrong key says what it may have meant)"
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help=SET_HELP)]
+SET_EXAMPLES = {"validate": "validate.fail_on=warn", "convert": "convert.val_fraction=0.2", "tune": "tune.trials=10",
+                "train": "train.epochs=3", "evaluate": "evaluate.threshold=0.98", "export": "seed=7"}
 RunOption = Annotated[Optional[str], typer.Option("--run", help="run id (default: the newest run)")]
 ForceOption = Annotated[bool, typer.Option("--force", help="run the stage again even when this run completed it "
                                                            "with the same inputs, settings and code (stages "
@@ -121,7 +125,7 @@ def _run_flow(folder: RunFolder, config: PipelineConfig, require_promotion: bool
 
         if api is not None:
             api.connect()
-        prefect_pipeline.console_logs_to_stdout()
+        setup.console_logs_to_stdout()
         prefect_pipeline.digits(config, run_id=folder.run_id)
     except (ServiceUnavailable, OutOfSpace) as exc:
         runner.fail_run(folder, str(exc))
@@ -135,6 +139,7 @@ def _run_flow(folder: RunFolder, config: PipelineConfig, require_promotion: bool
         raise
     finally:
         _print_stages(folder)
+        _print_summary(folder)
     record = folder.load()
     if require_promotion and not record.promoted:
         print(f"digits: not promoted: {record.promotion_reason}", file=sys.stderr)
@@ -177,6 +182,9 @@ def _stage_command(name: str, stages_: list):
 
     command.__doc__ = " ".join(dict.fromkeys(s.help for s in stages_))
     command.__name__ = name
+    example = SET_EXAMPLES.get(name)
+    command.__annotations__ = {**command.__annotations__, "overrides": Annotated[Optional[list[str]], typer.Option(
+        "--set", metavar="KEY=VALUE", help=SET_HELP + (f", e.g. --set {example}" if example else ""))]}
     return command
 
 
@@ -215,6 +223,9 @@ def predict(
         "--reject-ood", help="say 'not a digit' (label '-') for an image unlike every digit the model was trained "
                              "on: Mahalanobis distance on its features, fitted by the evaluate stage; it keeps about "
                              "99 % of real digits (evaluate.ood_keep)")] = False,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, max=10, help="also list the K most likely digits with "
+                                                                      "their probabilities")] = 1,
+    as_json: JsonOption = False,
 ) -> None:
     """Classify images of handwritten digits: label and probability per image.
 
@@ -242,8 +253,25 @@ def predict(
                                                if len(failures) > 1 else ""))
     model, judge = predict_component.load(model_uri, stages.registry, reject_ood=reject_ood)
     digit, score = judge(batch) if judge is not None else (None, None)
+    ranked_all = predict_component.classify(model, batch)
+    if as_json:
+        found = []
+        for i, (path, ranked) in enumerate(zip(files, ranked_all)):
+            label, probability = ranked[0]
+            abstained = min_confidence is not None and probability < min_confidence
+            entry = {"image": str(path), "digit": None if abstained else label, "probability": probability,
+                     "abstained": abstained, "top": [{"digit": d, "probability": q} for d, q in ranked[:top_k]],
+                     "probabilities": [q for _, q in sorted(ranked)]}
+            if score is not None:
+                entry.update({"is_digit": bool(digit[i]), "ood_score": float(score[i])})
+                entry["digit"] = entry["digit"] if digit[i] else None
+            found.append(entry)
+        _emit_json({"model": model_uri, "predictions": found, "failed": failures})
+        if failures:
+            sys.exit(1)
+        return
     rows = []
-    for i, (path, ranked) in enumerate(zip(files, predict_component.classify(model, batch))):
+    for i, (path, ranked) in enumerate(zip(files, ranked_all)):
         (label, probability), (second, second_probability) = ranked[0], ranked[1]
         row = [str(path), str(label), f"{probability:.4f}"]
         if min_confidence is not None:
@@ -253,12 +281,58 @@ def predict(
         if score is not None:
             row[1] = row[1] if digit[i] else "-"
             row.append("yes" if digit[i] else f"no (out-of-distribution score {score[i]:.1f})")
+        if top_k > 1:
+            row.append(" ".join(f"{d}:{q:.4f}" for d, q in ranked[:top_k]))
         rows.append(tuple(row))
     columns = [Column("image", overflow="fold"), Column("label"), Column("probability")]
     _print_rows(columns + ([Column("candidates")] if min_confidence is not None else [])
-                + ([Column("digit?")] if reject_ood else []), rows)
+                + ([Column("digit?")] if reject_ood else []) + ([Column(f"top {top_k}")] if top_k > 1 else []), rows)
     if failures:
         sys.exit(1)
+
+
+def app_command(
+    model: Annotated[str, typer.Option("--model", help="the registered model to try: " + ", ".join(
+        s.registry_model for s in SOURCES))] = "digits-mnist",
+    alias: Annotated[str, typer.Option("--alias", help="the alias it follows: a promotion or rollback is picked up "
+                                                       "at the next prediction")] = "champion",
+    host: Annotated[str, typer.Option("--host", help="the address to listen on (127.0.0.1: this machine only)")]
+        = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8765,
+    min_confidence: Annotated[float, typer.Option(
+        "--min-confidence", min=0, max=1, help="below this probability the page says 'not sure' (the model "
+                                               "abstains)")] = 0.0,
+) -> None:
+    """Start a local web page to try a registered model: draw a digit or drop PNG/JPEG files, and see the digit,
+    its ten probabilities and which version answered. Works offline; Ctrl-C stops."""
+    import socket
+
+    from components import app as app_component
+    from components.registry import checked_alias, checked_name
+    from flows import stages
+
+    checked_name(model), checked_alias(alias)
+    follower = app_component.Follower(stages.registry, model, alias)
+    try:
+        loaded = follower.current()
+    except DigitsInputError as exc:
+        spec = next((s for s in SOURCES if s.registry_model == model), None)
+        hint = (f"run `digits run {spec.pipeline} --data DIR` to train and promote one" if spec
+                else "see `digits registry list`")
+        raise DigitsInputError(f"nothing to serve: {exc}; {hint}") from None
+    with socket.socket() as probe:  # a port in use is one line, before uvicorn logs its own traceback
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise DigitsInputError(f"cannot listen on {host}:{port} ({exc.strerror.lower()}): choose another with "
+                                   "--port") from None
+    import uvicorn
+
+    version = loaded.version
+    console.print(f"digits app: http://{host}:{port}/ answers with {model}@{alias} (version {version.version}); "
+                  "Ctrl-C stops")
+    uvicorn.run(app_component.build(follower, min_confidence), host=host, port=port, log_level="warning")
 
 
 def serve() -> None:
@@ -267,117 +341,226 @@ def serve() -> None:
     from flows import deployments
 
     deployments.definitions()  # a broken file is one line, before Prefect starts
-    from flows.pipeline import console_logs_to_stdout
-
-    console_logs_to_stdout()
+    setup.console_logs_to_stdout()
     deployments.serve()
 
 
-def registry_list() -> None:
+JsonOption = Annotated[bool, typer.Option("--json", help="print JSON (for scripts) instead of a table")]
+
+
+def _emit_json(value) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _version_facts(version) -> dict:
+    """A registry version as --json shows it: number, aliases, description, lineage, every tag."""
+    tags = version.tags
+    return {"name": version.name, "version": version.version, "aliases": version.aliases,
+            "description": version.description, "uri": version.uri,
+            "val_accuracy": float(tags["digits.val_accuracy"]) if "digits.val_accuracy" in tags else None,
+            "model": tags.get("digits.model"), "run_id": tags.get("digits.run_id"),
+            "data_fingerprint": tags.get("digits.data_fingerprint"), "model_sha256": tags.get("digits.model_sha256"),
+            "tags": dict(sorted(tags.items()))}
+
+
+def registry_list(as_json: JsonOption = False) -> None:
     """Registered models with their champion and number of versions."""
     from flows import stages
 
     from components.registry import registered_before
 
     reg = stages.registry()
-    if not reg.names():
+    names = reg.names()
+    if not names:
         earlier = registered_before(stages.digits_home(), reg)
+        if as_json:
+            _emit_json([])
+            return
         print(f"no registered models in {reg.location}: a new or empty registry"
               + (f" — but this home registered {', '.join(earlier)} there: was it deleted or replaced?"
                  if earlier else ""))
         return
-    rows = []
-    for name in reg.names():
+    found = []
+    for name in names:
         champion = reg.champion(name)
-        rows.append((name, champion.version if champion else "-", str(len(reg.versions(name)))))
-    _print_rows([Column("model", no_wrap=True), Column("champion"), Column("versions")], rows)
+        found.append({"name": name, "champion": champion.version if champion else None,
+                      "versions": len(reg.versions(name))})
+    if as_json:
+        _emit_json(found)
+        return
+    _print_rows([Column("model", no_wrap=True), Column("champion"), Column("versions")],
+                [(f["name"], f["champion"] or "-", str(f["versions"])) for f in found])
 
 
 def registry_show(name: Annotated[str, typer.Argument(help="e.g. digits-mnist")],
-                  version: Annotated[Optional[str], typer.Argument(help="one version: its details and model card")] = None
-                  ) -> None:
-    """Every version of a model (aliases, val accuracy, run id, lineage), or one version with where its
-    model card is."""
+                  version: Annotated[Optional[str], typer.Argument(help="one version: its details and model card")] = None,
+                  as_json: JsonOption = False) -> None:
+    """Every version of a model (aliases, val accuracy, run id, lineage), or one version with why it is (or is
+    not) champion, when it became so, and where its model card is."""
     from flows import stages
 
     from components.registry import checked_name, checked_version
 
     reg = stages.registry()
     if version is not None:
-        _show_version(reg, reg.resolve(f"models:/{checked_name(name)}/{checked_version(version)}"))
+        _show_version(reg, reg.resolve(f"models:/{checked_name(name)}/{checked_version(version)}"), as_json)
         return
     versions = reg.versions(name)
     if not versions and name in reg.names():
+        if as_json:
+            _emit_json({"name": name, "versions": []})
+            return
         print(f"{name} is registered but has no versions (they were deleted); `digits run` registers new ones")
         return
     if not versions:
         raise DigitsInputError(f"no registered model '{name}' (see `digits registry list`)")
+    if as_json:
+        _emit_json({"name": name, "versions": [_version_facts(v) for v in versions]})
+        return
     _print_rows([Column("version"), Column("aliases"), Column("val_accuracy"), Column("model"),
                  Column("run id", no_wrap=True), Column("data", no_wrap=True)],
                 [(v.version, ",".join(v.aliases), v.tags.get("digits.val_accuracy", ""), v.tags.get("digits.model", ""),
                   v.tags.get("digits.run_id", ""), v.tags.get("digits.data_fingerprint", "")[:12]) for v in versions])
 
 
-def _show_version(reg, version) -> None:
-    """One version's facts and where its model card is (the registry's copy, and the run's when on this home)."""
+def _show_version(reg, version, as_json: bool = False) -> None:
+    """One version's facts, its moves as champion, and where its model card is (the registry's copy, and the
+    run's when on this home)."""
     from components.model_card import HTML, MARKDOWN
     from schemas.runs import RunFolder
 
     tags = version.tags
+    moves = [e for e in reg.history(version.name) if version.version in (e.get("to"), e.get("from"))]
+    card = reg.location_of(version, HTML)
+    local = None
+    try:
+        candidate = RunFolder.open(tags.get("digits.run_id", "")).stage_dir("register") / HTML
+        local = candidate if candidate.is_file() else None
+    except DigitsInputError:
+        pass
+    if as_json:
+        _emit_json({**_version_facts(version), "champion_history": moves, "model_card": card,
+                    "model_card_markdown": reg.location_of(version, MARKDOWN),
+                    "model_card_in_run": str(local) if local else None})
+        return
     rows = [("version", version.version), ("aliases", ",".join(version.aliases) or "-")]
+    rows += [("description", version.description)] if version.description else []
     rows += [(key.removeprefix("digits."), tags[key]) for key in (
         "digits.val_accuracy", "digits.model", "digits.run_id", "digits.pipeline", "digits.base",
         "digits.seen_val_images", "digits.seen_test_images", "digits.allow_seen_val", "digits.model_sha256")
         if key in tags]
+    rows += [("champion since" if e.get("to") == version.version else "champion until",
+              f"{e.get('at')}: {e.get('why')} ({e.get('by')})") for e in moves]
     _print_rows([Column("field", no_wrap=True), Column("value", overflow="fold")], rows)
-    card = reg.location_of(version, HTML)
     if card is None:
         console.print(f"{version.uri} has no model card (registered before digits wrote them)")
         return
     console.print(f"model card: {card}")
     console.print(f"model card (Markdown): {reg.location_of(version, MARKDOWN)}")
-    try:
-        local = RunFolder.open(tags.get("digits.run_id", "")).stage_dir("register") / HTML
-    except DigitsInputError:
-        return
-    if local.is_file():
+    if local is not None:
         console.print(f"model card in its run: {local}")
 
 
-def registry_promote(name: Annotated[str, typer.Argument()], version: Annotated[str, typer.Argument()]) -> None:
-    """Make VERSION the champion (the replaced champion stays a version; `rollback` returns to it)."""
+def _by(command: str) -> str:
+    """Who moved an alias by hand: the command, the user and the machine."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"digits registry {command} ({user}@{socket.gethostname()})"
+
+
+ReasonOption = Annotated[str, typer.Option("--reason", help="why, kept in the model's history (`digits registry "
+                                                             "history NAME`)")]
+
+
+def registry_promote(name: Annotated[str, typer.Argument()], version: Annotated[str, typer.Argument()],
+                     reason: ReasonOption = "") -> None:
+    """Make VERSION the champion (the replaced champion stays a version; `rollback` returns to it). The move is
+    kept in the model's history with the reason."""
     from flows import stages
 
-    promoted = stages.registry().promote(name, version)
+    promoted = stages.registry().promote(name, version, reason=reason, by=_by("promote"))
     console.print(f"{name}: champion is now version {promoted.version}")
 
 
-def registry_rollback(name: Annotated[str, typer.Argument()]) -> None:
-    """Move champion back to the version the current champion replaced."""
+def registry_rollback(name: Annotated[str, typer.Argument()], reason: ReasonOption = "") -> None:
+    """Move champion back to the version the current champion replaced (kept in the model's history)."""
     from flows import stages
 
-    restored = stages.registry().rollback(name)
+    restored = stages.registry().rollback(name, reason=reason, by=_by("rollback"))
     console.print(f"{name}: champion is back to version {restored.version}")
 
 
-def reports(run_id: Annotated[Optional[str], typer.Argument(help="a run id (default: list runs, newest last)")] = None) -> None:
+def registry_history(name: Annotated[str, typer.Argument(help="e.g. digits-mnist")], as_json: JsonOption = False) -> None:
+    """Every move of NAME's champion alias, oldest first: when, from which version to which, why, and by which run
+    or command."""
+    from flows import stages
+
+    events = stages.registry().history(name)
+    if as_json:
+        _emit_json(events)
+        return
+    if not events:
+        console.print(f"{name}: no champion yet")
+        return
+    _print_rows([Column("when", no_wrap=True), Column("from"), Column("to"), Column("why", overflow="fold"),
+                 Column("by", overflow="fold")],
+                [(e.get("at", ""), e.get("from") or "-", e.get("to", ""), e.get("why", ""), e.get("by", ""))
+                 for e in events])
+
+
+def registry_migrate(name: Annotated[str, typer.Argument(help="e.g. digits-mnist")]) -> None:
+    """Make the versions of NAME registered before digits registered MLflow Models into MLflow Models, in place:
+    the same version numbers, model files, tags and aliases (MLmodel, signature and input files are added beside
+    each model file, which is checked against its recorded sha256 first)."""
+    from flows import stages
+
+    from components.registry import checked_name
+
+    reg = stages.registry()
+    if checked_name(name) not in reg.names():
+        raise DigitsInputError(f"no registered model '{name}' (see `digits registry list`)")
+    for version, done in reg.migrate(name):
+        console.print(f"{name} version {version.version}: {done}")
+
+
+def reports(run_id: Annotated[Optional[str], typer.Argument(help="a run id (default: list runs, newest last)")] = None,
+            as_json: JsonOption = False) -> None:
     """List runs, or print where one run's reports are (its entry page first)."""
     if run_id is None:
-        rows = [(folder.run_id, record.pipeline, record.effective_status(),
-                 " ".join(f"{name}:{s.status}" for name, s in record.stages.items())) if record else
-                (folder.run_id, "?", "damaged", why) for folder, record, why in scan_runs()]
+        found = [{"run_id": folder.run_id, "pipeline": record.pipeline, "status": record.effective_status(),
+                  "stages": {name: s.status for name, s in record.stages.items()},
+                  "registry_version": record.registry_version, "promoted": record.promoted} if record else
+                 {"run_id": folder.run_id, "pipeline": None, "status": "damaged", "why": why}
+                 for folder, record, why in scan_runs()]
+        if as_json:
+            _emit_json(found)
+            return
         _print_rows([Column("run id", no_wrap=True), Column("pipeline", no_wrap=True), Column("status"),
-                     Column("stages", overflow="fold")], rows)
+                     Column("stages", overflow="fold")],
+                    [(f["run_id"], f["pipeline"] or "?", f["status"],
+                      " ".join(f"{n}:{st}" for n, st in f["stages"].items()) if "stages" in f else f["why"])
+                     for f in found])
         return
     from components import run_page
 
     folder = RunFolder.open(run_id)
-    console.print(f"run page: {run_page.write(folder, schemas.stages.GRAPH)}")
-    for stage in schemas.stages.GRAPH:
-        for report in stage.reports:
-            path = folder.stage_dir(stage.name) / report.path
-            if path.exists():
-                console.print(f"{report.label}: {path}")
+    page = run_page.write(folder, schemas.stages.GRAPH)
+    found = [(stage.name, report.label, folder.stage_dir(stage.name) / report.path)
+             for stage in schemas.stages.GRAPH for report in stage.reports
+             if (folder.stage_dir(stage.name) / report.path).exists()]
+    if as_json:
+        _emit_json({"run_id": folder.run_id, "run_page": str(page), "run_json": str(folder.path),
+                    "reports": [{"stage": name, "report": label, "path": str(path)} for name, label, path in found],
+                    "summary": run_page.summary(folder)})
+        return
+    console.print(f"run page: {page}")
+    for _, label, path in found:
+        console.print(f"{label}: {path}")
     console.print(f"run.json: {folder.path}")
 
 
@@ -404,8 +587,9 @@ def _open_run(run_id: str | None, overrides: list[str] | None):
 
 
 def _print_rows(columns: list[Column], rows: list[tuple[str, ...]]) -> None:
-    """A table on a terminal; piped, one tab-separated line per row with nothing cut."""
+    """A table on a terminal; piped, a tab-separated header line, then one line per row with nothing cut."""
     if not console.is_terminal:
+        print("\t".join(str(c.header) for c in columns))
         for row in rows:
             print("\t".join(row))
         return
@@ -413,6 +597,22 @@ def _print_rows(columns: list[Column], rows: list[tuple[str, ...]]) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+def _print_summary(folder: RunFolder) -> None:
+    """What the run did, in a few lines (components.run_page.summary); the run page as a link a terminal opens."""
+    from components import run_page
+
+    try:
+        lines = run_page.summary(folder)
+    except (OSError, DigitsInputError):
+        return  # the run's folder is gone or damaged: the error line says what happened
+    for line in lines:
+        if line.startswith("run page: "):
+            uri = line.removeprefix("run page: ")
+            console.print(f"run page: [link={uri}]{uri}[/link]")
+        else:
+            console.print(line, markup=False)
 
 
 def _print_stages(folder: RunFolder) -> None:
@@ -423,28 +623,53 @@ def _print_stages(folder: RunFolder) -> None:
     console.print(table)
 
 
+def _help(function) -> str:
+    """A command's help from its docstring, as sentences: the lines of a paragraph joined (a terminal of any width
+    wraps them), paragraphs kept apart."""
+    import inspect
+
+    text = inspect.cleandoc(function.__doc__ or "")
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in text.split("\n\n") if paragraph.strip())
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"digits {version('digits')}")
+        raise typer.Exit()
+
+
 def build_app() -> typer.Typer:
     """The command line, with one command per stage command of the current stage graph."""
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                       help="digits: a TFX-style, Prefect-orchestrated pipeline for handwritten digits.")
-    app.command()(run)
-    app.command()(resume)
-    app.command()(ingest)
+
+    @app.callback()
+    def _options(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                                       help="Print digits' version and exit.")] = False) -> None:
+        pass
+
+    def add(typer_app: typer.Typer, function, name: str | None = None) -> None:
+        typer_app.command(name, help=_help(function))(function)
+
+    for function in (run, resume, ingest):
+        add(app, function)
     for name, stages_ in schemas.stages.GRAPH.commands().items():
         if name != "ingest":  # ingest starts a run (--source, --data); the others work on one
-            app.command(name)(_stage_command(name, stages_))
-    app.command()(predict)
-    app.command()(serve)
-    app.command()(reports)
-    registry_app = typer.Typer(help="the model registry: " + ", ".join(s.registry_model for s in SOURCES),
+            add(app, _stage_command(name, stages_), name)
+    for function in (predict, serve):
+        add(app, function)
+    add(app, app_command, "app")
+    add(app, reports)
+    registry_app = typer.Typer(help="The model registry: " + ", ".join(s.registry_model for s in SOURCES) + ".",
                                no_args_is_help=True)
-    registry_app.command("list")(registry_list)
-    registry_app.command("show")(registry_show)
-    registry_app.command("promote")(registry_promote)
-    registry_app.command("rollback")(registry_rollback)
+    for name, function in (("list", registry_list), ("show", registry_show), ("history", registry_history),
+                           ("promote", registry_promote), ("rollback", registry_rollback), ("migrate", registry_migrate)):
+        add(registry_app, function, name)
     app.add_typer(registry_app, name="registry")
-    suites_app = typer.Typer(help="the validation suites of each source", no_args_is_help=True)
-    suites_app.command("show")(suites_show)
+    suites_app = typer.Typer(help="The validation suites of each source.", no_args_is_help=True)
+    add(suites_app, suites_show, "show")
     app.add_typer(suites_app, name="suites")
     return app
 
@@ -452,8 +677,7 @@ def build_app() -> typer.Typer:
 def main() -> None:
     """Console-script entry point: bad input and usage errors are one line and exit 2; an unreachable
     tracking server is one line and exits 1; --require-promotion refused exits 3."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    setup.environment()
     # typer (pinned) vendors click as typer._click: its usage errors come here, to be one line as well
     from typer import Abort
     from typer._click.exceptions import NoArgsIsHelpError, UsageError

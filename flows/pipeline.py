@@ -10,27 +10,18 @@ submission).
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# The ephemeral API's first start in a fresh PREFECT_HOME (database migrations) took 8-19 s on a busy
-# 2-core machine here, against Prefect's default limit of 20 s.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.states import Completed  # noqa: E402
-
-import schemas.stages  # noqa: E402
-from flows import runner, stages  # noqa: E402
-from schemas.artifacts import Artifact  # noqa: E402
-from schemas.config import PipelineConfig  # noqa: E402
-from schemas.errors import DigitsInputError, OutOfSpace, ServiceUnavailable  # noqa: E402
-from schemas.runs import RunFolder, digits_home  # noqa: E402
-from schemas.stages import Stage  # noqa: E402
+import schemas.stages
+from flows import runner, setup, stages
+from schemas.artifacts import Artifact
+from schemas.config import PipelineConfig
+from schemas.errors import DigitsInputError
+from schemas.runs import RunFolder, digits_home
+from schemas.stages import Stage
 
 
 def _transient(task, task_run, state) -> bool:
@@ -45,9 +36,15 @@ def _transient(task, task_run, state) -> bool:
 
 
 def _publish(artifact: Artifact) -> None:
-    """The artifact's publications as Prefect artifacts of the running task."""
+    """The artifact's publications as Prefect artifacts of the running task; a link to what a registry version keeps
+    goes to the version's page in the MLflow UI when a tracking server is configured."""
+    import dataclasses
+
+    from components.tracking import tracking_uri, ui_link
+
     for item in artifact.publications():
-        _PUBLISHERS[item.kind](item)
+        page = ui_link(tracking_uri(digits_home()), item.registry_uri) if item.registry_uri else None
+        _PUBLISHERS[item.kind](dataclasses.replace(item, content=page) if page else item)
 
 
 _PUBLISHERS = {
@@ -91,6 +88,7 @@ def digits(config: PipelineConfig, run_id: str | None = None) -> str:
     """
     from prefect.runtime import flow_run
 
+    setup.one_line_errors()
     folder = RunFolder.open(run_id, digits_home()) if run_id else stages.run_for_flow_run(config, flow_run.id)
     if folder.load().prefect_flow_run_id is None and flow_run.id:
         folder.update(lambda record: setattr(record, "prefect_flow_run_id", flow_run.id))
@@ -103,51 +101,20 @@ def digits(config: PipelineConfig, run_id: str | None = None) -> str:
                                                            {name: artifacts[name] for name in graph.consumed(stage, config)})
     except BaseException as exc:  # a failed stage recorded itself; whatever else failed, the run is not running
         runner.fail_run(folder, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        _publish_summary(folder)
         raise
     runner.finish_run(folder)
+    _publish_summary(folder)
     return folder.run_id
 
 
-class _NoInputErrorTraceback(logging.Filter):
-    """A DigitsInputError is the user's to fix, a ServiceUnavailable names the server: log the message,
-    not a traceback."""
+def _publish_summary(folder: RunFolder) -> None:
+    """The run's summary (components.run_page.summary) as the flow run's markdown artifact `run-summary`."""
+    from components import run_page
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], (DigitsInputError, ServiceUnavailable, OutOfSpace)):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def _one_line_input_errors(filterer: logging.Filterer) -> None:
-    """Put the no-traceback filter on a logger or handler, once."""
-    if not any(isinstance(f, _NoInputErrorTraceback) for f in filterer.filters):
-        filterer.addFilter(_NoInputErrorTraceback())
-
-
-# A flow run outside the CLI (a Prefect worker's flow-run process imports this module to load the flow) logs
-# its failure through these loggers, to the console and to the API: the user's errors in one line there too.
-for _name in ("prefect.flow_runs", "prefect.task_runs"):
-    _one_line_input_errors(logging.getLogger(_name))
-
-
-class _CurrentStdout:
-    """Writes to whatever sys.stdout is at the time of writing (callers and tests may swap it)."""
-
-    def write(self, text: str) -> int:
-        return sys.stdout.write(text)
-
-    def flush(self) -> None:
-        sys.stdout.flush()
-
-    def isatty(self) -> bool:
-        return sys.stdout.isatty()
-
-
-def console_logs_to_stdout() -> None:
-    """Send Prefect's console log lines to stdout (they are progress), keeping stderr for errors."""
-    for handler in logging.getLogger().handlers:
-        if type(handler).__name__ == "PrefectConsoleHandler":
-            stream = _CurrentStdout()
-            handler.setStream(stream)
-            handler.console.file = stream
-            _one_line_input_errors(handler)
+    try:
+        lines = run_page.summary(folder)
+        create_markdown_artifact(key="run-summary", markdown="\n".join(f"- {line}" for line in lines),
+                                 description=f"what run {folder.run_id} did")
+    except Exception as exc:  # the summary never fails a run, nor hides why it failed
+        get_run_logger().warning("no run summary: %s", exc)

@@ -31,6 +31,8 @@ class Publication:
     description: str
     content: Any  # table: list of row dicts; link: a URL; markdown: the text
     link_text: str | None = None
+    registry_uri: str | None = None  # a link to what a registry version keeps: shown as its page in the MLflow UI
+    # when a tracking server is configured (a browser refuses file:// links from an http page)
 
 
 def sha256_file(path: Path) -> str:
@@ -171,7 +173,7 @@ class Validation(Artifact):
 
     @property
     def report(self) -> Path:
-        return self.dir / "index.html"
+        return self.dir / "report.html"  # every suite's results, offline (index.html: GX's Data Docs)
 
     def describe(self) -> str:
         state = "passed" if self.passed else f"{len(self.failures)} failed (recorded as warnings)"
@@ -184,7 +186,7 @@ class Validation(Artifact):
         return [Publication("table", "validation-results", f"Great Expectations results ({self.dir.parent.name})",
                             [{k: str(r[k]) for k in columns} for r in rows]),
                 Publication("link", "validation-report", f"validation report of run {self.dir.parent.name}",
-                            self.report.as_uri(), "Data Docs")]
+                            self.report.as_uri(), "validation report")]
 
 
 @dataclass(frozen=True)
@@ -321,6 +323,7 @@ class Exported(Artifact):
     predict_seconds: float = 0.0  # in-flow prediction of every test row
     label_counts: dict[str, int] = field(default_factory=dict)
     seen_test: int | None = None  # test rows the model was trained on (seen-test-images.csv); None: unknown
+    test_accuracy: float | None = None  # on a test split with labels (MNIST's, the noisy set's); never used to choose
 
     CONTENT = ("submission.csv", "model.keras", "model.joblib", "saved_model/**/*")
 
@@ -330,6 +333,8 @@ class Exported(Artifact):
 
     def describe(self) -> str:
         submitted = f"{self.test_rows:,} test rows: {self.submission_path}" if self.submission else "no test split"
+        if self.test_accuracy is not None:
+            submitted += f" (test accuracy {self.test_accuracy:.2%})"
         if self.seen_test:
             submitted += f" (warning: {self.seen_test:,} of them were seen in training: seen-test-images.csv)"
         return (f"{submitted}; {self.model} agreed with the in-flow predictions on {self.infra_rows} rows in a "
@@ -423,9 +428,10 @@ class Registration(Artifact):
     def publications(self) -> list[Publication]:
         if self.version is None:
             return []
+        uri = f"models:/{self.model_name}/{self.version}"
         found = [Publication("link", "registry-version", "champion" if self.promoted else "registered, not champion",
-                             f"models:/{self.model_name}/{self.version}", f"{self.model_name} version {self.version}")]
+                             uri, f"{self.model_name} version {self.version}", registry_uri=uri)]
         if self.model_card:
             found.append(Publication("link", "model-card", f"model card of {self.model_name} version {self.version}",
-                                     (self.dir / self.model_card).as_uri(), "model card"))
+                                     (self.dir / self.model_card).as_uri(), "model card", registry_uri=uri))
         return found

@@ -374,8 +374,9 @@ class EvaluateConfig(_Model):
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of that test")
     allow_new_registry: bool = Field(False, description="register into a registry that has lost the versions "
                                                         "this home registered there (deleted or replaced)")
-    calibrate: bool = Field(False, description="fit a temperature on the val split and keep it inside the model "
-                                               "(the calibrate stage): calibrated probabilities everywhere after")
+    calibrate: bool = Field(True, description="fit a temperature on the val split and keep it inside the model "
+                                              "(the calibrate stage): probabilities that mean what they say "
+                                              "everywhere after (a Keras model; pca-svm is never calibrated)")
     allow_seen_val: bool = Field(False, description="let a model whose val split holds images it (or its base) "
                                                     "was trained on pass the gate; recorded in the registry")
     ood_keep: float | None = Field(0.99, gt=0.5, lt=1, description="fit the out-of-distribution detector that "
@@ -476,10 +477,10 @@ def apply_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineCon
             field = _fields(model).get(part)
             sub = field.annotation if field else None
             if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
-                raise ConfigError(f"unknown config key '{key}' in --set {override}; known: {_known_keys(config)}")
+                raise ConfigError(_unknown_key(key.strip(), override, config))
             node, model = node[part], sub
         if leaf not in _fields(model) or _is_model(_fields(model)[leaf].annotation):
-            raise ConfigError(f"unknown config key '{key}' in --set {override}; known: {_known_keys(config)}")
+            raise ConfigError(_unknown_key(key.strip(), override, config))
         node[leaf] = None if value.strip().lower() in ("none", "null") else value
     try:
         return type(config).model_validate(data)
@@ -499,6 +500,29 @@ def _fields(model: type[BaseModel]) -> dict[str, Any]:
 
 def _is_model(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _unknown_key(key: str, override: str, config: BaseModel) -> str:
+    """One line for a --set key that is not a setting: the closest keys ("did you mean"), else the section's keys,
+    else the sections."""
+    import difflib
+
+    keys = _known_keys(config).split(", ")
+    sections = sorted({k.split(".")[0] for k in keys})
+    section, _, leaf = key.rpartition(".")
+    close = [k for k in keys if k.endswith(f".{key}")]  # `epochs` for train.epochs
+    if section:
+        for near in [section] if section in sections else difflib.get_close_matches(section, sections, n=1, cutoff=0.6):
+            leaves = [k.removeprefix(f"{near}.") for k in keys if k.startswith(f"{near}.")]
+            close += [f"{near}.{m}" for m in difflib.get_close_matches(leaf, leaves, n=3, cutoff=0.6)]
+    if close:
+        return f"unknown config key '{key}' in --set {override}; did you mean {' or '.join(close[:3])}?"
+    section = key.split(".")[0]
+    in_section = [k for k in keys if k.startswith(f"{section}.")]
+    if in_section:
+        return f"unknown config key '{key}' in --set {override}; {section} has: {', '.join(in_section)}"
+    return (f"unknown config key '{key}' in --set {override}; settings are SECTION.KEY, sections: "
+            f"{', '.join(sections)} (see `digits run --help`)")
 
 
 def _known_keys(config: BaseModel, prefix: str = "") -> str:

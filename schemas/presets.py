@@ -44,4 +44,8 @@ def preset(name: str) -> Preset:
     try:
         return _BY_NAME[name]
     except KeyError:
-        raise ConfigError(f"unknown preset '{name}'; known: {', '.join(_BY_NAME)}") from None
+        import difflib
+
+        close = difflib.get_close_matches(name, list(_BY_NAME), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"unknown preset '{name}'; {hint}known: {', '.join(_BY_NAME)}") from None

@@ -191,20 +191,21 @@ def _tuned(config: PipelineConfig) -> bool:
 
 
 def _calibrated(config: PipelineConfig) -> bool:
-    return config.evaluate.calibrate
+    return config.evaluate.calibrate and config.train.model != "pca-svm"  # a Keras model's probabilities
 
 
 GRAPH = Graph((
     Stage("ingest", produces="examples", artifact=Examples, run="flows.stages:ingest",
           settings=("pipeline", "ingest.limit", "ingest.on_bad_rows"),
           code=("components/ingest", "schemas/dataset.py"), reuse="content", external="flows.stages:data_fingerprint",
-          reports=(Report("EDA", "eda"), Report("rejected rows", "rejected.csv")), retries=2, command="ingest",
+          reports=(Report("EDA", "eda/index.html"), Report("rejected rows", "rejected.csv")), retries=2, command="ingest",
           help="Read the source with its real loader into canonical Parquet per split, plus EDA pictures."),
     Stage("validate", produces="validation", artifact=Validation, run="flows.stages:validate", consumes=("examples",),
           settings=("pipeline", "validate", "ingest.limit"),
           code=("components/validate", "schemas/suites", "schemas/features.py", "schemas/sources.py"),
           reuse="content", after="flows.stages:validation_gate",
-          reports=(Report("validation report", "index.html"), Report("validation results", "results.json")),
+          reports=(Report("validation report", "report.html"), Report("Data Docs", "index.html"),
+                   Report("validation results", "results.json")),
           help="Run the Great Expectations suites on per-row features; stop (exit 2) on failures."),
     Stage("convert", produces="converted", artifact=Converted, run="flows.stages:convert",
           consumes=("examples", "validation"), settings=("seed", "convert.val_fraction", "convert.rows_per_shard"),
@@ -218,8 +219,9 @@ GRAPH = Graph((
           off="tune is off for this run (tune.trials=0): `--set tune.trials=N` runs a study of N trials",
           reports=(Report("tune report", "report.html"), Report("trials", "trials.csv"),
                    Report("optimisation history", "history.png")),
-          help="tune.trials > 0: an Optuna study (TPE, pruned on per-epoch val accuracy) over tune.space; its "
-               "best settings go into train. A killed tune resumes with its finished trials."),
+          help="Search train's settings with an Optuna study (TPE, pruned on per-epoch val accuracy) over tune.space; "
+               "its best settings go into train. Off unless tune.trials > 0 (--set tune.trials=N): without it the "
+               "command says so and does nothing. A killed tune resumes with its finished trials."),
     Stage("train", produces="model", artifact=Trained, run="flows.stages:train", consumes=("converted",),
           optional=("tuning",),
           settings=("seed", "train"), code=("components/train", "components/lineage.py"), resumable=True, lines=True, applies=_from_scratch,
@@ -235,15 +237,16 @@ GRAPH = Graph((
           settings=("evaluate.calibrate",), code=("components/calibrate.py", "components/evaluate"),
           applies=_calibrated, command="evaluate",
           reports=(Report("calibrated model", "model.keras"), Report("calibration", "calibration.json")),
-          help="With evaluate.calibrate=true, first fit a temperature on the val split and keep it inside the model."),
+          help="Fit a temperature on the val split and keep it inside the model, so its probabilities mean what they "
+               "say (evaluate.calibrate, on by default)."),
     Stage("evaluate", produces="evaluation", artifact=Evaluation, run="flows.stages:evaluate",
           consumes=("model", "converted"), settings=("pipeline", "evaluate"),
           code=("components/evaluate", "components/lineage.py", "components/ood.py"),
           after="flows.stages:record_metrics", reports=(Report("evaluation report", "report.html"),),
           help="Score the model on the val split, gate it against the threshold and the champion."),
     Stage("register", produces="registration", artifact=Registration, run="flows.stages:register",
-          consumes=("model", "converted", "evaluation"), settings=("pipeline", "evaluate"),
-          code=("components/registry", "components/model_card.py"), after="flows.stages:record_promotion",
+          consumes=("model", "converted", "evaluation", "validation"), settings=("pipeline", "evaluate"),
+          code=("components/registry", "components/registration.py", "components/model_card.py"), after="flows.stages:record_promotion",
           command="evaluate", run_fields=("registry_version", "promoted", "promotion_reason"),
           reports=(Report("registration", "registration.json"), Report("model card", "model_card.html")),
           help="Register a gate-passing model as a new version and make it champion."),

@@ -94,6 +94,28 @@ def test_the_runs_entry_page_shows_every_suite_and_the_evaluation_offline(cli, h
                       profile=tmp_path / "profile")
     assert taken.returncode == 0 and shot.stat().st_size > 20_000
 
+    # every link on the run page resolves: to a file of the run, or (with a tracking server) the MLflow UI
+    import re
+
+    links = re.findall(r'href="([^"]+)"', (run / "index.html").read_text())
+    assert len(links) >= 8 and all((run / link).exists() for link in links if "://" not in link), links
+    # the validation report: every suite with every result, offline, no placeholders (GX's index is empty offline)
+    validation = _chromium(*offline, "--dump-dom", (run / "validate/report.html").as_uri(), profile=tmp_path / "profile")
+    results = json.loads((run / "validate/results.json").read_text())["results"]
+    for suite in ("kaggle-train", "kaggle-test", "kaggle-dataset"):
+        assert f'id="{suite}"' in validation.stdout
+    assert validation.stdout.count("<tr>") >= len(results) and "$PARAMETER" not in validation.stdout
+    assert f"{sum(r['success'] for r in results)} of {len(results)} expectations passed" in validation.stdout
+    # the evaluation report shows the training curves; the EDA page its pictures with their numbers
+    evaluation = _chromium(*offline, "--dump-dom", (run / "evaluate/report.html").as_uri(), profile=tmp_path / "profile")
+    assert "Training curves" in evaluation.stdout and 'alt="training"' in evaluation.stdout
+    assert 'href="../index.html"' in evaluation.stdout and 'href="../validate/report.html"' in evaluation.stdout
+    eda = _chromium(*offline, "--dump-dom", (run / "ingest/eda/index.html").as_uri(), profile=tmp_path / "profile")
+    assert "Label counts" in eda.stdout and 'src="label_counts.png"' in eda.stdout and "smallest / largest" in eda.stdout
+    for page in ("validate/report.html", "evaluate/report.html", "ingest/eda/index.html"):
+        for link in re.findall(r'(?:href|src)="([^"]+)"', (run / page).read_text()):
+            assert "://" in link or link.startswith("data:") or (run / page).parent.joinpath(link).exists(), (page, link)
+
 
 def test_the_model_card_of_a_registered_version_renders_its_sections_offline(cli, home, tmp_path):
     """`digits registry show NAME VERSION` says where the version's model card is; the registry's copy
@@ -117,7 +139,7 @@ def test_the_model_card_of_a_registered_version_renders_its_sections_offline(cli
     assert "Model card: digits-kaggle version 1" in text
     for section in SECTIONS:
         assert f"<h2>{section}</h2>" in text, section
-    assert text.count('src="data:image/png;base64,') == 3  # robustness, calibration, confusion: inlined
+    assert text.count('src="data:image/png;base64,') == 4  # training curves, robustness, calibration, confusion
     assert "Wilson" in text and "seen.npz" in text and "train split" in text
     processor = processor_name()
     assert f"1 epoch on CPU{f' ({processor})' if processor else ''}, " in text  # where it trained, for its seconds

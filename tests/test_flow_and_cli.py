@@ -51,7 +51,7 @@ def test_run_chains_the_stages_through_prefect(cli, home, tmp_path):
             key=ArtifactFilterKey(any_=["validation-results", "validation-report"])))
     # the Prefect home is shared by the session's flow runs: find this run's among them
     reports = [str(a.data) for a in found if a.key == "validation-report"]
-    assert any((run / "validate/index.html").as_uri() in data for data in reports)
+    assert any((run / "validate/report.html").as_uri() in data for data in reports)
     assert any("border_mean" in str(a.data) for a in found if a.key == "validation-results")
     assert not list(run.glob(".*tmp-*"))
 
@@ -99,7 +99,7 @@ def test_reports_lists_runs_and_points_at_their_files(cli, home, tmp_path):
     listing = cli("reports")
     assert listing.code == 0 and run.name in listing.out and "ingest:completed" in listing.out
     detail = cli("reports", run.name)
-    assert str(run / "ingest" / "eda") in detail.out and str(run / "run.json") in detail.out
+    assert str(run / "ingest" / "eda" / "index.html") in detail.out and str(run / "run.json") in detail.out
 
 
 _LOCAL_API = """
@@ -240,6 +240,11 @@ def test_a_failed_run_resumes_at_the_failed_stage(cli, home, tmp_path, monkeypat
         f"digits: error: MLflow tracking server http://127.0.0.1:{dead} unreachable (connection refused): start "
         f"it, or unset MLFLOW_TRACKING_URI to track in SQLite under $DIGITS_HOME; then `digits resume {run.name}`"]
     assert "Traceback" not in failed.out
+    # the run's end says what happened: the stage, its reason, what to do next, where to look
+    assert f"train-kaggle run {run.name}: failed" in failed.out
+    assert f"failed at stage train: MLflow tracking server http://127.0.0.1:{dead} unreachable" in failed.out
+    assert f"fix the cause, then continue it: digits resume {run.name}" in failed.out
+    assert f"run page: {(run / 'index.html').as_uri()}" in failed.out
     before = json.loads((run / "run.json").read_text())
     assert before["status"] == "failed" and before["stages"]["train"]["status"] == "failed"
     assert not (run / "train").exists()
@@ -254,3 +259,9 @@ def test_a_failed_run_resumes_at_the_failed_stage(cli, home, tmp_path, monkeypat
         assert after["stages"][stage] == before["stages"][stage]  # not run again
     assert [after["stages"][s]["status"] for s in ("train", "evaluate", "export")] == ["completed"] * 3
     assert after["promoted"] is True
+    summary = result.out[result.out.index(f"train-kaggle run {run.name}: completed"):].splitlines()
+    val = after["stages"]["evaluate"]["outputs"]["val_accuracy"]
+    assert summary[1] == f"val accuracy {val:.2%}"  # Kaggle's test split has no labels: no test accuracy
+    assert summary[2].startswith("gate passed: ")
+    assert summary[3] == "registry: digits-kaggle version 1, now champion (models:/digits-kaggle@champion)"
+    assert summary[-1] == f"run page: {(run / 'index.html').as_uri()}"

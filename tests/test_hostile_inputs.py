@@ -134,8 +134,9 @@ def test_predict_reads_folders_and_keeps_going_past_a_bad_image(cli, tmp_path, u
     assert result.code == 1
     assert _one_line(result) == f"digits: error: {images / 'blank.png'}: no digit found (the image is blank or has " \
                                 "no contrast)"
-    assert [Path(line.split("\t")[0]).name for line in result.out.strip().splitlines()] == ["digit-1.png",
-                                                                                          "digit-7.png"]
+    header, *lines = result.out.strip().splitlines()  # piped: a header line, then a line per image
+    assert header.split("\t")[:2] == ["image", "label"]
+    assert [Path(line.split("\t")[0]).name for line in lines] == ["digit-1.png", "digit-7.png"]
     result = cli("predict", untrained, images / "blank.png")  # nothing could be predicted: bad input
     assert result.code == 2 and result.out == ""
 
@@ -364,7 +365,7 @@ def test_a_registered_model_without_versions_is_shown_as_such(cli, home):
 
     mlflow_client(tracking_uri(home)).create_registered_model("digits-folder")  # its versions deleted, say
     listed = cli("registry", "list")
-    assert listed.code == 0 and listed.out.splitlines() == ["digits-folder\t-\t0"]
+    assert listed.code == 0 and listed.out.splitlines() == ["model\tchampion\tversions", "digits-folder\t-\t0"]
     shown = cli("registry", "show", "digits-folder")
     assert shown.code == 0 and "digits-folder is registered but has no versions" in shown.out
 

@@ -78,7 +78,7 @@ def test_drawn_digits_off_centre_on_white_are_recognised(cli, tmp_path, mnist_mo
     images = [draw_digit(d, tmp_path / f"digit-{d}.png", offset=OFFSETS[d]) for d in range(10)]
     result = cli("predict", str(mnist_model), *map(str, images))
     assert result.code == 0, result.err
-    lines = [line.split("\t") for line in result.out.strip().splitlines()]
+    lines = [line.split("\t") for line in result.out.strip().splitlines()[1:]]  # after the header line
     assert [Path(line[0]).name for line in lines] == [p.name for p in images]
     predicted = [int(line[1]) for line in lines]
     assert all(0 < float(line[2]) <= 1 for line in lines)

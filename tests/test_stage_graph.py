@@ -108,9 +108,11 @@ def test_an_optional_input_is_consumed_only_where_the_plan_produces_it():
 def test_a_stage_reads_the_last_refinement_of_an_artifact_made_before_it():
     from schemas.config import apply_overrides, default_config
 
-    plain = default_config("train-mnist")
-    calibrated = apply_overrides(plain, ["evaluate.calibrate=true"])
+    calibrated = default_config("train-mnist")  # calibrated by default
+    plain = apply_overrides(calibrated, ["evaluate.calibrate=false"])
     assert GRAPH.producer("model", plain, before="evaluate").name == "train"
+    svm = apply_overrides(calibrated, ["train.model=pca-svm"])  # never calibrated: it has no probabilities to scale
+    assert GRAPH.producer("model", svm, before="evaluate").name == "train"
     assert GRAPH.producer("model", calibrated, before="evaluate").name == "calibrate"
     assert GRAPH.producer("model", calibrated, before="calibrate").name == "train"
     assert [s.name for s in GRAPH.commands()["evaluate"]] == ["calibrate", "evaluate", "register"]

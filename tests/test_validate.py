@@ -48,9 +48,13 @@ def test_clean_data_passes_and_the_report_is_written(cli, home, tmp_path, source
     assert (run / "validate/index.html").read_text().lower().startswith("<!doctype html")
     record = json.loads((run / "run.json").read_text())
     assert record["stages"]["validate"]["status"] == "completed" and record["status"] == "completed"
-    assert str(run / "validate/index.html") in result.out
+    assert str(run / "validate/report.html") in result.out
     report = cli("reports", run.name)
-    assert f"validation report: {run / 'validate/index.html'}" in report.out
+    assert f"validation report: {run / 'validate/report.html'}" in report.out
+    assert f"Data Docs: {run / 'validate/index.html'}" in report.out
+    page = (run / "validate/report.html").read_text()
+    assert "$PARAMETER" not in page and "expectations passed" in page and "<script" not in page
+    assert "min_value=" in page  # what each expectation expected, its parameters resolved
 
 
 def _invert_some(data: dict) -> None:

@@ -117,6 +117,7 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
     """Score the model on the val split, compare it with the champion on the same images, gate it, and
     write metrics.json, the pictures and report.html into out_dir; with ood_keep, fit the out-of-distribution
     detector (components.ood) into out_dir/ood.npz."""
+    from components import pages
     from components.evaluate import report
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -148,7 +149,9 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
     report.errors_png(val, probabilities, out_dir / "errors.png")
     report.robustness_png(robustness, out_dir / "robustness.png")
     report.reliability_png(metrics["calibration"], out_dir / "reliability.png")
-    report.html(metrics, robustness, out_dir / "report.html")
+    report.training_png(report.histories(trained.dir), out_dir / report.TRAINING)
+    report.html(metrics, robustness, out_dir / "report.html", nav=pages.nav(out_dir.parent, "evaluate",
+                                                                              mlflow_run=trained.mlflow_run_id))
     progress(f"val_accuracy {metrics['val_accuracy']:.2%}; gate {'passed' if gate['passed'] else 'refused'}: "
              f"{gate['reason']}")
     return Evaluation(dir=out_dir, val_accuracy=metrics["val_accuracy"], passed=gate["passed"],

@@ -31,6 +31,52 @@ def _save(fig, path: Path) -> None:
     os.replace(partial, path)
 
 
+TRAINING = "training.png"
+
+
+def histories(model_dir: Path) -> dict[str, Path]:
+    """The per-epoch histories (history.csv) of a trained model's folder: the model's own, or each member's of an
+    ensemble ({"model": ...} or {"member-00": ..., ...})."""
+    found = {"model": model_dir / "history.csv"} if (model_dir / "history.csv").is_file() else {}
+    for path in sorted(model_dir.glob("members/*/history.csv")):
+        found[path.parent.name] = path
+    return found
+
+
+def training_png(found: dict[str, Path], path: Path) -> bool:
+    """Loss and accuracy per epoch, train (solid) and val (dashed), for the model or each member; False (nothing
+    written) when there is no history with an epoch in it (pca-svm trains without epochs)."""
+    import csv
+
+    curves = {}
+    for name, history in found.items():
+        with history.open(newline="") as fh:
+            rows = [row for row in csv.DictReader(fh) if row.get("loss") not in (None, "")]
+        if rows:
+            curves[name] = rows
+    if not curves:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (name, rows) in enumerate(curves.items()):
+        epochs = [int(float(r["epoch"])) + 1 for r in rows]
+        colour = colours[k % len(colours)]
+        for ax, key in zip(axes, ("loss", "accuracy")):
+            ax.plot(epochs, [float(r[key]) for r in rows], color=colour, label=f"{name} train")
+            if rows[0].get(f"val_{key}") not in (None, ""):
+                ax.plot(epochs, [float(r[f"val_{key}"]) for r in rows], color=colour, linestyle="--",
+                        label=f"{name} val")
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.set_title(f"{key} per epoch (train solid, val dashed)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+    return True
+
+
 def confusion_png(confusion: np.ndarray, path: Path) -> None:
     """The 10x10 confusion matrix: counts in each cell, rows true class, columns predicted."""
     plt = _pyplot()
@@ -117,6 +163,12 @@ def _img(path: Path) -> str:
     return f'<img alt="{path.stem}" src="data:image/png;base64,{data}">'
 
 
+def _training(out: Path) -> str:
+    if not (out / TRAINING).is_file():
+        return ""
+    return f"<h2>Training curves</h2>{_img(out / TRAINING)}"
+
+
 def _comparison(comparison: dict | None) -> str:
     """The paired comparison with the champion: who got which images right, the difference and its test."""
     if not comparison:
@@ -179,8 +231,9 @@ def _members(members: list[dict] | None, ensemble: float) -> str:
             "</tr></table>")
 
 
-def html(metrics: dict, robustness: dict, path: Path) -> None:
-    """One self-contained page: the gate's decision, the metrics table and the three pictures."""
+def html(metrics: dict, robustness: dict, path: Path, nav: str = "") -> None:
+    """One self-contained page: the gate's decision, the metrics table, the training curves and the pictures;
+    nav: links to the run's other pages (components.pages.nav)."""
     gate = metrics["gate"]
     rows = "".join(
         f"<tr><td>{c}</td><td>{m['precision']:.4f}</td><td>{m['recall']:.4f}</td><td>{m['f1']:.4f}</td>"
@@ -193,12 +246,13 @@ def html(metrics: dict, robustness: dict, path: Path) -> None:
 <html lang="en"><head><meta charset="utf-8"><title>digits evaluation: {html_escape.escape(metrics['model'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} .passed{{color:#1a7f37}} .refused{{color:#cf222e}}
-img{{max-width:100%;display:block;margin:1em 0}}</style></head><body>
+img{{max-width:100%;display:block;margin:1em 0}} nav a{{margin-right:1em}}</style></head><body>{nav}
 <h1>Evaluation of <code>{html_escape.escape(metrics['model'])}</code></h1>
 <p>Validation accuracy <b>{100 * metrics['val_accuracy']:.2f}%</b> on {metrics['val_rows']:,} validation digits.</p>
 <p class="{'passed' if gate['passed'] else 'refused'}"><b>Gate {'passed' if gate['passed'] else 'refused'}</b>:
 {html_escape.escape(gate['reason'])}</p>{_comparison(metrics.get('comparison'))}
 {_lineage(metrics.get('lineage'))}{_members(metrics.get('members'), metrics['val_accuracy'])}
+{_training(out)}
 <h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>
 <h2>Confusion</h2>{_img(out / 'confusion.png')}
 <h2>Misclassified digits</h2>{_img(out / 'errors.png')}

@@ -70,6 +70,9 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, sample: int = 
         labels = probabilities.argmax(axis=1)
         write_submission(out_dir / SUBMISSION, ids, labels, files)
         submission = SUBMISSION
+        truth = test.labels[order]
+        test_accuracy = float((labels == truth).mean()) if len(truth) and (truth >= 0).all() else None  # shown, never
+        # used to choose anything (the gate, tuning and calibration see only val)
         if seen is not None:
             seen_test = write_seen_test(out_dir / SEEN_TEST, ids, *seen.membership(images))
             if seen_test:
@@ -78,6 +81,7 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, sample: int = 
         progress("no test split: no submission; infra-validating on validation images")
         images = records.load(converted.files("val")).images
         ids, predict_seconds, submission, seen_test = np.zeros(0, np.int64), 0.0, "", 0
+        test_accuracy = None
         probabilities = predict(images)
         labels = np.zeros(0, np.int64)
 
@@ -96,6 +100,7 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, sample: int = 
     return Exported(dir=out_dir, submission=submission, test_rows=len(ids), model=served.name,
                     infra_rows=len(rows), max_probability_diff=check["max_probability_diff"],
                     predict_seconds=round(predict_seconds, 3), seen_test=seen_test if seen is not None else None,
+                    test_accuracy=test_accuracy,
                     label_counts={str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))})
 
 

@@ -33,7 +33,51 @@ def write(splits: dict[Split, SplitData], out: Path) -> dict:
     _histogram_png(plt, histogram, out / "intensity_histogram.png")
     duplicates = find_duplicates(train, splits.get(Split.test))
     _dump(out / "duplicates.json", duplicates)
+    _page(out, splits, counts, histogram, duplicates)
     return {"label_counts": counts, "duplicates": {k: v for k, v in duplicates.items() if not k.endswith("examples")}}
+
+
+PAGE = "index.html"
+
+
+def _page(out: Path, splits: dict[Split, SplitData], counts: dict, histogram: dict, duplicates: dict) -> None:
+    """eda/index.html: the pictures with their numbers (no scripts; opens offline)."""
+    import html
+
+    from components import pages
+
+    e = html.escape
+    labelled = {k: v for k, v in counts.items() if v is not None}
+    head = "".join(f"<th>{d}</th>" for d in range(N_CLASSES))
+    rows = "".join(f"<tr><th>{e(split)}</th>" + "".join(f"<td>{v:,}</td>" for v in values)
+                   + f"<td><b>{sum(values):,}</b></td><td>{min(values) / max(max(values), 1):.2f}</td></tr>"
+                   for split, values in labelled.items())
+    unlabelled = [split for split, values in counts.items() if values is None]
+    intensity = "".join(
+        f"<tr><th>{e(split)}</th><td>{len(splits[Split(split)].pixels):,}</td>"
+        f"<td>{100 * values[0] / max(sum(values), 1):.1f} %</td>"
+        f"<td>{100 * sum(values[128:]) / max(sum(values), 1):.1f} %</td>"
+        f"<td>{np.dot(np.arange(PIXEL_MAX + 1), values) / max(sum(values), 1):.1f}</td></tr>"
+        for split, values in histogram.items())
+    examples = "".join(f"<li>train ids {', '.join(map(str, group[:6]))}</li>" for group in duplicates["train_examples"])
+    examples += "".join(f"<li>train ids {', '.join(map(str, pair['train_ids'][:4]))} = test ids "
+                        f"{', '.join(map(str, pair['test_ids'][:4]))}</li>" for pair in duplicates["train_test_examples"])
+    body = f"""<h1>Exploratory data analysis</h1>
+<h2>Label counts</h2><table><tr><th>split</th>{head}<th>rows</th><th>smallest / largest class</th></tr>{rows}</table>
+{f"<p>Unlabelled: {e(', '.join(unlabelled))}.</p>" if unlabelled else ""}
+<img alt="label counts" src="label_counts.png">
+<h2>Mean training image per class</h2><p>What the average digit of each class looks like: a blurred, upright,
+centred digit is what the model expects; a sideways or off-centre mean points at transposed or shifted images.</p>
+<img alt="class means" src="class_means.png">
+<h2>Pixel intensities</h2><table><tr><th>split</th><th>images</th><th>background (0)</th><th>ink (&ge; 128)</th>
+<th>mean intensity</th></tr>{intensity}</table><img alt="intensity histogram" src="intensity_histogram.png">
+<h2>Duplicates</h2><p>{duplicates["train_duplicate_rows"]:,} train rows repeat another train image
+({duplicates["train_duplicate_groups"]:,} groups); {duplicates["train_test_shared_rows"]:,} test rows are also train
+images ({duplicates["train_test_shared_groups"]:,} groups): validation checks that none leak.</p>
+{f"<ul>{examples}</ul>" if examples else ""}
+<p>The numbers as JSON: <a href="label_counts.json">label_counts.json</a>,
+<a href="intensity_histogram.json">intensity_histogram.json</a>, <a href="duplicates.json">duplicates.json</a>.</p>"""
+    pages.write(out / PAGE, "digits: exploratory data analysis", body, pages.nav(out.parent.parent, "ingest/eda"))
 
 
 def find_duplicates(train: SplitData, test: SplitData | None) -> dict:
@@ -75,8 +119,8 @@ def _label_counts_png(plt, counts: dict, path: Path) -> None:
     ax.set_xlabel("digit")
     ax.set_ylabel("rows")
     ax.set_title("Label counts per split")
-    ax.legend()
-    _save(plt, fig, path)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=max(len(labelled), 1), frameon=False)  # below
+    _save(plt, fig, path)  # the axes, never over a bar
 
 
 def _class_means_png(plt, train: SplitData, path: Path) -> None:

@@ -79,11 +79,12 @@ def run(examples: Examples, config: ValidateConfig, out_dir: Path, *, limit: int
         parameters = {"min_rows": _min_rows(examples, name, config, limit),
                       "max_ks": _max_ks(len(features["train"]), len(features["test"])) if has_test else MAX_KS}
         result = checkpoint.run(batch_parameters={"dataframe": frame}, expectation_parameters=parameters)
-        validations.append((name, suite_name, next(iter(result.run_results.values()))))
+        validations.append((name, suite_name, next(iter(result.run_results.values())), parameters))
     _offline_styles(out_dir)
     report = _report(validations)
     report["dataset"] = statistics = {k: _plain(v) for k, v in dataset.iloc[0].items()}
     (out_dir / RESULTS_JSON).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    _page(out_dir, report, examples)
     failures = [f"{r['batch']}: {r['expectation']}({r['column']}) observed {r['observed']}"
                 for r in report["results"] if not r["success"]]
     return Validation(dir=out_dir, passed=not failures, failures=failures,
@@ -136,9 +137,20 @@ def _min_rows(examples: Examples, batch: str, config: ValidateConfig, limit: int
     return min(published, limit) if limit else published
 
 
-def _report(validations: list[tuple[str, str, Any]]) -> dict[str, Any]:
+def _resolved(value: Any, parameters: dict[str, Any]) -> Any:
+    """An expectation's argument with its {"$PARAMETER": name} placeholders replaced by the value it ran with."""
+    if isinstance(value, dict):
+        if set(value) == {"$PARAMETER"}:
+            return parameters.get(value["$PARAMETER"], value)
+        return {k: _resolved(v, parameters) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolved(v, parameters) for v in value]
+    return value
+
+
+def _report(validations: list[tuple[str, str, Any, dict[str, Any]]]) -> dict[str, Any]:
     results = []
-    for batch, suite_name, outcome in validations:
+    for batch, suite_name, outcome, parameters in validations:
         for r in outcome.results:
             config = r.expectation_config
             observed = r.result.get("observed_value")
@@ -149,8 +161,52 @@ def _report(validations: list[tuple[str, str, Any]]) -> dict[str, Any]:
             results.append({"batch": batch, "suite": suite_name, "expectation": config.type,
                             "column": config.kwargs.get("column") or config.kwargs.get("column_A") or "",
                             "intent": (config.meta or {}).get("intent", ""), "success": bool(r.success),
-                            "observed": observed})
+                            "observed": observed,
+                            "expected": {k: _resolved(v, parameters) for k, v in config.kwargs.items()
+                                         if k not in ("column", "batch_id", "result_format")}})
     return {"passed": all(r["success"] for r in results), "results": results}
+
+
+PAGE = "report.html"
+
+
+def _page(out_dir: Path, report: dict[str, Any], examples: Examples) -> None:
+    """report.html: every suite with every expectation — what it checks, the value it expected (placeholders
+    resolved), what was observed, passed or failed. No scripts, no CDN: it opens offline, unlike GX's Data Docs
+    index (index.html), whose table is drawn by scripts from CDNs."""
+    import html
+
+    from components import pages
+
+    e = html.escape
+    suites: dict[str, list[dict[str, Any]]] = {}
+    for result in report["results"]:
+        suites.setdefault(result["suite"], []).append(result)
+    failed = sum(not r["success"] for r in report["results"])
+    summary = "".join(
+        f'<tr><td><a href="#{e(suite)}">{e(suite)}</a></td><td>{e(found[0]["batch"])}</td>'
+        f'<td class="{"failed" if any(not r["success"] for r in found) else "passed"}">'
+        f'{"failed" if any(not r["success"] for r in found) else "passed"}</td>'
+        f'<td>{sum(r["success"] for r in found)} of {len(found)}</td></tr>' for suite, found in suites.items())
+    sections = []
+    for suite, found in suites.items():
+        rows = "".join(
+            f'<tr><td class="{"passed" if r["success"] else "failed"}">{"&#10004;" if r["success"] else "&#10008;"}</td>'
+            f'<td>{e(r["expectation"])}</td><td>{e(r["column"])}</td>'
+            f'<td>{e(", ".join(f"{k}={_short(v)}" for k, v in r.get("expected", {}).items()))}</td>'
+            f'<td>{e(_short(r["observed"]))}</td><td>{e(r["intent"])}</td></tr>' for r in found)
+        sections.append(f'<h2 id="{e(suite)}">{e(suite)}</h2><table><tr><th></th><th>expectation</th><th>column</th>'
+                        f'<th>expected</th><th>observed</th><th>what it checks</th></tr>{rows}</table>')
+    body = (f"<h1>Validation of {e(examples.source.value)}</h1>"
+            f'<p class="{"failed" if failed else "passed"}"><b>{len(report["results"]) - failed} of '
+            f'{len(report["results"])} expectations passed</b> in {len(suites)} suites (Great Expectations, on per-row '
+            f"features of the canonical dataset). The suites as run: <code>suites/</code>; every result as JSON: "
+            f'<a href="{RESULTS_JSON}">{RESULTS_JSON}</a>; GX\'s own Data Docs: <a href="index.html">index.html</a> '
+            "(its tables need their CDN scripts).</p>"
+            f"<table><tr><th>suite</th><th>batch</th><th>result</th><th>passed</th></tr>{summary}</table>"
+            + "".join(sections))
+    pages.write(out_dir / PAGE, f"digits: validation of {examples.source.value}", body,
+                pages.nav(out_dir.parent, "validate"))
 
 
 def _short(value: Any) -> str:

@@ -1,0 +1,131 @@
+"""The command line as a new user meets it: mistakes are one line and exit 2 before anything starts (no Prefect,
+no TensorFlow, no run folder), with "did you mean" where it applies; `--version`; help that reads as sentences;
+every command the README shows is a real command."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import datagen
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(Path(sys.executable).with_name("digits"))
+# what the CLI may import before it says a mistake: none of the heavy systems a run starts
+CHECK = ("import sys, runpy\nsys.argv = ['digits', *sys.argv[1:]]\n"
+         "try:\n    from flows.cli import main\n    main()\nfinally:\n"
+         "    print('IMPORTED', sorted(m for m in ('tensorflow', 'prefect', 'mlflow', 'apache_beam', 'great_expectations')"
+         " if m in sys.modules), file=sys.stderr)\n")
+
+
+def _mistake(home: Path, *args: str) -> tuple[int, str, float, list[str]]:
+    """(exit code, the stderr lines but the import note, seconds, the heavy modules imported) of a digits command
+    run as its own process."""
+    env = {**os.environ, "DIGITS_HOME": str(home)}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", CHECK, *args], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    seconds = time.perf_counter() - started
+    lines = done.stderr.strip().splitlines()
+    imported = eval(lines[-1].removeprefix("IMPORTED "))  # the list printed above
+    return done.returncode, "\n".join(lines[:-1]), seconds, imported
+
+
+@pytest.mark.parametrize("pipeline, data, words", [
+    ("train-kaggle", "empty", "train.csv"),
+    ("train-mnist", "empty", "idx"),
+    ("train-noisy", "empty", "mnist_background_random"),
+    ("train-folder", "empty", "train/"),
+    ("train-kaggle", "missing", "no such"),
+    ("train-folder", "a-file", "folder"),
+])
+def test_a_wrong_data_path_is_one_line_before_anything_starts(tmp_path, pipeline, data, words):
+    home = tmp_path / "home"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
+    code, err, seconds, imported = _mistake(home, "run", pipeline, "--data", str(tmp_path / data))
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("digits: error: "), err
+    assert words.lower() in err.lower(), err
+    assert imported == [] and not (home / "runs").exists(), (imported, err)
+    assert seconds < 10  # no Prefect start-up, no TensorFlow import (the measured time: docs/benchmarks.md)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--set", "train.epoch=3"], "did you mean train.epochs?"),
+    (["--set", "ingest.limt=500"], "did you mean ingest.limit?"),
+    (["--set", "epochs=3"], "did you mean train.epochs or tune.epochs?"),
+    (["--set", "trainn.width=0.5"], "did you mean train.width?"),
+    (["--preset", "bets"], "unknown preset 'bets'; did you mean best?"),
+    (["--set", "train.epochs=many"], "invalid value for 'train.epochs'"),
+])
+def test_a_mistyped_setting_or_preset_says_what_was_meant(tmp_path, args, words):
+    home = tmp_path / "home"
+    datagen.write_kaggle(tmp_path / "kaggle", n_train=20, n_test=5)
+    code, err, _, imported = _mistake(home, "run", "train-kaggle", "--data", str(tmp_path / "kaggle"), *args)
+    assert code == 2 and len(err.splitlines()) == 1 and words in err, err
+    assert imported == [] and not (home / "runs").exists()
+
+
+def test_version_and_help_that_reads_as_sentences(cli):
+    from importlib.metadata import version
+
+    result = cli("--version")
+    assert result.code == 0 and result.out.strip() == f"digits {version('digits')}"
+    for command in (["resume"], ["tune"], ["registry", "promote"], ["app"]):
+        shown = subprocess.run([DIGITS, *command, "--help"], capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "COLUMNS": "200"})
+        assert shown.returncode == 0, shown.stderr
+        usage, _, rest = shown.stdout.partition("Usage:")
+        description = rest.split("╭")[0].splitlines()[2:]  # the lines between the usage line and the option box
+        text = " ".join(line.strip() for line in description if line.strip())
+        assert text and all(len(line.strip()) > 60 or line.strip().endswith((".", ":", ")")) or not line.strip()
+                            for line in description), (command, description)
+    tune = subprocess.run([DIGITS, "tune", "--help"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"}).stdout
+    assert "Off unless tune.trials > 0" in " ".join(tune.split())
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every `digits ...` command the README shows in its code blocks, as the words up to its first option or
+    argument that is not a subcommand."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, flags=re.S)
+    found = set()
+    for block in blocks:
+        for line in block.splitlines():
+            for match in re.finditer(r"(?:^|\s|/)digits((?:\s+[a-z][a-z-]*)+)", line.split("#")[0]):
+                words = match.group(1).split()
+                found.add(tuple(words[:2]))
+    return [list(words) for words in sorted(found)]
+
+
+def test_every_command_the_readme_shows_is_a_real_command():
+    from flows.cli import build_app
+
+    commands = _readme_commands()
+    assert len(commands) >= 10, commands
+    app = build_app()
+    import typer.main
+
+    click_app = typer.main.get_command(app)
+    missing = []
+    for words in commands:
+        group, known = click_app, []
+        for word in words:
+            sub = group.get_command(None, word) if hasattr(group, "get_command") else None
+            if sub is None:
+                break
+            group, known = sub, known + [word]
+        if not known:
+            missing.append(" ".join(words))
+            continue
+        shown = subprocess.run([DIGITS, *known, "--help"], capture_output=True, text=True, timeout=120)
+        if shown.returncode != 0:
+            missing.append(" ".join(known) + f" (--help exits {shown.returncode})")
+    assert not missing, f"README commands that are not commands: {missing}"
