@@ -11,8 +11,9 @@ inline, so it works offline. Routes:
                            canonical images (0 background, 255 ink) -> {"model": ..., "predictions": [...]}
     GET  /model-card       the version's model card (kept with it in the registry, checked against its sha256)
 
-It follows the alias: each request resolves `models:/NAME@ALIAS` again, and a version that changed (a promotion, a
-rollback) is loaded before it answers — no restart. Bad input is one line in {"error": ...} with HTTP 400 (413
+It follows the alias: before each answer it looks the alias up again — skipped while a local registry's database file
+is unchanged (for at most RECHECK seconds) — and a version that changed (a promotion, a rollback) is loaded before it
+answers; no restart. Bad input is one line in {"error": ...} with HTTP 400 (413
 for a body over MAX_IMAGE_BODY or MAX_JSON_BODY bytes); the server stays up.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,6 +36,7 @@ from schemas.errors import DigitsInputError
 MAX_IMAGE_BODY = 10 * 1024 * 1024  # bytes of one uploaded picture: a phone photo fits; a 50 MB upload is refused
 MAX_JSON_BODY = 32 * 1024 * 1024  # bytes of JSON images: MAX_IMAGES images of 0..255 as text fit
 MAX_IMAGES = mlflow_model.MAX_IMAGES
+RECHECK = 1.0  # seconds: the alias is looked up at least this often even when the registry's file state is unchanged
 PAGE = Path(__file__).with_name("app.html")
 
 
@@ -51,18 +54,27 @@ class Follower:
         self.registry, self.uri = registry, f"models:/{name}@{alias}"
         self.name, self.alias = name, alias
         self._loaded: Loaded | None = None
+        self._registry: Registry | None = None
+        self._token: object | None = None  # the registry's change token when the alias was last looked up
+        self._looked = 0.0  # when (time.monotonic) the alias was last looked up
         self._lock = threading.Lock()
 
     def current(self) -> Loaded:
-        """The version the alias names now (DigitsInputError when it names none)."""
-        reg = self.registry()
-        version = reg.resolve(self.uri)
-        loaded = self._loaded
-        if loaded is not None and loaded.version.version == version.version:
+        """The version the alias names now (DigitsInputError when it names none): one look-up of the alias per
+        call; the version is downloaded and loaded only when it changed."""
+        if self._registry is None:
+            self._registry = self.registry()
+        loaded, token, now = self._loaded, self._registry.change_token(), time.monotonic()
+        if loaded is not None and token is not None and token == self._token and now - self._looked < RECHECK:
+            return loaded  # nothing in the registry changed since the last look (a local store's file state)
+        if loaded is not None and self._registry.alias_version(self.name, self.alias) == loaded.version.version:
+            self._token, self._looked = token, now
             return loaded
         with self._lock:
+            version = self._registry.resolve(self.uri)
             if self._loaded is None or self._loaded.version.version != version.version:
-                self._loaded = _load(reg, version)
+                self._loaded = _load(self._registry, version)
+            self._token, self._looked = token, now
             return self._loaded
 
 
@@ -110,9 +122,10 @@ def predict_body(loaded: Loaded, body: bytes, content_type: str, min_confidence:
         gray = predict_component.decode(body, "the upload")
         prepared = predict_component.prepare(gray, "the upload")
         canonical = prepared[None, ..., None].astype(np.float32)
-    table = loaded.model.predict(canonical, {"min_confidence": min_confidence})
-    rows = [{"digit": int(r.digit), "confidence": float(r.confidence), "abstained": bool(r.abstained),
-             "probabilities": [float(p) for p in r.probabilities]} for r in table.itertuples()]
+    probabilities = loaded.model.probabilities(canonical)
+    digits, confidence = probabilities.argmax(axis=1).tolist(), probabilities.max(axis=1).tolist()
+    rows = [{"digit": d, "confidence": c, "abstained": c < min_confidence, "probabilities": p}
+            for d, c, p in zip(digits, confidence, probabilities.round(6).tolist())]
     answer = {"predictions": rows}
     if prepared is not None:
         answer["prepared"] = prepared.tolist()  # what the model saw: 28 x 28, 0..255
@@ -174,7 +187,7 @@ def build(follower: Follower, min_confidence: float = 0.0):
             return {"model": describe(loaded, follower.alias, min_confidence),
                     **predict_body(loaded, body, content_type, min_confidence)}
         try:
-            return await run_in_threadpool(work)
+            return JSONResponse(await run_in_threadpool(work))  # plain JSON: FastAPI's encoder walks every number
         except DigitsInputError as exc:
             return refused(str(exc))
 

@@ -45,15 +45,13 @@ def _mistake(home: Path, *args: str) -> tuple[int, str, float, list[str]]:
     ("train-kaggle", "missing", "no such"),
     ("train-folder", "a-file", "folder"),
 ])
-def test_a_wrong_data_path_is_one_line_before_anything_starts(tmp_path, pipeline, data, words):
-    home = tmp_path / "home"
+def test_a_wrong_data_path_is_one_line_and_no_run(cli, home, tmp_path, pipeline, data, words):
     (tmp_path / "empty").mkdir()
     (tmp_path / "a-file").write_text("not a folder")
-    code, err, seconds, imported = _mistake(home, "run", pipeline, "--data", str(tmp_path / data))
-    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("digits: error: "), err
-    assert words.lower() in err.lower(), err
-    assert imported == [] and not (home / "runs").exists(), (imported, err)
-    assert seconds < 10  # no Prefect start-up, no TensorFlow import (the measured time: docs/benchmarks.md)
+    result = cli("run", pipeline, "--data", tmp_path / data)
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert result.err.startswith("digits: error: ") and words.lower() in result.err.lower(), result.err
+    assert not (home / "runs").exists()
 
 
 @pytest.mark.parametrize("args, words", [
@@ -64,12 +62,25 @@ def test_a_wrong_data_path_is_one_line_before_anything_starts(tmp_path, pipeline
     (["--preset", "bets"], "unknown preset 'bets'; did you mean best?"),
     (["--set", "train.epochs=many"], "invalid value for 'train.epochs'"),
 ])
-def test_a_mistyped_setting_or_preset_says_what_was_meant(tmp_path, args, words):
-    home = tmp_path / "home"
+def test_a_mistyped_setting_or_preset_says_what_was_meant(cli, home, tmp_path, args, words):
     datagen.write_kaggle(tmp_path / "kaggle", n_train=20, n_test=5)
-    code, err, _, imported = _mistake(home, "run", "train-kaggle", "--data", str(tmp_path / "kaggle"), *args)
-    assert code == 2 and len(err.splitlines()) == 1 and words in err, err
-    assert imported == [] and not (home / "runs").exists()
+    result = cli("run", "train-kaggle", "--data", tmp_path / "kaggle", *args)
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1 and words in result.err, result.err
+    assert not (home / "runs").exists()
+
+
+@pytest.mark.parametrize("mistake", ["data", "setting"])
+def test_a_mistake_is_said_before_prefect_or_tensorflow_start(tmp_path, mistake):
+    """As its own process, the way a user meets it: nothing heavy imported, no run folder, in seconds."""
+    home = tmp_path / "home"
+    (tmp_path / "empty").mkdir()
+    datagen.write_kaggle(tmp_path / "kaggle", n_train=20, n_test=5)
+    args = (["--data", str(tmp_path / "empty")] if mistake == "data"
+            else ["--data", str(tmp_path / "kaggle"), "--set", "train.epoch=3"])
+    code, err, seconds, imported = _mistake(home, "run", "train-kaggle", *args)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("digits: error: "), err
+    assert imported == [] and not (home / "runs").exists(), (imported, err)
+    assert seconds < 10  # no Prefect start-up, no TensorFlow import (the measured time: docs/benchmarks.md)
 
 
 def test_version_and_help_that_reads_as_sentences(cli):

@@ -244,9 +244,10 @@ def stage_status(flow_run_id: str, stage: str) -> str | None:
     return record.status if record else None
 
 
-def pages(team: Team, flow_run_id: str, out: Path) -> dict[str, str]:
-    """The flow run's page in the Prefect UI (its Artifacts tab) and digits-noisy's page in the MLflow UI, as
-    rendered text; each saved as a screenshot in `out`."""
+def pages(team: Team, flow_run_id: str, out: Path, version_run: tuple[str, str]) -> dict[str, str]:
+    """The flow run's page in the Prefect UI (its Artifacts tab), digits-noisy's page, its version 1's page (the
+    signature, opened) and that version's MLflow run (experiment id, run id) in the MLflow UI, as rendered text;
+    each saved as a screenshot in `out`."""
     from playwright.sync_api import sync_playwright
 
     shown = {}
@@ -262,6 +263,18 @@ def pages(team: Team, flow_run_id: str, out: Path) -> dict[str, str]:
         page.get_by_text(re.compile(r"^\W*champion$")).first.wait_for(timeout=60_000)  # the alias, in the versions table
         page.screenshot(path=out / "mlflow-registered-model.png", full_page=True)
         shown["mlflow"] = page.inner_text("body")
+        page.goto(f"{team.url('mlflow')}/#/models/digits-noisy/versions/1")
+        page.get_by_text("Outputs (4)").first.wait_for(timeout=60_000)  # the signature: 1 input, 4 outputs
+        page.get_by_text("Outputs (4)").first.click()
+        page.get_by_text("Inputs (1)").first.click()
+        page.get_by_text("probabilities").first.wait_for(timeout=30_000)
+        page.screenshot(path=out / "mlflow-version.png", full_page=True)
+        shown["version"] = page.inner_text("body")
+        experiment, run_id = version_run
+        page.goto(f"{team.url('mlflow')}/#/experiments/{experiment}/runs/{run_id}")
+        page.get_by_text("eval_val_accuracy").first.wait_for(timeout=60_000)
+        page.screenshot(path=out / "mlflow-version-run.png", full_page=True)
+        shown["run"] = page.inner_text("body")
         browser.close()
     return shown
 
@@ -363,7 +376,7 @@ def test_team_mode_on_postgres_prefect_mlflow_and_dask(home, tmp_path, prepared_
                     team.env("worker"))
         wait_for(lambda: team.up("mlflow-serve", "/ping"), 180, "mlflow models serve", team.procs["mlflow-serve"],
                  lambda: team.log("mlflow-serve"))
-        served = team.post("mlflow-serve", "/invocations", {"inputs": pixels[..., None].astype(float).tolist()},
+        served = team.post("mlflow-serve", "/invocations", {"inputs": pixels.reshape(3, 784).tolist()},
                            timeout=120)
         assert [p["digit"] for p in served["predictions"]] == [p["digit"] for p in answer["predictions"]], served
         team.stop("mlflow-serve")
@@ -471,7 +484,11 @@ def test_team_mode_on_postgres_prefect_mlflow_and_dask(home, tmp_path, prepared_
 
         # 7. the pages people open, in headless Chromium (Playwright drives it: the Artifacts tab is a click)
         if CHROMIUM is not None:
-            shown = pages(team, noisy_id, tmp_path)
+            version = team.get("mlflow", "/api/2.0/mlflow/model-versions/get?name=digits-noisy&version=1")["model_version"]
+            run = team.get("mlflow", f"/api/2.0/mlflow/runs/get?run_id={version['run_id']}")["run"]
+            shown = pages(team, noisy_id, tmp_path, (run["info"]["experiment_id"], version["run_id"]))
+            assert "float32" in shown["version"] and "champion: " in shown["version"]  # schema, why promoted
+            assert "eval_val_accuracy" in shown["run"] and "eval_ece" in shown["run"]  # what decided it
             assert {"evaluation-summary", "registry-version", "validation-results"} <= set(shown["prefect"].split()), \
                 shown["prefect"]
             assert "digits-noisy" in shown["mlflow"] and "Version 1" in shown["mlflow"], shown["mlflow"]

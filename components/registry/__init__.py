@@ -121,6 +121,16 @@ class Registry(abc.ABC):
         """The version a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI names. Raises DigitsInputError."""
 
     @abc.abstractmethod
+    def alias_version(self, name: str, alias: str) -> str | None:
+        """The version number an alias names now, in one cheap look-up (None: it names none); what a server
+        following an alias asks before every answer."""
+
+    def change_token(self) -> object | None:
+        """Something that changes whenever the registry may have changed, cheaper to read than any look-up (a local
+        store's file state), or None where no such thing is known (ask the registry)."""
+        return None
+
+    @abc.abstractmethod
     def download(self, version: Version, dst: Path) -> Path:
         """The version's registered model file, copied under dst and checked against its recorded sha256.
         Raises DigitsInputError when the version has no recorded file or its bytes differ."""

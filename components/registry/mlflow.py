@@ -87,6 +87,30 @@ class MlflowRegistry(Registry):
             raise
         return self._version(found, self._aliases(client, name))
 
+    def change_token(self) -> object | None:
+        from components.tracking import sqlite_path
+
+        path = sqlite_path(self.uri)  # SQLite: every write changes the database file (or its journal)
+        if path is None:
+            return None
+        found = []
+        for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-journal")):
+            try:
+                stat = part.stat()
+            except OSError:
+                found.append(None)
+                continue
+            found.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
+        return tuple(found)
+
+    def alias_version(self, name: str, alias: str) -> str | None:
+        try:
+            return str(self._client().get_model_version_by_alias(name, alias).version)
+        except Exception as exc:
+            if is_missing(exc):
+                return None
+            raise
+
     def download(self, version: Version, dst: Path) -> Path:
         recorded, expected = version.tags.get(MODEL_FILE), version.tags.get(MODEL_SHA256)
         if not recorded or not expected or "/" in recorded:

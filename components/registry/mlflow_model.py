@@ -15,9 +15,9 @@ with digits' own layers known by their registered names (components.keras_layers
 sha256 in MLmodel, and answers a batch of canonical images with the digit, its probability, whether the model
 abstains (param `min_confidence`) and the ten probabilities.
 
-Input (the signature): float32 [N, 28, 28, 1], 0 = background, 255 = ink — light digits on a dark field,
-cropped, scaled into a 20x20 box and centred by mass as MNIST's were (`digits predict` and `digits app` prepare
-any picture that way). At most MAX_IMAGES images a call; anything else is refused with one line
+Input (the signature): float32 [N, 784] — each row a 28x28 image, row by row, as Kaggle's CSVs hold them — 0 =
+background, 255 = ink: light digits on a dark field, cropped, scaled into a 20x20 box and centred by mass as MNIST's
+were (`digits predict` and `digits app` prepare any picture that way). At most MAX_IMAGES images a call; anything else is refused with one line
 (MlflowException INVALID_PARAMETER_VALUE: HTTP 400 from `mlflow models serve`).
 """
 
@@ -34,8 +34,10 @@ LOADER = "components.registry.mlflow_model"
 MODEL = "model.keras"  # the keras flavor's `data: model` names <folder>/model.keras
 MLMODEL = "MLmodel"
 MAX_IMAGES = 4096  # per call: a request of more is refused, saying so
-INPUT = (f"float32 [N, {IMAGE_SIDE}, {IMAGE_SIDE}, 1], 0..255: light ink (255) on a dark background (0), the digit "
-         "cropped, scaled to fit 20x20 and centred by mass in the 28x28 field (MNIST's preparation)")
+PIXELS = IMAGE_SIDE * IMAGE_SIDE
+INPUT = (f"float32 [N, {PIXELS}]: each row one 28x28 image, row by row (Kaggle's pixel0..pixel783), 0..255: light ink "
+         "(255) on a dark background (0), the digit cropped, scaled to fit 20x20 and centred by mass in the 28x28 "
+         "field (MNIST's preparation)")
 REQUIREMENTS = ("mlflow", "keras", "tensorflow-cpu", "tensorflow", "numpy", "pandas")
 
 
@@ -45,7 +47,8 @@ def signature():
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_SIDE, IMAGE_SIDE, 1))]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, PIXELS))]),  # rows, not [N, 28, 28, 1]: MLflow's
+        # server parses a JSON tensor by deep-copying its nested lists, 10x slower for 28 x 28 x 1 than for rows
         outputs=Schema([ColSpec("long", "digit"), ColSpec("double", "confidence"), ColSpec("boolean", "abstained"),
                         ColSpec(Array("double"), "probabilities")]),
         params=ParamSchema([ParamSpec("min_confidence", "double", 0.0)]))
@@ -71,7 +74,7 @@ def write(model_file: Path, out_dir: Path, *, sha256: str, example: np.ndarray |
     if example is not None and len(example):
         from mlflow.models.utils import _save_example
 
-        _save_example(model, np.asarray(example[:1], np.float32).reshape(1, IMAGE_SIDE, IMAGE_SIDE, 1), str(out_dir))
+        _save_example(model, np.asarray(example[:1], np.float32).reshape(1, PIXELS), str(out_dir))
     model.add_flavor("keras", data="model", keras_version=version("keras"),  # read without importing TensorFlow
                      keras_backend=os.environ.get("KERAS_BACKEND", "tensorflow"), save_exported_model=False)
     add_to_model(model, loader_module=LOADER, data=MODEL, python_env="python_env.yaml")
@@ -131,17 +134,19 @@ class DigitsModel:
     def predict(self, data, params: dict | None = None):
         import pandas as pd
 
-        from components.keras_layers import predict
-
-        images = checked_images(data)
         min_confidence = float((params or {}).get("min_confidence") or 0.0)
         if not 0.0 <= min_confidence <= 1.0:
             _refuse(f"min_confidence must be between 0 and 1, not {min_confidence:g}")
+        return frame(self.probabilities(checked_images(data)), min_confidence, pd)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """The ten probabilities of each of images (checked_images' output), float64 [N, 10]."""
+        from components.keras_layers import predict
+
         dtype = np.dtype(str(self.model.inputs[0].dtype))
         images = (images if dtype.kind == "f" else np.rint(images)).astype(dtype)
         with self._lock:
-            probabilities = predict(self.model, images)
-        return frame(np.asarray(probabilities, np.float64), min_confidence, pd)
+            return np.asarray(predict(self.model, images), np.float64)
 
 
 def frame(probabilities: np.ndarray, min_confidence: float, pd=None):
@@ -155,8 +160,8 @@ def frame(probabilities: np.ndarray, min_confidence: float, pd=None):
 
 
 def checked_images(data) -> np.ndarray:
-    """Canonical images float32 [N, 28, 28, 1] from what a caller sent ([N, 28, 28] is taken too), or one line
-    saying what is wrong (_refuse)."""
+    """Canonical images float32 [N, 28, 28, 1] from what a caller sent (rows of 784 pixels, [N, 28, 28] or
+    [N, 28, 28, 1]), or one line saying what is wrong (_refuse)."""
     import pandas as pd
 
     if isinstance(data, dict) and len(data) == 1:
@@ -167,10 +172,12 @@ def checked_images(data) -> np.ndarray:
         images = np.asarray(data, dtype=np.float64)
     except (TypeError, ValueError):
         _refuse(f"expected {INPUT}; got values that are not numbers")
+    if images.ndim == 2 and images.shape[1] == IMAGE_SIDE * IMAGE_SIDE:  # rows of 784 pixels (Kaggle's CSV layout)
+        images = images.reshape(len(images), IMAGE_SIDE, IMAGE_SIDE, 1)
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE, 1):
-        _refuse(f"expected images of shape [N, {IMAGE_SIDE}, {IMAGE_SIDE}, 1]; got {list(images.shape)}")
+        _refuse(f"expected images of shape [N, {PIXELS}] (or [N, {IMAGE_SIDE}, {IMAGE_SIDE}]); got {list(images.shape)}")
     if not len(images):
         _refuse("no images: send at least one")
     if len(images) > MAX_IMAGES:

@@ -34,9 +34,14 @@ def test_the_default_run_is_calibrated(tmp_path):
         config = apply_overrides(default_config("train-mnist"), [f"ingest.data={mnist}"])
         assert config.evaluate.calibrate  # the default
         folder = stages.start_run(config)
-        for artifact in ("examples", "validation", "converted", "model", "evaluation"):
+        for artifact in ("examples", "validation", "converted", "model", "evaluation", "registration", "exported"):
             make(folder, config, artifact)
         converted = output(folder, "converted")
+    from components import run_page
+    from flows import runner
+
+    runner.finish_run(folder)
+    print("\n" + "\n".join(run_page.summary(folder)))  # what `digits run` ends with
     fitted = json.loads((folder.stage_dir("calibrate") / "calibration.json").read_text())
     metrics = json.loads((folder.stage_dir("evaluate") / "metrics.json").read_text())
     test = records.load(converted.files("test"))
