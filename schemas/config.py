@@ -374,9 +374,9 @@ class EvaluateConfig(_Model):
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of that test")
     allow_new_registry: bool = Field(False, description="register into a registry that has lost the versions "
                                                         "this home registered there (deleted or replaced)")
-    calibrate: bool = Field(True, description="fit a temperature on the val split and keep it inside the model "
-                                              "(the calibrate stage): probabilities that mean what they say "
-                                              "everywhere after (a Keras model; pca-svm is never calibrated)")
+    calibrate: bool = Field(False, description="fit a temperature on the val split and keep it inside the model "
+                                               "(the calibrate stage): probabilities that mean what they say "
+                                               "everywhere after (a Keras model; pca-svm is never calibrated)")
     allow_seen_val: bool = Field(False, description="let a model whose val split holds images it (or its base) "
                                                     "was trained on pass the gate; recorded in the registry")
     ood_keep: float | None = Field(0.99, gt=0.5, lt=1, description="fit the out-of-distribution detector that "

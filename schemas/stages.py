@@ -237,8 +237,8 @@ GRAPH = Graph((
           settings=("evaluate.calibrate",), code=("components/calibrate.py", "components/evaluate"),
           applies=_calibrated, command="evaluate",
           reports=(Report("calibrated model", "model.keras"), Report("calibration", "calibration.json")),
-          help="Fit a temperature on the val split and keep it inside the model, so its probabilities mean what they "
-               "say (evaluate.calibrate, on by default)."),
+          help="With evaluate.calibrate=true, fit a temperature on the val split and keep it inside the model, so its "
+               "probabilities mean what they say."),
     Stage("evaluate", produces="evaluation", artifact=Evaluation, run="flows.stages:evaluate",
           consumes=("model", "converted"), settings=("pipeline", "evaluate"),
           code=("components/evaluate", "components/lineage.py", "components/ood.py"),

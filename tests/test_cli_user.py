@@ -16,7 +16,6 @@ import pytest
 import datagen
 
 ROOT = Path(__file__).resolve().parents[1]
-DIGITS = str(Path(sys.executable).with_name("digits"))
 # what the CLI may import before it says a mistake: none of the heavy systems a run starts
 CHECK = ("import sys, runpy\nsys.argv = ['digits', *sys.argv[1:]]\n"
          "try:\n    from flows.cli import main\n    main()\nfinally:\n"
@@ -89,17 +88,14 @@ def test_version_and_help_that_reads_as_sentences(cli):
     result = cli("--version")
     assert result.code == 0 and result.out.strip() == f"digits {version('digits')}"
     for command in (["resume"], ["tune"], ["registry", "promote"], ["app"]):
-        shown = subprocess.run([DIGITS, *command, "--help"], capture_output=True, text=True, timeout=120,
-                               env={**os.environ, "COLUMNS": "200"})
-        assert shown.returncode == 0, shown.stderr
-        usage, _, rest = shown.stdout.partition("Usage:")
+        shown = cli(*command, "--help")
+        assert shown.code == 0, shown.err
+        usage, _, rest = shown.out.partition("Usage:")
         description = rest.split("╭")[0].splitlines()[2:]  # the lines between the usage line and the option box
         text = " ".join(line.strip() for line in description if line.strip())
-        assert text and all(len(line.strip()) > 60 or line.strip().endswith((".", ":", ")")) or not line.strip()
-                            for line in description), (command, description)
-    tune = subprocess.run([DIGITS, "tune", "--help"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "COLUMNS": "200"}).stdout
-    assert "Off unless tune.trials > 0" in " ".join(tune.split())
+        assert text and all(len(line.strip()) > 50 or line.strip().endswith((".", ":", ")")) or not line.strip()
+                            for line in description), (command, description)  # sentences, not broken lines
+    assert "Off unless tune.trials > 0" in " ".join(cli("tune", "--help").out.split())
 
 
 def _readme_commands() -> list[list[str]]:
@@ -116,7 +112,7 @@ def _readme_commands() -> list[list[str]]:
     return [list(words) for words in sorted(found)]
 
 
-def test_every_command_the_readme_shows_is_a_real_command():
+def test_every_command_the_readme_shows_is_a_real_command(cli):
     from flows.cli import build_app
 
     commands = _readme_commands()
@@ -136,7 +132,7 @@ def test_every_command_the_readme_shows_is_a_real_command():
         if not known:
             missing.append(" ".join(words))
             continue
-        shown = subprocess.run([DIGITS, *known, "--help"], capture_output=True, text=True, timeout=120)
-        if shown.returncode != 0:
-            missing.append(" ".join(known) + f" (--help exits {shown.returncode})")
+        shown = cli(*known, "--help")
+        if shown.code != 0:
+            missing.append(" ".join(known) + f" (--help exits {shown.code})")
     assert not missing, f"README commands that are not commands: {missing}"

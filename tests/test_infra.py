@@ -38,7 +38,7 @@ def test_compose_file_wires_the_team_services_on_one_postgres():
     spec = yaml.safe_load((ROOT / "infra/compose.yaml").read_text())
     services = spec["services"]
     assert set(services) == {"postgres", "prefect-server", "mlflow", "dask-scheduler", "dask-worker-1",
-                             "dask-worker-2", "worker"}
+                             "dask-worker-2", "worker", "model-server"}
     assert services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"] \
         == "postgresql+asyncpg://digits:digits@postgres:5432/prefect"
     assert "--backend-store-uri postgresql://digits:digits@postgres:5432/mlflow" in services["mlflow"]["command"]

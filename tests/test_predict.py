@@ -103,5 +103,6 @@ def test_min_confidence_turns_unsure_labels_into_a_question_mark_with_two_candid
     (fields,) = [line.split("\t") for line in unsure.out.rstrip("\n").splitlines() if line.startswith(str(digit))]
     assert fields[1] == "?" and float(fields[2]) < 0.9
     first, second = fields[3].split(" or ")
-    assert first.startswith(f"{sure.out.split(chr(9))[1]} (") and int(second[0]) != int(first[0])
+    (sure_fields,) = [line.split("\t") for line in sure.out.splitlines() if line.startswith(str(digit))]
+    assert first.startswith(f"{sure_fields[1]} (") and int(second[0]) != int(first[0])
     assert cli("predict", str(untrained), str(digit), "--min-confidence", "1.5").code == 2

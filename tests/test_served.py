@@ -87,14 +87,14 @@ def _prepared(served) -> tuple[list[str], np.ndarray]:
     return [f.name for f in files], batch.reshape(len(batch), 784).astype(np.float32)  # rows, as the signature says
 
 
-def test_a_registered_version_is_an_mlflow_model_with_what_decided_its_promotion(in_home):
+def test_a_registered_version_is_an_mlflow_model_with_what_decided_its_promotion(in_home, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from components.tracking import tracking_uri
 
     uri = tracking_uri(in_home["home"])
-    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # not mlflow.set_tracking_uri: it sets the variable for good
     client = MlflowClient(uri)
     version = client.get_model_version_by_alias(NAME, "champion")
     local = Path(mlflow.artifacts.download_artifacts(f"{version.source}", dst_path=str(in_home["root"] / "dl")))
@@ -132,12 +132,12 @@ def test_a_registered_version_is_an_mlflow_model_with_what_decided_its_promotion
     assert abstaining["abstained"].all() and np.allclose([sum(p) for p in abstaining["probabilities"]], 1, atol=1e-4)
 
 
-def test_a_tampered_model_file_is_refused_by_the_mlflow_loader(in_home, tmp_path):
+def test_a_tampered_model_file_is_refused_by_the_mlflow_loader(in_home, tmp_path, monkeypatch):
     import mlflow
 
     from components.tracking import tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri(in_home["home"]))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(in_home["home"]))
     local = Path(mlflow.artifacts.download_artifacts(CHAMPION_URI, dst_path=str(tmp_path)))
     with open(local / "model.keras", "ab") as f:
         f.write(b"\0")
@@ -216,7 +216,7 @@ def test_mlflow_models_serve_answers_like_digits_predict_and_refuses_bad_input(s
         _stop(proc)
 
 
-def test_a_version_registered_before_mlflow_models_is_migrated_in_place(in_home, cli, tmp_path):
+def test_a_version_registered_before_mlflow_models_is_migrated_in_place(in_home, cli, tmp_path, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -235,7 +235,7 @@ def test_a_version_registered_before_mlflow_models_is_migrated_in_place(in_home,
     old = client.create_model_version("digits-old", source=f"{client.get_run(run_id).info.artifact_uri}/model",
                                       run_id=run_id, tags=tags)
     client.set_registered_model_alias("digits-old", "champion", old.version)
-    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # not mlflow.set_tracking_uri: it sets the variable for good
     with pytest.raises(Exception):
         mlflow.pyfunc.load_model("models:/digits-old@champion")
 

@@ -108,8 +108,8 @@ def test_an_optional_input_is_consumed_only_where_the_plan_produces_it():
 def test_a_stage_reads_the_last_refinement_of_an_artifact_made_before_it():
     from schemas.config import apply_overrides, default_config
 
-    calibrated = default_config("train-mnist")  # calibrated by default
-    plain = apply_overrides(calibrated, ["evaluate.calibrate=false"])
+    plain = default_config("train-mnist")
+    calibrated = apply_overrides(plain, ["evaluate.calibrate=true"])
     assert GRAPH.producer("model", plain, before="evaluate").name == "train"
     svm = apply_overrides(calibrated, ["train.model=pca-svm"])  # never calibrated: it has no probabilities to scale
     assert GRAPH.producer("model", svm, before="evaluate").name == "train"
