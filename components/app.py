@@ -35,7 +35,6 @@ from schemas.errors import DigitsInputError
 
 MAX_IMAGE_BODY = 10 * 1024 * 1024  # bytes of one uploaded picture: a phone photo fits; a 50 MB upload is refused
 MAX_JSON_BODY = 32 * 1024 * 1024  # bytes of JSON images: MAX_IMAGES images of 0..255 as text fit
-MAX_IMAGES = mlflow_model.MAX_IMAGES
 RECHECK = 1.0  # seconds: the alias is looked up at least this often even when the registry's file state is unchanged
 PAGE = Path(__file__).with_name("app.html")
 
@@ -60,8 +59,9 @@ class Follower:
         self._lock = threading.Lock()
 
     def current(self) -> Loaded:
-        """The version the alias names now (DigitsInputError when it names none): one look-up of the alias per
-        call; the version is downloaded and loaded only when it changed."""
+        """The version the alias names now (DigitsInputError when it names none): the alias looked up again unless
+        the registry's change token is unchanged (for at most RECHECK seconds); the version is downloaded and
+        loaded only when it changed."""
         if self._registry is None:
             self._registry = self.registry()
         loaded, token, now = self._loaded, self._registry.change_token(), time.monotonic()

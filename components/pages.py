@@ -35,18 +35,10 @@ def nav(run_dir: Path, here: str, mlflow_run: str | None = None) -> str:
 
 
 def mlflow_run_url(run_id: str | None) -> str | None:
-    """The MLflow UI's page of a run, when MLFLOW_TRACKING_URI names a tracking server (a local SQLite store has
-    no UI running); None otherwise, or when the server cannot say which experiment the run is in."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not run_id or not uri.startswith(("http://", "https://")):
-        return None
-    try:
-        from components.tracking import mlflow_client
+    """The MLflow UI's page of a run when MLFLOW_TRACKING_URI names a tracking server (components.tracking)."""
+    from components.tracking import ui_run_link
 
-        experiment = mlflow_client(uri).get_run(run_id).info.experiment_id
-    except Exception:  # a link is a courtesy: a page is written without it rather than not at all
-        return None
-    return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return ui_run_link(os.environ.get("MLFLOW_TRACKING_URI", ""), run_id)
 
 
 def write(path: Path, title: str, body: str, nav_html: str = "") -> Path:

@@ -2,7 +2,7 @@
 the gate says so — with its lineage, its model card, and what decided the promotion kept where a registry user
 looks for it.
 
-- `Lineage`: the facts a version carries as `digits.*` tags (one type; `tags()` writes them, `of()` reads them).
+- `Lineage`: the facts a version carries as `digits.*` tags (one type; `tags()` writes them).
 - `register`: the version (an MLflow Model, components.registry.mlflow_model), the champion re-checked under the
   registry's lock (a champion that changed during the run is measured on this run's val split first), the
   seen-image set and out-of-distribution detector kept with it, the model card, the evaluation (metrics,
@@ -67,34 +67,6 @@ class Lineage:
             else:
                 tags[PREFIX + item.name] = str(value)
         return tags
-
-    @classmethod
-    def of(cls, tags: dict[str, str]) -> "Lineage":
-        """The lineage of a version's tags (fields it lacks take their defaults, or '' / 0 when required)."""
-        values: dict[str, Any] = {"inputs": {k.removeprefix(INPUT_PREFIX): v for k, v in tags.items()
-                                             if k.startswith(INPUT_PREFIX)}}
-        for item in dataclasses.fields(cls):
-            raw = tags.get(PREFIX + item.name)
-            if item.name == "inputs" or raw is None:
-                continue
-            kind = item.type if isinstance(item.type, str) else getattr(item.type, "__name__", "")
-            try:
-                if kind.startswith("float"):
-                    values[item.name] = float(raw)
-                elif kind.startswith("int"):
-                    values[item.name] = int(raw)
-                elif kind.startswith("bool"):
-                    values[item.name] = raw == "true"
-                elif kind.startswith("dict"):
-                    values[item.name] = json.loads(raw)
-                else:
-                    values[item.name] = raw
-            except ValueError:
-                continue
-        for item in dataclasses.fields(cls):
-            if item.name not in values and item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING:
-                values[item.name] = 0.0 if item.name == "val_accuracy" else ""
-        return cls(**values)
 
 
 @dataclass(frozen=True)

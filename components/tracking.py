@@ -194,6 +194,24 @@ def ui_link(uri: str, model_uri: str) -> str | None:
     return f"{uri.rstrip('/')}/#/models/{name}/versions/{version}" if version.isdigit() else None
 
 
+_RUN_PAGES: dict[tuple[str, str], str] = {}  # (uri, run id) -> its page: a run never changes experiment
+
+
+def ui_run_link(uri: str, run_id: str | None) -> str | None:
+    """The MLflow UI's page of a run when uri is a tracking server (http, https); None for a local store (no UI
+    running), or when the server cannot say which experiment the run is in (a link is a courtesy: a page is
+    written without it rather than not at all). Asked of the server once per run and process."""
+    if not run_id or not uri.startswith(("http://", "https://")):
+        return None
+    if (uri, run_id) not in _RUN_PAGES:
+        try:
+            experiment = mlflow_client(uri).get_run(run_id).info.experiment_id
+        except Exception:
+            return None
+        _RUN_PAGES[uri, run_id] = f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return _RUN_PAGES[uri, run_id]
+
+
 def _connection_failure(exc: BaseException) -> str | None:
     """What failed, when exc is (or wraps) a failure to reach a server; None for any other error.
     (MLflow talks HTTP through requests: its ConnectionError or Timeout, matched by name, not imported.)"""

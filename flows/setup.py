@@ -47,24 +47,31 @@ def one_line_errors() -> None:
         _filtered(logging.getLogger(name))
 
 
-class _CurrentStdout:
-    """Writes to whatever sys.stdout is at the time of writing (callers and tests may swap it)."""
+class CurrentStream:
+    """Writes to whatever sys.stdout (or sys.stderr) is at the time of writing — callers and tests may swap it;
+    closing it closes nothing."""
+
+    def __init__(self, name: str = "stdout") -> None:
+        self.name = name
 
     def write(self, text: str) -> int:
-        return sys.stdout.write(text)
+        return getattr(sys, self.name).write(text)
 
     def flush(self) -> None:
-        sys.stdout.flush()
+        getattr(sys, self.name).flush()
+
+    def close(self) -> None:
+        pass
 
     def isatty(self) -> bool:
-        return sys.stdout.isatty()
+        return getattr(sys, self.name).isatty()
 
 
 def console_logs_to_stdout() -> None:
     one_line_errors()
     for handler in logging.getLogger().handlers:
         if type(handler).__name__ == "PrefectConsoleHandler":
-            stream = _CurrentStdout()
+            stream = CurrentStream("stdout")
             handler.setStream(stream)
             handler.console.file = stream
             _filtered(handler)

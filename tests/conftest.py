@@ -19,29 +19,13 @@ from flows import setup as _setup  # noqa: E402  (imports no Prefect)
 _setup.environment()  # what the CLI sets first: the local API's start-up limit for tests that run flows directly
 
 
-class _CurrentStderr:
-    """Writes to whatever sys.stderr is at the time of writing; closing it closes nothing."""
-
-    def write(self, text: str) -> int:
-        return sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
-
-
 # absl (imported with TensorFlow) keeps the sys.stderr of its import time in its handler, and closes it
 # when logging is reconfigured (Prefect's dictConfig closes every handler ever made) unless it is the
 # sys.stderr of that moment. Under pytest those are different capture streams: one test importing
 # TensorFlow and a later one starting Prefect under capsys would close pytest's own capture file.
 from absl import logging as _absl_logging  # noqa: E402
 
-_absl_logging.get_absl_handler().python_handler.stream = _CurrentStderr()
+_absl_logging.get_absl_handler().python_handler.stream = _setup.CurrentStream("stderr")
 
 @pytest.fixture(scope="session")
 def prepared_tfds(tmp_path_factory) -> tuple[Path, dict]:

@@ -235,9 +235,8 @@ class MlflowRegistry(Registry):
                 if model_file.name != mlflow_model.MODEL:
                     raise DigitsInputError(f"{version.uri}: its model file is {model_file.name}; expected "
                                            f"{mlflow_model.MODEL}")
-                folder = mlflow_model.write(model_file, Path(scratch) / "model", sha256=version.tags[MODEL_SHA256],
-                                            facts={"registered_model": name})
-                client.log_artifacts(run_id, str(folder), artifact_path="model")  # beside the same model.keras
+                mlflow_model.log(client, run_id, model_file, facts={"registered_model": name})  # beside the same
+                # model.keras: MLmodel and the rest added, the model file's bytes (and sha256) unchanged
             client.set_model_version_tag(name, version.version, MIGRATED, "true")
             done.append((version, "now an MLflow model"))
         return done

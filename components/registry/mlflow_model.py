@@ -113,10 +113,6 @@ def _pins() -> list[str]:
     return pins
 
 
-def is_mlflow_model(folder: Path) -> bool:
-    return (folder / MLMODEL).is_file()
-
-
 # --- loading (MLflow calls _load_pyfunc) ------------------------------------------------------------------
 
 class DigitsModel:
@@ -132,12 +128,10 @@ class DigitsModel:
         return self.model
 
     def predict(self, data, params: dict | None = None):
-        import pandas as pd
-
         min_confidence = float((params or {}).get("min_confidence") or 0.0)
         if not 0.0 <= min_confidence <= 1.0:
             _refuse(f"min_confidence must be between 0 and 1, not {min_confidence:g}")
-        return frame(self.probabilities(checked_images(data)), min_confidence, pd)
+        return _frame(self.probabilities(checked_images(data)), min_confidence)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """The ten probabilities of each of images (checked_images' output), float64 [N, 10]."""
@@ -149,10 +143,10 @@ class DigitsModel:
             return np.asarray(predict(self.model, images), np.float64)
 
 
-def frame(probabilities: np.ndarray, min_confidence: float, pd=None):
+def _frame(probabilities: np.ndarray, min_confidence: float):
     """The rows a digits model answers: digit, confidence, abstained, probabilities."""
-    if pd is None:
-        import pandas as pd
+    import pandas as pd
+
     confidence = probabilities.max(axis=1)
     return pd.DataFrame({"digit": probabilities.argmax(axis=1).astype(np.int64), "confidence": confidence,
                          "abstained": confidence < min_confidence,
