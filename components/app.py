@@ -7,14 +7,17 @@ inline, so it works offline. Routes:
     GET  /                 the page
     GET  /api/model        the model that answers now: name, version, alias, model card, min_confidence
     POST /api/predict      an image's bytes (image/png, image/jpeg; prepared as `digits predict` prepares a file:
-                           crop, centre by mass, resize, polarity), or JSON {"images": [N x 28 x 28 (x 1)]} of
-                           canonical images (0 background, 255 ink) -> {"model": ..., "predictions": [...]}
+                           crop, centre by mass, resize, polarity), or canonical images (0 background, 255 ink) as
+                           JSON {"images": [N x 28 x 28 (x 1)]} or as one NumPy array (application/x-npy: the bytes
+                           of numpy.save, uint8 or float, [N, 28, 28], [N, 28, 28, 1] or [N, 784]; no pickles) ->
+                           {"model": ..., "predictions": [...]}
     GET  /model-card       the version's model card (kept with it in the registry, checked against its sha256)
 
 It follows the alias: before each answer it looks the alias up again — skipped while a local registry's database file
 is unchanged (for at most RECHECK seconds) — and a version that changed (a promotion, a rollback) is loaded before it
 answers; no restart. Bad input is one line in {"error": ...} with HTTP 400 (413
-for a body over MAX_IMAGE_BODY or MAX_JSON_BODY bytes); the server stays up.
+for a body over MAX_IMAGE_BODY or MAX_ARRAY_BODY bytes); the server stays up. A batch is fastest as NumPy bytes:
+parsing JSON numbers costs more than the model (docs/benchmarks.md, Serving).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from components.registry import mlflow_model
 from schemas.errors import DigitsInputError
 
 MAX_IMAGE_BODY = 10 * 1024 * 1024  # bytes of one uploaded picture: a phone photo fits; a 50 MB upload is refused
-MAX_JSON_BODY = 32 * 1024 * 1024  # bytes of JSON images: MAX_IMAGES images of 0..255 as text fit
+MAX_ARRAY_BODY = 32 * 1024 * 1024  # bytes of JSON or NumPy images: MAX_IMAGES images as text, or as float64, fit
+NPY = "application/x-npy"
+ARRAYS = ("application/json", NPY)  # content types of canonical images (anything else is an uploaded picture)
 RECHECK = 1.0  # seconds: the alias is looked up at least this often even when the registry's file state is unchanged
 PAGE = Path(__file__).with_name("app.html")
 
@@ -104,21 +109,24 @@ def predict_body(loaded: Loaded, body: bytes, content_type: str, min_confidence:
     from components import predict as predict_component
 
     prepared = None
-    if content_type.startswith("application/json"):
-        try:
-            payload = json.loads(body)
-        except ValueError as exc:
-            raise DigitsInputError(f"the body is not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
-        images = payload.get("images", payload.get("inputs")) if isinstance(payload, dict) else None
-        if images is None:
-            raise DigitsInputError('expected JSON {"images": [[28 rows of 28 values 0..255], ...]}')
+    if content_type.startswith(ARRAYS):
+        if content_type.startswith(NPY):
+            images = _npy(body)
+        else:
+            try:
+                payload = json.loads(body)
+            except ValueError as exc:
+                raise DigitsInputError(f"the body is not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+            images = payload.get("images", payload.get("inputs")) if isinstance(payload, dict) else None
+            if images is None:
+                raise DigitsInputError('expected JSON {"images": [[28 rows of 28 values 0..255], ...]}')
         try:
             canonical = mlflow_model.checked_images(images)
         except Exception as exc:  # mlflow_model refuses with MlflowException; its message is the one line
             raise DigitsInputError(getattr(exc, "message", str(exc)).removeprefix("digits: ")) from None
     else:
         if not body:
-            raise DigitsInputError("the body is empty: send an image (PNG or JPEG) or JSON images")
+            raise DigitsInputError("the body is empty: send an image (PNG or JPEG), JSON images or a NumPy array")
         gray = predict_component.decode(body, "the upload")
         prepared = predict_component.prepare(gray, "the upload")
         canonical = prepared[None, ..., None].astype(np.float32)
@@ -130,6 +138,31 @@ def predict_body(loaded: Loaded, body: bytes, content_type: str, min_confidence:
     if prepared is not None:
         answer["prepared"] = prepared.tolist()  # what the model saw: 28 x 28, 0..255
     return answer
+
+
+def _npy(body: bytes) -> np.ndarray:
+    """The array of an application/x-npy body (numpy.save's bytes): numbers only, never a pickled object; the header's
+    shape and type must account for the body's bytes exactly (checked before anything is allocated)."""
+    import io
+
+    from numpy.lib import format as npy
+
+    stream = io.BytesIO(body)
+    try:
+        version = npy.read_magic(stream)
+        header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran, dtype = header(stream)
+    except (ValueError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DigitsInputError(f"the body is not a NumPy array (the bytes numpy.save writes): {reason}") from None
+    if dtype.hasobject or dtype.kind not in "uif":
+        raise DigitsInputError(f"the NumPy array holds {dtype}; expected numbers (uint8 or float)")
+    data = memoryview(body)[stream.tell():]
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        raise DigitsInputError(f"the NumPy array's header says {list(shape)} of {dtype} ({expected:,} bytes); the body "
+                               f"holds {len(data):,} after it")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def build(follower: Follower, min_confidence: float = 0.0):
@@ -167,8 +200,8 @@ def build(follower: Follower, min_confidence: float = 0.0):
     @app.post("/api/predict")
     async def predict(request: Request):
         content_type = request.headers.get("content-type", "application/octet-stream").lower()
-        limit = MAX_JSON_BODY if content_type.startswith("application/json") else MAX_IMAGE_BODY
-        what = "JSON images" if limit == MAX_JSON_BODY else "an uploaded image"
+        limit = MAX_ARRAY_BODY if content_type.startswith(ARRAYS) else MAX_IMAGE_BODY
+        what = "JSON or NumPy images" if limit == MAX_ARRAY_BODY else "an uploaded image"
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             return refused(f"the body is {int(declared):,} bytes; at most {limit:,} are taken for {what}", 413)

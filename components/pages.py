@@ -11,7 +11,7 @@ from pathlib import Path
 
 # (label, path under the run folder), in pipeline order
 PAGES = (("run", "index.html"), ("EDA", "ingest/eda/index.html"), ("validation", "validate/report.html"),
-         ("tune", "tune/report.html"), ("evaluation", "evaluate/report.html"), ("model card", "register/model_card.html"))
+         ("label review", "review/report.html"), ("tune", "tune/report.html"), ("evaluation", "evaluate/report.html"), ("model card", "register/model_card.html"))
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em 2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.2em} td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;
 vertical-align:top} .passed{color:#1a7f37} .failed,.refused{color:#cf222e} img{max-width:100%;display:block;margin:.8em 0}

@@ -263,3 +263,9 @@ class Tracking:
     def finish(self, metrics: dict[str, float], step: int) -> None:
         self.log_metrics(metrics, step=step)
         self._client().set_terminated(self.run_id, status="FINISHED")
+
+    def log_files(self, *paths: Path) -> None:
+        """Files kept with the run (its artifacts), each at the top of the run's artifact folder."""
+        client = self._client()
+        for path in paths:
+            client.log_artifact(self.run_id, str(path))

@@ -59,6 +59,11 @@ def _config(pipeline: Pipeline | str, data: Path | None, overrides: list[str] | 
     if preset_name is not None:
         pairs[:0] = preset(preset_name).overrides
     config = apply_overrides(default_config(pipeline), pairs)
+    if config.ingest.review:  # a label-review file: read and checked now (its ids against the data on ingest)
+        from components.ingest import review
+
+        config.ingest.review = str(Path(config.ingest.review).expanduser().resolve())
+        review.read(Path(config.ingest.review))
     _check_services(config)
     if config.ingest.data:
         from components.ingest import input_files

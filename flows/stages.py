@@ -19,9 +19,10 @@ from components import ingest as ingest_component
 from components import validate as validate_component
 from components.registry import MODEL_SHA256, Registry, model_name
 from components.tracking import Tracking, tracking_uri
-from schemas.artifacts import Converted, Evaluation, Examples, Exported, Registration, Trained, Tuned, Validation
+from schemas.artifacts import (Converted, Evaluation, Examples, Exported, Registration, Reviewed, Trained, Tuned,
+                              Validation)
 from schemas.config import ENSEMBLE_FIELDS, FailOn, PipelineConfig
-from schemas.errors import DigitsInputError, ValidationFailed
+from schemas.errors import DigitsInputError, LabelHealthFailed, ValidationFailed
 from schemas.runs import RunFolder, RunRecord, digits_home, list_runs
 from schemas.sources import CHAMPION_OF_MNIST
 
@@ -86,6 +87,34 @@ def convert(folder: RunFolder, config: PipelineConfig, out: Path, progress: Prog
     """TFRecord shards of the examples that validation let through (passed, or warn)."""
     return convert_component.run(examples, config.convert, config.seed, out, dask_address=config.dask.address,
                                  progress=progress)
+
+
+# --- review -----------------------------------------------------------------------------------------
+
+def review(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progress, *,
+           converted: Converted) -> Reviewed:
+    """review.enabled: labels that are probably wrong, by confident learning on K-fold out-of-sample
+    probabilities (components.review); the gate on their estimated share is review_gate."""
+    from components import review as review_component
+
+    return review_component.run(converted, config.review, config.seed, out,
+                                tracking=_tracking(folder, config, converted, "review"), progress=progress)
+
+
+def review_gate(folder: RunFolder, config: PipelineConfig, reviewed: Reviewed) -> None:
+    """Label health: an estimated share of wrong train/val labels above review.fail_share stops the run; above
+    review.warn_share it is a warning of the run."""
+    share = reviewed.estimated_wrong_share
+    if share is None or share != share:
+        return
+    said = (f"an estimated {share:.2%} of the train/val labels are wrong ({reviewed.suspects:,} suspects of "
+            f"{reviewed.images:,}; report: {reviewed.report})")
+    if config.review.fail_share is not None and share > config.review.fail_share:
+        raise LabelHealthFailed(f"label review: {said}, above review.fail_share={config.review.fail_share:g}: fix "
+                                f"them with --set ingest.review=PATH (edit {reviewed.dir / 'review-decisions.csv'})")
+    if share > config.review.warn_share:
+        folder.update(lambda r: r.warnings.append(f"review: {said}, above review.warn_share="
+                                                  f"{config.review.warn_share:g}"))
 
 
 # --- tune -------------------------------------------------------------------------------------------
@@ -252,7 +281,7 @@ def _tracking(folder: RunFolder, config: PipelineConfig, converted: Converted, s
 
 def calibrate(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progress, *,
               model: Trained, converted: Converted) -> Trained:
-    """evaluate.calibrate=true: temperature scaling fitted on the val split, kept inside the model."""
+    """Temperature scaling fitted on the val split, kept inside the model (evaluate.calibrate, on by default)."""
     from components import calibrate as calibrate_component
 
     return calibrate_component.run(model, converted, out, progress=progress)
@@ -261,7 +290,7 @@ def calibrate(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pr
 # --- evaluate ---------------------------------------------------------------------------------------
 
 def evaluate(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progress, *,
-             model: Trained, converted: Converted) -> Evaluation:
+             model: Trained, converted: Converted, review: Reviewed | None = None) -> Evaluation:
     """Metrics, pictures, robustness and the gate, with the registry's current champion re-measured on
     this run's validation split."""
     from components import evaluate as evaluate_component
@@ -280,7 +309,7 @@ def evaluate(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
         return evaluate_component.run(model, converted, out, threshold=config.threshold, champion=champion,
                                       policy=config.evaluate.promote_when, alpha=config.evaluate.alpha,
                                       seen=seen, allow_seen_val=config.evaluate.allow_seen_val,
-                                      ood_keep=config.evaluate.ood_keep, progress=progress)
+                                      ood_keep=config.evaluate.ood_keep, review=review, progress=progress)
 
 
 def record_metrics(folder: RunFolder, config: PipelineConfig, evaluation: Evaluation) -> None:
@@ -343,7 +372,7 @@ def record_promotion(folder: RunFolder, config: PipelineConfig, registration: Re
 def export(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progress, *,
            model: Trained, converted: Converted, examples: Examples) -> Exported:
     """submission.csv for the test split (with the file of each row for a folder of images), SavedModel
-    + .keras, infra-validated in a fresh process before the stage folder appears."""
+    + .keras, infra-validated in a process of its own before the stage folder appears."""
     from components import export as export_component
     from components.lineage import SeenSet
 

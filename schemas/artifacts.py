@@ -11,6 +11,7 @@ its `digest` (schemas.stages).
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -122,9 +123,11 @@ class Examples(Artifact):
     duplicates: dict[str, int] = field(default_factory=dict)
     named: bool = False  # files.csv says which file each row came from (sources of one file per image)
     skipped: dict[str, int] = field(default_factory=dict)  # per split, files left out as not images (Thumbs.db)
+    review: dict[str, Any] | None = None  # ingest.review applied: file, sha256, relabelled, unchanged, dropped
 
     FILES_CSV = "files.csv"
-    CONTENT = ("*.parquet", FILES_CSV)
+    REVIEW_APPLIED = "review-applied.csv"  # id, given_label, decision: what ingest.review changed
+    CONTENT = ("*.parquet", FILES_CSV, REVIEW_APPLIED)
 
     @staticmethod
     def file_name(split: Split | str) -> str:
@@ -254,6 +257,44 @@ class Tuned(Artifact):
                 Publication("link", "tune-report", "the study's report", self.report.as_uri(), "tune report")]
 
 
+@dataclass(frozen=True)
+class Reviewed(Artifact):
+    """The review stage (components.review): suspects.csv (labels confident learning doubts, most suspect first),
+    review-decisions.csv (the same as a file of decisions for a person to edit and give to ingest), review.json,
+    report.html, folds/ (each fold's model and out-of-sample probabilities)."""
+
+    images: int = 0  # train + val images reviewed
+    suspects: int = 0  # of them, label issues found
+    estimated_wrong_share: float | None = None  # confident learning's estimate for train + val
+    out_of_sample_accuracy: float | None = None  # the folds' models on the images they did not train on
+    test_suspects: int | None = None  # a labelled test split's issues (reported only); None: no test labels
+    mlflow_run_id: str | None = None
+
+    CONTENT = ("suspects.csv", "review.json")
+
+    @property
+    def report(self) -> Path:
+        return self.dir / "report.html"
+
+    def describe(self) -> str:
+        share = "" if self.estimated_wrong_share is None else \
+            f", estimated wrong labels {self.estimated_wrong_share:.2%}"
+        test = "" if self.test_suspects is None else f"; test: {self.test_suspects:,} suspects (reported only)"
+        return f"{self.suspects:,} suspect labels of {self.images:,} images{share}{test}; report {self.report}"
+
+    def publications(self) -> list[Publication]:
+        rows = []
+        with (self.dir / "suspects.csv").open() as fh:
+            for row in csv.DictReader(fh):
+                rows.append(row)
+                if len(rows) == 20:
+                    break
+        share = "n/a" if self.estimated_wrong_share is None else f"{self.estimated_wrong_share:.2%}"
+        return [Publication("table", "label-review", f"{self.suspects:,} suspect labels of {self.images:,} "
+                            f"(estimated wrong: {share}); the 20 most suspect", rows),
+                Publication("link", "label-review-report", "the label review", self.report.as_uri(), "label review")]
+
+
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -317,7 +358,7 @@ class Exported(Artifact):
 
     submission: str = "submission.csv"
     test_rows: int = 0
-    model: str = "saved_model"  # what infra-validation loaded in a fresh process
+    model: str = "saved_model"  # what infra-validation loaded in a process of its own
     infra_rows: int = 0  # test rows predicted there, every label equal to the in-flow prediction
     max_probability_diff: float = 0.0
     predict_seconds: float = 0.0  # in-flow prediction of every test row
@@ -338,7 +379,7 @@ class Exported(Artifact):
         if self.seen_test:
             submitted += f" (warning: {self.seen_test:,} of them were seen in training: seen-test-images.csv)"
         return (f"{submitted}; {self.model} agreed with the in-flow predictions on {self.infra_rows} rows in a "
-                "fresh process")
+                "process of its own")
 
     def publications(self) -> list[Publication]:
         if not self.submission:

@@ -53,6 +53,9 @@ class IngestConfig(_Model):
     tfds_data_dir: str | None = Field(None, description="where TFDS prepares mnist; default $DIGITS_HOME/tfds")
     max_image_pixels: PositiveInt = Field(40_000_000, description="folder source: larger images are refused from "
                                                                   "their header, before they are decoded")
+    review: str | None = Field(None, description="a label-review file (CSV `id,decision`: a digit relabels the train "
+                                                 "row with that id, `drop` removes it), as the review stage's "
+                                                 "review-decisions.csv after a person edited it; applied on ingest")
 
 
 class FailOn(StrEnum):
@@ -356,6 +359,31 @@ class DaskConfig(_Model):
                                 "needed (convert.dask_workers, train.workers processes)")
 
 
+class ReviewConfig(_Model):
+    """The review stage: labels that are probably wrong, by confident learning on out-of-sample probabilities."""
+
+    enabled: bool = Field(False, description="run the review stage (after convert): K-fold cross-fitted "
+                                             "probabilities, then cleanlab's find_label_issues -> suspects.csv")
+    folds: int = Field(4, ge=2, le=20, description="K: each image is scored by a model trained on the other K-1 folds")
+    model: ModelName = Field(ModelName.digits_net, description="the folds' model (a Keras network of the zoo)")
+    width: float = Field(0.5, gt=0, le=4, description="digits-net: the folds' channel-count multiplier")
+    epochs: PositiveInt = Field(3, description="epochs of each fold's model (no augmentation, no label smoothing)")
+    min_steps: PositiveInt = Field(100, description="small data: more epochs than review.epochs, so that each fold's "
+                                                   "model takes at least this many optimizer steps (its batch "
+                                                   "normalisation statistics settle)")
+    warn_share: float = Field(0.02, ge=0, le=1, description="warn when the estimated share of wrong train/val labels "
+                                                            "is above this")
+    fail_share: float | None = Field(0.2, ge=0, le=1, description="fail the run when the estimated share of wrong "
+                                                                  "train/val labels is above this (None: never)")
+    gallery: PositiveInt = Field(60, description="suspects shown as pictures in the report, most suspect first")
+
+    @model_validator(mode="after")
+    def _keras_model(self) -> ReviewConfig:
+        if self.model is ModelName.pca_svm:
+            raise ValueError("review.model: the folds need a network's probabilities; pca-svm has none")
+        return self
+
+
 class PromoteWhen(StrEnum):
     at_least_champion = "at-least-champion"  # val accuracy >= the champion's on the same images
     significantly_better = "significantly-better"  # better, and McNemar's exact test says it is not chance
@@ -374,9 +402,9 @@ class EvaluateConfig(_Model):
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of that test")
     allow_new_registry: bool = Field(False, description="register into a registry that has lost the versions "
                                                         "this home registered there (deleted or replaced)")
-    calibrate: bool = Field(False, description="fit a temperature on the val split and keep it inside the model "
-                                               "(the calibrate stage): probabilities that mean what they say "
-                                               "everywhere after (a Keras model; pca-svm is never calibrated)")
+    calibrate: bool = Field(True, description="fit a temperature on the val split and keep it inside the model "
+                                              "(the calibrate stage): probabilities that mean what they say "
+                                              "everywhere after (a Keras model; pca-svm is never calibrated)")
     allow_seen_val: bool = Field(False, description="let a model whose val split holds images it (or its base) "
                                                     "was trained on pass the gate; recorded in the registry")
     ood_keep: float | None = Field(0.99, gt=0.5, lt=1, description="fit the out-of-distribution detector that "
@@ -396,6 +424,7 @@ class PipelineConfig(_Model):
     transfer: TransferConfig = TransferConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tune: TuneConfig = TuneConfig()
+    review: ReviewConfig = ReviewConfig()
     dask: DaskConfig = DaskConfig()
 
     @model_validator(mode="before")
@@ -516,7 +545,9 @@ def _unknown_key(key: str, override: str, config: BaseModel) -> str:
             leaves = [k.removeprefix(f"{near}.") for k in keys if k.startswith(f"{near}.")]
             close += [f"{near}.{m}" for m in difflib.get_close_matches(leaf, leaves, n=3, cutoff=0.6)]
     if close:
-        return f"unknown config key '{key}' in --set {override}; did you mean {' or '.join(close[:3])}?"
+        named = close[:3]
+        said = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} or {named[-1]}"
+        return f"unknown config key '{key}' in --set {override}; did you mean {said}?"
     section = key.split(".")[0]
     in_section = [k for k in keys if k.startswith(f"{section}.")]
     if in_section:

@@ -56,6 +56,10 @@ class ValidationFailed(DigitsInputError):
     """The data failed its expectation suites: the run stops before conversion."""
 
 
+class LabelHealthFailed(DigitsInputError):
+    """The label review estimates more wrong labels than review.fail_share allows: the run stops before training."""
+
+
 class OutOfSpace(Exception):
     """The disk filled up (ENOSPC): not bad input, the environment; the run is resumable once space is
     freed. The CLI renders it as one line, exit 1."""

@@ -1,7 +1,8 @@
 """The stage graph, declared once: every stage's name, the artifacts it consumes and produces, how it is
 reused, whether it resumes, the reports it writes and its help.
 
-    ingest -> validate -> convert -> [tune] -> train | transfer -> [calibrate] -> evaluate -> register -> export
+    ingest -> validate -> convert -> [review] -> [tune] -> train | transfer -> [calibrate] -> evaluate -> register
+    -> export
 
 The Prefect flow (flows.pipeline) runs `GRAPH.plan(config)` in order, handing each stage the artifacts
 it consumes by name; the per-stage CLI commands, `digits reports`, the run's entry page, stale-marking
@@ -30,8 +31,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from schemas.artifacts import (Artifact, Converted, Evaluation, Examples, Exported, Registration, Trained, Tuned,
-                              Validation)
+from schemas.artifacts import (Artifact, Converted, Evaluation, Examples, Exported, Registration, Reviewed, Trained,
+                              Tuned, Validation)
 from schemas.config import SCRATCH, PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]  # the folder holding the schemas/, components/ and flows/ packages
@@ -190,6 +191,10 @@ def _tuned(config: PipelineConfig) -> bool:
     return config.tune.trials > 0
 
 
+def _reviewed(config: PipelineConfig) -> bool:
+    return config.review.enabled
+
+
 def _calibrated(config: PipelineConfig) -> bool:
     return config.evaluate.calibrate and config.train.model != "pca-svm"  # a Keras model's probabilities
 
@@ -212,6 +217,18 @@ GRAPH = Graph((
           code=("components/convert", "components/records.py", "schemas/examples.py"), reuse="content",
           reports=(Report("convert manifest", "manifest.json"),),
           help="Split train/val (stratified) and write sharded gzip TFRecords with Apache Beam."),
+    Stage("review", produces="review", artifact=Reviewed, run="flows.stages:review", consumes=("converted",),
+          settings=("seed", "review.folds", "review.model", "review.width", "review.epochs", "review.min_steps",
+                    "review.gallery"),
+          code=("components/review.py", "components/train"), reuse="content", resumable=True, lines=True,
+          applies=_reviewed, after="flows.stages:review_gate",
+          off="the label review is off for this run: `--set review.enabled=true` runs it",
+          reports=(Report("label review", "report.html"), Report("suspect labels", "suspects.csv"),
+                   Report("review decisions (edit, then --set ingest.review=PATH)", "review-decisions.csv")),
+          help="Find labels that are probably wrong: every train and val image scored by a model that never trained "
+               "on it (K folds), then confident learning (cleanlab) ranks the suspects; a labelled test split is "
+               "reviewed beside them, reported only. Off unless review.enabled=true; its decisions file, edited, goes "
+               "back to ingest (ingest.review=PATH)."),
     Stage("tune", produces="tuning", artifact=Tuned, run="flows.stages:tune", consumes=("converted",),
           settings=("seed", "train", "tune.trials", "tune.budget_minutes", "tune.epochs", "tune.rows", "tune.space",
                     "tune.pruner"),
@@ -237,10 +254,10 @@ GRAPH = Graph((
           settings=("evaluate.calibrate",), code=("components/calibrate.py", "components/evaluate"),
           applies=_calibrated, command="evaluate",
           reports=(Report("calibrated model", "model.keras"), Report("calibration", "calibration.json")),
-          help="With evaluate.calibrate=true, fit a temperature on the val split and keep it inside the model, so its "
-               "probabilities mean what they say."),
+          help="Fit a temperature on the val split and keep it inside the model, so its probabilities mean what they "
+               "say (evaluate.calibrate, on by default)."),
     Stage("evaluate", produces="evaluation", artifact=Evaluation, run="flows.stages:evaluate",
-          consumes=("model", "converted"), settings=("pipeline", "evaluate"),
+          consumes=("model", "converted"), optional=("review",), settings=("pipeline", "evaluate"),
           code=("components/evaluate", "components/lineage.py", "components/ood.py"),
           after="flows.stages:record_metrics", reports=(Report("evaluation report", "report.html"),),
           help="Score the model on the val split, gate it against the threshold and the champion."),
@@ -255,6 +272,6 @@ GRAPH = Graph((
           code=("components/export", "components/lineage.py"),
           reports=(Report("submission", "submission.csv"), Report("SavedModel", "saved_model"),
                    Report("test rows seen in training", "seen-test-images.csv")),
-          help="Write submission.csv and export the model (SavedModel + .keras), checked in a fresh process."),
+          help="Write submission.csv and export the model (SavedModel + .keras), checked in a process of its own."),
 ))
 """The pipeline's stages. Read it as `schemas.stages.GRAPH` at call time (a test may extend it)."""

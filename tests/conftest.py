@@ -40,6 +40,18 @@ def prepared_tfds(tmp_path_factory) -> tuple[Path, dict]:
     return tfds_dir, splits
 
 
+@pytest.fixture(scope="module")
+def kaggle_data(request, tmp_path_factory) -> Path:
+    """A Kaggle-layout folder (train.csv + test.csv of datagen digits) for a module's tests to read: the sizes its
+    KAGGLE_ROWS = (train rows, test rows) names (400, 50 without one). Tests read it, never write into it."""
+    import datagen
+
+    n_train, n_test = getattr(request.module, "KAGGLE_ROWS", (400, 50))
+    folder = tmp_path_factory.mktemp(f"kaggle-{n_train}-{n_test}")
+    datagen.write_kaggle(folder, n_train=n_train, n_test=n_test)
+    return folder
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """A fresh $DIGITS_HOME for one test."""

@@ -56,7 +56,7 @@ def test_a_wrong_data_path_is_one_line_and_no_run(cli, home, tmp_path, pipeline,
 @pytest.mark.parametrize("args, words", [
     (["--set", "train.epoch=3"], "did you mean train.epochs?"),
     (["--set", "ingest.limt=500"], "did you mean ingest.limit?"),
-    (["--set", "epochs=3"], "did you mean train.epochs or tune.epochs?"),
+    (["--set", "epochs=3"], "did you mean train.epochs, tune.epochs or review.epochs?"),
     (["--set", "trainn.width=0.5"], "did you mean train.width?"),
     (["--preset", "bets"], "unknown preset 'bets'; did you mean best?"),
     (["--set", "train.epochs=many"], "invalid value for 'train.epochs'"),

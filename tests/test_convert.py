@@ -27,11 +27,7 @@ from schemas.errors import DigitsInputError
 from schemas.runs import RunFolder
 
 
-@pytest.fixture(scope="module")
-def kaggle_data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("kaggle")
-    datagen.write_kaggle(folder, n_train=600, n_test=150)
-    return folder
+KAGGLE_ROWS = (600, 150)  # the kaggle_data fixture's train and test rows (conftest)
 
 
 def _by_id(parquet: Path) -> dict[int, tuple[int | None, bytes]]:

@@ -20,16 +20,9 @@ from components.keras_layers import load_keras_model
 from components.tracking import tracking_uri
 from components.train import processor_name
 from components.train.ensemble import members_of
-from flows import stages
+from flows import runner, stages
 
 DIGITS = str(Path(sys.executable).with_name("digits"))
-
-
-@pytest.fixture(scope="module")
-def kaggle_data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("kaggle")
-    datagen.write_kaggle(folder, n_train=400, n_test=50)
-    return folder
 
 
 @pytest.mark.e2e
@@ -145,7 +138,7 @@ def test_members_train_on_a_two_worker_local_cluster_through_prefect(home, kaggl
     assert "Traceback" not in done.stderr + done.stdout
     assert "running 2 members on a LocalCluster of 2 worker processes" in done.stdout
     assert "distributed.scheduler" not in done.stdout  # the cluster's own chatter stays off the console
-    trained = output(folder, "model")
+    trained = runner.output_of(folder, "train")  # `digits train` runs train; calibrate is evaluate's
     workers = [m["worker"] for m in trained.members]
     assert all(w and "tcp://127.0.0.1:" in w for w in workers) and len(set(workers)) == 2, workers
     assert [m["processor"] for m in trained.members] == [processor_name()] * 2 and trained.processor == processor_name()
@@ -176,7 +169,7 @@ def test_a_killed_ensemble_resumes_training_only_the_unfinished_members(home, tm
     assert "member-00 (digits-net, seed 42): trained by an earlier attempt" in done.stdout
     assert "member-00: epoch" not in done.stdout
     assert "member-01: epoch 2/2" in done.stdout and "member-02: epoch 2/2" in done.stdout
-    trained = output(folder, "model")
+    trained = runner.output_of(folder, "train")
     assert [m["name"] for m in trained.members] == ["member-00", "member-01", "member-02"]
     assert (folder.stage_dir("train") / "members/member-00/model.keras").stat().st_mtime_ns == kept
 
@@ -186,7 +179,7 @@ def test_test_time_shifts_make_one_model_an_ensemble_whose_member_evaluate_score
                                           "evaluate.threshold=0")
     make(folder, config, "model")
     make(folder, config, "evaluation")
-    trained = output(folder, "model")
+    trained = runner.output_of(folder, "train")  # the averaged shifts, before calibrate scales them
     assert trained.model.startswith("ensemble of 1 (1 digits-net) with 8 test-time shifts")
     model = load_keras_model(trained.path)
     (member,) = members_of(model)

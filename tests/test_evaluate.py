@@ -24,11 +24,7 @@ from runs import make, validated_kaggle_run
 from schemas.errors import DigitsInputError
 
 
-@pytest.fixture(scope="module")
-def kaggle_data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("kaggle")
-    datagen.write_kaggle(folder, n_train=1000, n_test=20)
-    return folder
+KAGGLE_ROWS = (1000, 20)  # the kaggle_data fixture's train and test rows (conftest)
 
 
 def _trained_run(data: Path, *overrides: str):
@@ -447,7 +443,7 @@ def test_a_calibrated_model_keeps_its_temperature_everywhere_it_goes(home, kaggl
     assert "Temperature-scaled" in (folder.stage_dir("evaluate") / "report.html").read_text()
 
     exported = make(folder, config, "exported")
-    assert exported.infra_rows > 0 and exported.max_probability_diff < 1e-4  # the SavedModel, in a fresh process
+    assert exported.infra_rows > 0 and exported.max_probability_diff < 1e-4  # the SavedModel, in a process of its own
     record = json.loads(folder.path.read_text())
     assert list(record["stages"]) == ["ingest", "validate", "convert", "train", "calibrate", "evaluate", "register",
                                       "export"]

@@ -179,7 +179,8 @@ def test_train_folder_fine_tunes_the_mnist_champion_and_predicts_the_folder(cli,
     run = max((home / "runs").iterdir())
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "completed" and record["pipeline"] == "train-folder"
-    assert list(record["stages"]) == ["ingest", "validate", "convert", "transfer", "evaluate", "register", "export"]
+    assert list(record["stages"]) == ["ingest", "validate", "convert", "transfer", "calibrate", "evaluate", "register",
+                                      "export"]
     assert record["stages"]["transfer"]["outputs"]["base"] == "models:/digits-mnist/1"
     with (run / "export/submission.csv").open() as fh:
         rows = list(csv.DictReader(fh))

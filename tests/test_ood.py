@@ -50,7 +50,7 @@ def test_evaluate_fits_a_detector_that_keeps_the_val_digits_and_the_registry_kee
     assert metrics["ood"]["val_kept"] >= 0.99  # the threshold is the val scores' 99th percentile (the next one up)
     detector = ood.Detector.load(run / "evaluate/ood.npz")
     record = json.loads((run / "run.json").read_text())
-    assert detector.model_sha256 == record["stages"]["train"]["hashes"]["model.keras"]
+    assert detector.model_sha256 == record["stages"]["calibrate"]["hashes"]["model.keras"]  # the model evaluated
     assert "ood.npz" in record["stages"]["evaluate"]["hashes"]  # verified like every content file
 
 
@@ -58,7 +58,7 @@ def test_predict_reject_ood_says_not_a_digit_for_noise_and_checkerboards(cli, re
     home, run = registered
     monkeypatch.setenv("DIGITS_HOME", str(home))
     images = _images(tmp_path / "images")
-    for uri in ("models:/digits-kaggle@champion", str(run / "train/model.keras"), str(run / "export/model.keras")):
+    for uri in ("models:/digits-kaggle@champion", str(run / "calibrate/model.keras"), str(run / "export/model.keras")):
         result = cli("predict", uri, images, "--reject-ood")
         assert result.code in (0, 1), result.err  # blank-ish scans may have no digit to find: one line each
         rows = [line.split("\t") for line in result.out.splitlines() if line.startswith(str(images))]

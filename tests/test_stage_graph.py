@@ -51,8 +51,8 @@ def test_a_stage_declared_in_a_test_runs_reports_goes_stale_and_resumes(cli, hom
     assert result.code == 0, result.err
     (run,) = (home / "runs").iterdir()
     record = json.loads((run / "run.json").read_text())
-    assert list(record["stages"]) == ["ingest", "validate", "convert", "train", "confidence", "evaluate", "register",
-                                      "export"]
+    assert list(record["stages"]) == ["ingest", "validate", "convert", "train", "calibrate", "confidence", "evaluate",
+                                      "register", "export"]
     assert record["stages"]["confidence"]["status"] == "completed"
     assert "Task run 'confidence-" in result.out  # a Prefect task of its own, logging its progress
     assert "confidence measured on 10 validation images" in result.out
@@ -66,8 +66,8 @@ def test_a_stage_declared_in_a_test_runs_reports_goes_stale_and_resumes(cli, hom
     again = cli("convert", "--run", run.name, "--set", "convert.val_fraction=0.2")  # a new split
     assert again.code == 0, again.err
     stale = json.loads((run / "run.json").read_text())["stages"]
-    assert {name: stale[name]["status"] for name in ("train", "confidence", "evaluate", "register", "export")} == \
-        dict.fromkeys(("train", "confidence", "evaluate", "register", "export"), "stale")
+    downstream = ("train", "calibrate", "confidence", "evaluate", "register", "export")
+    assert {name: stale[name]["status"] for name in downstream} == dict.fromkeys(downstream, "stale")
     assert stale["confidence"]["error"] == "convert was run again after it"
     assert cli("confidence", "--run", run.name).code == 2  # its own command: refuses the stale model
 
@@ -89,7 +89,9 @@ def test_the_graph_refuses_a_stage_whose_inputs_nothing_produces():
 
 
 def test_downstream_follows_the_artifacts_not_the_order():
-    assert GRAPH.downstream("convert") == ["tune", "train", "transfer", "calibrate", "evaluate", "register", "export"]
+    assert GRAPH.downstream("convert") == ["review", "tune", "train", "transfer", "calibrate", "evaluate", "register",
+                                           "export"]
+    assert GRAPH.downstream("review") == []  # a report for people: no stage reads it
     assert GRAPH.downstream("tune") == ["train", "calibrate", "evaluate", "register", "export"]  # train's optional input
     assert GRAPH.downstream("evaluate") == ["register"]  # export reads the model, not the evaluation
     assert GRAPH.downstream("calibrate") == ["evaluate", "register", "export"]  # it refines the model
@@ -108,8 +110,8 @@ def test_an_optional_input_is_consumed_only_where_the_plan_produces_it():
 def test_a_stage_reads_the_last_refinement_of_an_artifact_made_before_it():
     from schemas.config import apply_overrides, default_config
 
-    plain = default_config("train-mnist")
-    calibrated = apply_overrides(plain, ["evaluate.calibrate=true"])
+    calibrated = default_config("train-mnist")  # calibrated by default
+    plain = apply_overrides(calibrated, ["evaluate.calibrate=false"])
     assert GRAPH.producer("model", plain, before="evaluate").name == "train"
     svm = apply_overrides(calibrated, ["train.model=pca-svm"])  # never calibrated: it has no probabilities to scale
     assert GRAPH.producer("model", svm, before="evaluate").name == "train"

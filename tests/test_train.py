@@ -15,21 +15,15 @@ import pytest
 from runs import converted_kaggle_run, kill_when, make, output
 
 from components import records
+from flows import runner
 from components.tracking import tracking_uri
 from components.train import processor_name
 from schemas.config import ModelName, TrainConfig
 from schemas.errors import DigitsInputError
 
 
-@pytest.fixture(scope="module")
-def kaggle_data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("kaggle")
-    datagen.write_kaggle(folder, n_train=400, n_test=50)
-    return folder
-
-
 def test_one_short_epoch_writes_model_checkpoints_logs_and_mlflow_metrics(home, kaggle_data):
-    folder, config = converted_kaggle_run(kaggle_data, "train.epochs=1")
+    folder, config = converted_kaggle_run(kaggle_data, "train.epochs=1", "evaluate.calibrate=false")  # train's model
     trained = make(folder, config, "model")
     out = folder.stage_dir("train")
     assert trained.path == out / "model.keras" and trained.path.is_file()
@@ -74,13 +68,13 @@ def test_killed_training_resumes_at_the_next_epoch(home, tmp_path):
     assert json.loads(state.read_text())["epoch"] == 1, "killed too late: a second epoch had completed"
     assert not folder.stage_dir("train").exists()
     with pytest.raises(DigitsInputError, match="no completed train stage"):
-        output(folder, "model")
+        runner.output_of(folder, "train")
 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "resuming at epoch 2 of 3" in done.stdout
     assert "epoch 1/3" not in done.stdout and "epoch 3/3" in done.stdout
-    trained = output(folder, "model")
+    trained = runner.output_of(folder, "train")  # `digits train` runs train; calibrate is evaluate's
     assert (trained.epochs, trained.resumed_at_epoch) == (3, 2)
     with (folder.stage_dir("train") / "history.csv").open() as f:
         assert [int(row["epoch"]) for row in csv.DictReader(f)] == [0, 1, 2]  # one row per epoch, none twice

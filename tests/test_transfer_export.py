@@ -1,5 +1,5 @@
 """The transfer stage (full / frozen / gradual fine-tuning of a registered model) and the export stage
-(submission.csv, SavedModel, infra-validation in a fresh process)."""
+(submission.csv, SavedModel, infra-validation in a process of its own)."""
 
 from __future__ import annotations
 
@@ -16,18 +16,14 @@ import datagen
 import numpy as np
 import pytest
 
-from flows import stages
+from flows import runner, stages
 from runs import make, output
 from schemas.config import apply_overrides, default_config
 
 NOISY = ("validate.min_rows=10", "train.epochs=1", "evaluate.threshold=0")
 
 
-@pytest.fixture(scope="module")
-def kaggle_data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("kaggle")
-    datagen.write_kaggle(folder, n_train=400, n_test=37)
-    return folder
+KAGGLE_ROWS = (400, 37)  # the kaggle_data fixture's train and test rows (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +63,8 @@ def test_kaggle_then_noisy_through_the_cli_write_submissions_and_fine_tune_the_c
     assert result.code == 0, result.err
     run = sorted((home / "runs").iterdir())[-1]
     record = json.loads((run / "run.json").read_text())
-    assert list(record["stages"]) == ["ingest", "validate", "convert", "transfer", "evaluate", "register", "export"]
+    assert list(record["stages"]) == ["ingest", "validate", "convert", "transfer", "calibrate", "evaluate", "register",
+                                      "export"]
     transfer = record["stages"]["transfer"]["outputs"]
     assert (transfer["base"], transfer["transfer_mode"]) == ("models:/digits-kaggle/1", "full")
     # train-noisy's default rehearses every image the base was trained on, drawn on noise backgrounds
@@ -188,7 +185,7 @@ def test_a_killed_gradual_transfer_resumes_in_the_right_phase(home, noisy_data, 
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert f"resuming at epoch {done + 1} of 3" in result.stdout
-    trained = output(folder, "model")
+    trained = runner.output_of(folder, "transfer")  # `digits train` runs transfer; calibrate is evaluate's
     assert trained.resumed_at_epoch == done + 1 and trained.epochs == 3
     base = _weights(keras.models.load_model(base_model, safe_mode=True), keras)
     tuned = _weights(keras.models.load_model(trained.path, safe_mode=True), keras)
@@ -286,3 +283,28 @@ def test_an_export_that_disagrees_in_a_fresh_process_leaves_no_export(home, kagg
     outputs = serving(images=tf.constant(images))
     assert outputs["probabilities"].shape == (37, 10) and outputs["label"].dtype == tf.int64
     assert json.loads((exported.dir / "infra_validation.json").read_text())["disagreements"] == 0
+
+
+def test_the_checking_process_is_kept_refuses_what_does_not_load_and_comes_back_when_killed(tmp_path):
+    """Infra-validation's process of its own: a SavedModel that does not load is one line from it; it stays up
+    for the next export of this process; killed, the next export starts another."""
+    from components import export as export_component
+
+    garbage = tmp_path / "saved_model"
+    garbage.mkdir()
+    (garbage / "saved_model.pb").write_bytes(b"not a protocol buffer")
+    images = np.zeros((2, 28, 28), np.uint8)
+    with pytest.raises(RuntimeError, match="did not load and predict in a process of its own: ") as failed:
+        export_component.infra_validate(garbage, images, np.full((2, 10), 0.1), tmp_path)
+    assert "\n" not in str(failed.value)
+    checker = export_component._CHECKER._proc
+    assert checker is not None and checker.poll() is None  # still up after a request that failed
+    with pytest.raises(RuntimeError, match="did not load"):
+        export_component.infra_validate(garbage, images, np.full((2, 10), 0.1), tmp_path)
+    assert export_component._CHECKER._proc.pid == checker.pid  # the same process answered
+    checker.kill()
+    checker.wait()
+    with pytest.raises(RuntimeError, match="did not load"):
+        export_component.infra_validate(garbage, images, np.full((2, 10), 0.1), tmp_path)
+    assert export_component._CHECKER._proc.pid != checker.pid  # a new one, started for it
+    assert not list(tmp_path.glob(".infra-sample*"))

@@ -20,11 +20,7 @@ from schemas.stages import GRAPH
 DIGITS = str(Path(sys.executable).with_name("digits"))
 
 
-@pytest.fixture(scope="module")
-def kaggle_data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("kaggle")
-    datagen.write_kaggle(folder, n_train=300, n_test=20)
-    return folder
+KAGGLE_ROWS = (300, 20)  # the kaggle_data fixture's train and test rows (conftest)
 
 
 def test_a_two_trial_tune_feeds_its_best_settings_to_train(cli, home, kaggle_data):

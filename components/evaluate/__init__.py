@@ -104,6 +104,45 @@ def compare(labels: np.ndarray, candidate: np.ndarray, champion: np.ndarray, z: 
             "ci95": [float(difference - spread), float(difference + spread)], "p_value": min(p_value, 1.0)}
 
 
+def label_review(review, converted: Converted, val, probabilities: np.ndarray, predict, progress: Progress
+                 ) -> dict | None:
+    """Per split (val, and test where it has labels): the model's errors, and those of them on images whose label
+    the review stage doubts (its suspects.csv): errors that are probably the label's, not the model's. Test is
+    scored here only to say so; nothing is chosen on it."""
+    if review is None:
+        return None
+    import csv
+
+    review.verify("suspects.csv")
+    suspects: dict[str, dict[int, int]] = {}
+    with (review.dir / "suspects.csv").open() as fh:
+        for row in csv.DictReader(fh):  # train's suspects are not scored here
+            suspects.setdefault(row["split"], {})[int(row["id"])] = int(row["suggested_label"])
+    parts = {"val": (val, probabilities)}
+    if "test" in converted.counts:
+        test = records.load(converted.files("test"))
+        if len(test.labels) and (test.labels >= 0).all():
+            progress(f"scoring the {len(test.ids):,} labelled test images beside the label review (reported only)")
+            parts["test"] = (test, predict(test.images))
+    found = {}
+    for split, (arrays, scored) in parts.items():
+        predicted = scored.argmax(axis=1)
+        wrong = np.flatnonzero(predicted != arrays.labels)
+        doubted = suspects.get(split, {})
+        on_suspects = [int(i) for i in wrong if int(arrays.ids[i]) in doubted]
+        clean = np.array([int(i) not in doubted for i in arrays.ids.tolist()], bool)
+        found[split] = {
+            "images": int(len(arrays.ids)), "errors": int(len(wrong)), "suspect_labels": len(doubted),
+            "errors_on_suspect_labels": len(on_suspects),
+            "accuracy": float((predicted == arrays.labels).mean()) if len(arrays.ids) else None,
+            "accuracy_without_suspect_labels": float((predicted[clean] == arrays.labels[clean]).mean())
+            if clean.any() else None,
+            "examples": [{"id": int(arrays.ids[i]), "given_label": int(arrays.labels[i]),
+                          "model": int(predicted[i]), "review_suggests": doubted[int(arrays.ids[i])]}
+                         for i in on_suspects[:30]]}
+    return found
+
+
 def _one_hot(labels: np.ndarray) -> np.ndarray:
     out = np.zeros((len(labels), N_CLASSES), np.float32)
     out[np.arange(len(labels)), labels.astype(int)] = 1.0
@@ -112,11 +151,12 @@ def _one_hot(labels: np.ndarray) -> np.ndarray:
 
 def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: float, champion: Champion | None,
         policy: PromoteWhen = PromoteWhen.at_least_champion, alpha: float = 0.05, seen=None,
-        allow_seen_val: bool = False, ood_keep: float | None = None, progress: Progress = lambda _: None
-        ) -> Evaluation:
+        allow_seen_val: bool = False, ood_keep: float | None = None, review=None,
+        progress: Progress = lambda _: None) -> Evaluation:
     """Score the model on the val split, compare it with the champion on the same images, gate it, and
     write metrics.json, the pictures and report.html into out_dir; with ood_keep, fit the out-of-distribution
-    detector (components.ood) into out_dir/ood.npz."""
+    detector (components.ood) into out_dir/ood.npz; with review (the review stage's Reviewed), say which of the
+    model's errors on val (and on a labelled test split) are images whose label the review doubts."""
     from components import pages
     from components.evaluate import report
 
@@ -142,7 +182,8 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
     metrics = {**metrics, "gate": gate, "comparison": comparison, "model": trained.model, "val_rows": len(val.ids),
                "data_fingerprint": converted.fingerprint,
                "calibration": {**calibration(val.labels, probabilities), "scaling": trained.calibration},
-               "lineage": lineage, "members": members, "ood": ood}
+               "lineage": lineage, "members": members, "ood": ood,
+               "label_review": label_review(review, converted, val, probabilities, predict, progress)}
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(out_dir / "robustness.json", robustness)
     report.confusion_png(np.array(metrics["confusion"]), out_dir / "confusion.png")

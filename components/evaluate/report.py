@@ -210,6 +210,27 @@ def _lineage(lineage: dict | None) -> str:
             f"<th>example ids</th></tr>{row('val')}{row('test')}</table>")
 
 
+def _label_review(found: dict | None) -> str:
+    """The model's errors beside the label review: those on images whose label the review doubts."""
+    if not found:
+        return ""
+    def percent(value: float | None) -> str:
+        return "" if value is None else f"{100 * value:.2f}%"
+    rows = "".join(
+        f"<tr><th>{split}{' (reported only)' if split == 'test' else ''}</th><td>{part['errors']:,} of "
+        f"{part['images']:,}</td><td>{part['errors_on_suspect_labels']:,}</td><td>{percent(part['accuracy'])}</td>"
+        f"<td>{percent(part['accuracy_without_suspect_labels'])}</td></tr>" for split, part in found.items())
+    examples = "".join(
+        f"<tr><td>{split}</td><td>{e['id']}</td><td>{e['given_label']}</td><td>{e['model']}</td>"
+        f"<td>{e['review_suggests']}</td></tr>" for split, part in found.items() for e in part["examples"])
+    return ("<h2>Errors and doubted labels</h2><p>The review stage's suspects (<a href=\"../review/report.html\">label "
+            "review</a>): an error on an image whose label it doubts is probably the label's, not the model's.</p>"
+            "<table><tr><th>split</th><th>errors</th><th>on doubted labels</th><th>accuracy</th>"
+            f"<th>without doubted labels</th></tr>{rows}</table>"
+            + (f"<table><tr><th>split</th><th>id</th><th>label</th><th>model</th><th>review suggests</th></tr>{examples}"
+               "</table>" if examples else ""))
+
+
 def _scaling(scaling: dict | None) -> str:
     if not scaling:
         return "Not temperature-scaled (<code>--set evaluate.calibrate=true</code> fits a temperature on val and keeps it in the model)."
@@ -252,6 +273,7 @@ img{{max-width:100%;display:block;margin:1em 0}} nav a{{margin-right:1em}}</styl
 <p class="{'passed' if gate['passed'] else 'refused'}"><b>Gate {'passed' if gate['passed'] else 'refused'}</b>:
 {html_escape.escape(gate['reason'])}</p>{_comparison(metrics.get('comparison'))}
 {_lineage(metrics.get('lineage'))}{_members(metrics.get('members'), metrics['val_accuracy'])}
+{_label_review(metrics.get('label_review'))}
 {_training(out)}
 <h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>
 <h2>Confusion</h2>{_img(out / 'confusion.png')}

@@ -7,24 +7,28 @@ export/
   saved_model/       TF SavedModel; signature `serving_default`: images uint8 [N, 28, 28] (canonical:
                      upright, 0 background, 255 ink) -> label int64 [N], probabilities float32 [N, 10]
   model.keras        the Keras model (or model.joblib for pca-svm, which has no SavedModel)
-  infra_validation.json   what the fresh process predicted against the in-flow predictions
+  infra_validation.json   what the checking process predicted against the in-flow predictions
   seen-test-images.csv    only when the model was trained on some test rows (its seen set,
                      components.lineage): `ImageId,Seen` (exact | shifted) — its answers there are memory
 
-Before the stage completes, a fresh Python process loads the exported model from disk — the
-SavedModel through TensorFlow alone, no Keras or digits code — predicts a sample of test rows and
-must agree with the in-flow predictions on every label (probabilities within 1e-4); otherwise the
-stage fails and no export/ folder appears.
+Before the stage completes, a Python process of its own (components.export.serve_check) loads the
+exported model from disk — the SavedModel through TensorFlow alone, no Keras model or digits code —
+predicts a sample of test rows and must agree with the in-flow predictions on every label
+(probabilities within 1e-4); otherwise the stage fails and no export/ folder appears. That process is
+started at a process's first export and kept for its later ones (a test suite's), loading each model
+from disk anew.
 """
 
 from __future__ import annotations
 
+import atexit
 import csv
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -94,7 +98,7 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, sample: int = 
         shutil.copyfile(trained.path, out_dir / trained.path.name)
         served = out_dir / trained.path.name
     rows = np.sort(np.random.default_rng(seed).choice(len(images), size=min(sample, len(images)), replace=False))
-    progress(f"infra-validating {served.name} in a fresh process on {len(rows)} test rows")
+    progress(f"infra-validating {served.name} in a process of its own on {len(rows)} test rows")
     check = infra_validate(served, images[rows], probabilities[rows], out_dir)
     (out_dir / INFRA).write_text(json.dumps({"model": served.name, "rows": len(rows), **check}, indent=2))
     return Exported(dir=out_dir, submission=submission, test_rows=len(ids), model=served.name,
@@ -155,22 +159,87 @@ def export_saved_model(model_file: Path, target: Path) -> None:
 
 
 def infra_validate(served: Path, images: np.ndarray, expected: np.ndarray, scratch: Path) -> dict:
-    """Load `served` in a new interpreter (components.export.serve_check), predict `images`, compare."""
+    """Load `served` in a process of its own (components.export.serve_check), predict `images`, compare."""
     sample = scratch / ".infra-sample.npy"
     np.save(sample, images)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     try:
-        proc = subprocess.run([sys.executable, "-m", "components.export.serve_check", str(served), str(sample)],
-                              capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2])
+        answer = _CHECKER.check(served, sample)
     finally:
         sample.unlink(missing_ok=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"infra-validation: the exported model did not load and predict in a fresh process: {last}")
-    served_probabilities = np.asarray(json.loads(proc.stdout.strip().splitlines()[-1])["probabilities"])
+    if "error" in answer:
+        raise RuntimeError(f"infra-validation: the exported model did not load and predict in a process of its own: "
+                           f"{answer['error']}")
+    served_probabilities = np.asarray(answer["probabilities"])
     disagree = int((served_probabilities.argmax(axis=1) != expected.argmax(axis=1)).sum())
     diff = float(np.abs(served_probabilities - expected).max()) if len(expected) else 0.0
     if disagree or diff > TOLERANCE:
         raise RuntimeError(f"infra-validation failed: the exported model disagrees with the in-flow predictions "
                            f"on {disagree} of {len(expected)} labels (largest probability difference {diff:.2e})")
     return {"disagreements": disagree, "max_probability_diff": diff}
+
+
+class _Checker:
+    """serve_check --serve: a Python process of its own (TensorFlow alone, no digits model objects, nothing the
+    exporting process holds), started at the first export of this process and kept for the next ones; started
+    again when it has died. It ends when this process does (its stdin closes)."""
+
+    TIMEOUT = 600.0  # seconds for one model to load and predict
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen | None = None
+        self._stderr = None
+        self._lock = threading.Lock()
+
+    def _start(self) -> subprocess.Popen:
+        import tempfile
+
+        self._stderr = tempfile.TemporaryFile()
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        proc = subprocess.Popen([sys.executable, "-m", "components.export.serve_check", "--serve"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+                                env=env, cwd=Path(__file__).resolve().parents[2])
+        atexit.register(_close, proc)
+        return proc
+
+    def check(self, model: Path, sample: Path) -> dict:
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._proc = self._start()
+            proc = self._proc
+            try:
+                proc.stdin.write(json.dumps({"model": str(model), "sample": str(sample)}) + "\n")
+                proc.stdin.flush()
+                line = _read_line(proc, self.TIMEOUT)
+            except (OSError, TimeoutError) as exc:
+                line = ""
+                proc.kill()
+                if isinstance(exc, TimeoutError):
+                    return {"error": f"no answer in {self.TIMEOUT:.0f} s"}
+            if not line:  # it died: its last words
+                proc.wait()
+                self._stderr.seek(0)
+                last = (self._stderr.read().decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+                return {"error": f"the process ended (exit {proc.returncode}): {last}"}
+            return json.loads(line)
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+    import selectors
+
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            raise TimeoutError
+    return proc.stdout.readline()
+
+
+def _close(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            proc.stdin.close()
+            proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+
+
+_CHECKER = _Checker()

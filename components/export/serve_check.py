@@ -1,9 +1,17 @@
-"""Infra-validation's fresh process: load an exported model the way a server would and predict.
+"""Infra-validation's process of its own: load an exported model the way a server would and predict.
 
-usage: python -m components.export.serve_check MODEL SAMPLE.npy
+usage: python -m components.export.serve_check MODEL SAMPLE.npy     one model, then exit
+       python -m components.export.serve_check --serve               one request per line on stdin
+
 MODEL is a SavedModel folder (loaded with TensorFlow alone, called through its `serving_default`
 signature) or a .joblib pipeline; SAMPLE.npy holds canonical images uint8 [N, 28, 28]. Prints
 {"probabilities": [[...], ...]} as one JSON line on stdout.
+
+--serve answers each line {"model": MODEL, "sample": SAMPLE.npy} with one JSON line, {"probabilities": ...}
+or {"error": "..."}, until stdin closes: the export stage (components.export) starts it once per process and
+keeps it for the exports after, so a process that exports many times (a test suite) pays TensorFlow's import
+once. It never imports Keras models or digits' code, and never holds the model the exporting process wrote:
+each request loads the files from disk.
 """
 
 from __future__ import annotations
@@ -15,22 +23,48 @@ from pathlib import Path
 import numpy as np
 
 
-def main(model: str, sample: str) -> None:
+def probabilities_of(model: str, sample: str) -> np.ndarray:
     images = np.load(sample)
     if Path(model).suffix == ".joblib":
         import joblib
 
-        probabilities = np.eye(10)[joblib.load(model).predict(images.reshape(len(images), -1) / 255.0)]
-    else:
-        import tensorflow as tf
+        return np.eye(10)[joblib.load(model).predict(images.reshape(len(images), -1) / 255.0)]
+    import tensorflow as tf
 
-        serving = tf.saved_model.load(model).signatures["serving_default"]
-        outputs = serving(images=tf.constant(images, dtype=tf.uint8))
-        probabilities = outputs["probabilities"].numpy()
-        if not np.array_equal(outputs["label"].numpy(), probabilities.argmax(axis=1)):
-            raise SystemExit("serving_default: label is not the argmax of probabilities")
+    serving = tf.saved_model.load(model).signatures["serving_default"]
+    outputs = serving(images=tf.constant(images, dtype=tf.uint8))
+    probabilities = outputs["probabilities"].numpy()
+    if not np.array_equal(outputs["label"].numpy(), probabilities.argmax(axis=1)):
+        raise ValueError("serving_default: label is not the argmax of probabilities")
+    return probabilities
+
+
+def main(model: str, sample: str) -> None:
+    try:
+        probabilities = probabilities_of(model, sample)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     print(json.dumps({"probabilities": np.asarray(probabilities, dtype=float).tolist()}))
 
 
+def serve() -> None:
+    import gc
+
+    for line in sys.stdin:
+        try:
+            request = json.loads(line)
+            answer = {"probabilities": np.asarray(probabilities_of(request["model"], request["sample"]),
+                                                  dtype=float).tolist()}
+        except Exception as exc:  # one request's failure is its answer; the next may load
+            text = str(exc).strip().splitlines()
+            answer = {"error": f"{type(exc).__name__}: {text[-1] if text else ''}"}
+        gc.collect()  # the loaded model goes: nothing of one request is kept for the next
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        main(*sys.argv[1:3])

@@ -51,6 +51,10 @@ def source_fingerprint(source: Source, config: IngestConfig) -> str | None:
         with path.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 digest.update(block)
+    if config.review:  # the label fixes are input too: another review file, another dataset
+        from components.ingest import review
+
+        digest.update(b"\0review\0" + review.read(Path(config.review)).sha256.encode())
     return digest.hexdigest()
 
 
@@ -71,7 +75,15 @@ def run(source: Source, config: IngestConfig, out_dir: Path, *, tfds_dir: Path,
     splits, fingerprints = reader_of(source)(data, ReadOptions(
         limit=config.limit, strict=config.on_bad_rows is OnBadRows.strict, tfds_dir=tfds_dir,
         max_image_pixels=config.max_image_pixels))
+    reviewed, changes = None, []
+    if config.review:
+        reviewed, changes = _apply_review(splits, Path(config.review))
+        progress(f"review {config.review}: {reviewed['relabelled']} relabelled, {reviewed['dropped']} dropped")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if reviewed is not None:
+        from components.ingest import review
+
+        review.write_changes(changes, out_dir / review.APPLIED)
     progress("writing Parquet")
     for split, part in splits.items():
         table = to_table(part.ids, part.labels, part.pixels.reshape(len(part.pixels), N_PIXELS), source)
@@ -95,7 +107,28 @@ def run(source: Source, config: IngestConfig, out_dir: Path, *, tfds_dir: Path,
         duplicates=summary["duplicates"],
         named=named,
         skipped={split.value: len(part.skipped) for split, part in splits.items() if part.skipped},
+        review=reviewed,
     )
+
+
+def _apply_review(splits: dict[Split, SplitData], path: Path) -> tuple[dict, list]:
+    """The review file's decisions applied to the train split in place (components.ingest.review)."""
+    import dataclasses
+
+    import numpy as np
+
+    from components.ingest import review
+
+    decisions = review.read(path)
+    train = splits.get(Split.train)
+    if train is None or train.labels is None:
+        raise DigitsInputError(f"ingest.review={path}: this source has no labelled train split to review")
+    files = np.asarray(train.files, dtype=object) if train.files is not None else None
+    summary, ids, labels, (pixels, files), changes = review.apply(decisions, train.ids, train.labels, train.pixels,
+                                                                  files)
+    splits[Split.train] = dataclasses.replace(train, ids=ids, labels=labels, pixels=pixels,
+                                              files=None if files is None else files.tolist())
+    return summary, changes
 
 
 def _write_rejects(splits: dict[Split, SplitData], path: Path) -> None:

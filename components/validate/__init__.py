@@ -83,6 +83,9 @@ def run(examples: Examples, config: ValidateConfig, out_dir: Path, *, limit: int
     _offline_styles(out_dir)
     report = _report(validations)
     report["dataset"] = statistics = {k: _plain(v) for k, v in dataset.iloc[0].items()}
+    if examples.review:  # labels a person fixed (ingest.review): said beside the results they shaped
+        report["label_review"] = statistics["label_review"] = {
+            k: examples.review[k] for k in ("file", "sha256", "relabelled", "unchanged", "dropped")}
     (out_dir / RESULTS_JSON).write_text(json.dumps(report, indent=1, default=str) + "\n")
     _page(out_dir, report, examples)
     failures = [f"{r['batch']}: {r['expectation']}({r['column']}) observed {r['observed']}"
@@ -204,9 +207,22 @@ def _page(out_dir: Path, report: dict[str, Any], examples: Examples) -> None:
             f'<a href="{RESULTS_JSON}">{RESULTS_JSON}</a>; GX\'s own Data Docs: <a href="index.html">index.html</a> '
             "(its tables need their CDN scripts).</p>"
             f"<table><tr><th>suite</th><th>batch</th><th>result</th><th>passed</th></tr>{summary}</table>"
-            + "".join(sections))
+            + _review(examples) + "".join(sections))
     pages.write(out_dir / PAGE, f"digits: validation of {examples.source.value}", body,
                 pages.nav(out_dir.parent, "validate"))
+
+
+def _review(examples: Examples) -> str:
+    """What a label-review file changed on ingest (ingest.review), before the data was validated."""
+    import html
+
+    review = examples.review
+    if not review:
+        return ""
+    return (f'<h2 id="label-review">Label review applied</h2><p>{html.escape(review["file"])} (sha256 '
+            f'<code>{review["sha256"][:16]}</code>): <b>{review["relabelled"]} relabelled, {review["dropped"]} '
+            f'dropped</b> ({review["unchanged"]} decisions kept the label they had) in the train split before '
+            f'validation; which: <a href="../ingest/{examples.REVIEW_APPLIED}">{examples.REVIEW_APPLIED}</a>.</p>')
 
 
 def _short(value: Any) -> str:

@@ -1,4 +1,4 @@
-"""Probabilities that mean what they say: the default run calibrated (the calibrate stage, evaluate.calibrate=true).
+"""Probabilities that mean what they say: the default run calibrated (the calibrate stage, on by default).
 
 Run: pytest -m benchmark -s tests/benchmarks/test_bench_calibration.py
 The default train-mnist run (digits-net, 6 epochs, label smoothing 0.1: under-confident before calibration) on the
@@ -31,7 +31,7 @@ def test_the_default_run_is_calibrated(tmp_path):
     mnist = datagen.shared_data("mnist")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DIGITS_HOME", str(tmp_path / "home"))
-        config = apply_overrides(default_config("train-mnist"), [f"ingest.data={mnist}", "evaluate.calibrate=true"])
+        config = apply_overrides(default_config("train-mnist"), [f"ingest.data={mnist}"])
         folder = stages.start_run(config)
         for artifact in ("examples", "validation", "converted", "model", "evaluation", "registration", "exported"):
             make(folder, config, artifact)

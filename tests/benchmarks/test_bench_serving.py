@@ -3,14 +3,16 @@ and by `digits app` (POST /api/predict), against `digits predict` and the in-pro
 same script on the same model.
 
 Run: pytest -m benchmark -s tests/benchmarks/test_bench_serving.py
-Goals (issue 38, a 2-core CPU): one image p50 <= 20 ms (asserted); >= 2,000 images/s in batches of 256 (reported:
-not met through JSON, see docs/benchmarks.md).
+Goals (issue 38, a 2-core CPU): one image p50 <= 20 ms; >= 2,000 images/s in batches of 256. Batches go as JSON
+(what most clients send) and in a binary format each server takes: Parquet for MLflow's server, NumPy bytes
+(application/x-npy) for the app's endpoint.
 The default model (digits-net) is trained one epoch on 2,000 Kaggle-layout digits (its weights do not change the
 cost of a prediction; its architecture does) and registered by the real stages.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -92,6 +94,13 @@ def test_serving_latency_and_throughput(tmp_path):
     rows = pixels.reshape(len(pixels), 784)  # the signature's rows of 784 pixels, as integers 0..255
     one = json.dumps({"inputs": rows[:1].tolist()}).encode()
     batch = json.dumps({"inputs": rows.tolist()}).encode()
+    import numpy as np
+    import pandas as pd
+
+    parquet = io.BytesIO()
+    pd.DataFrame(rows.astype(np.float32), columns=[str(i) for i in range(784)]).to_parquet(parquet)
+    npy = io.BytesIO()
+    np.save(npy, pixels)  # uint8 [256, 28, 28]
     results = {}
 
     scoring = load_predict(model_file)  # the function `digits predict` scores with, in this process
@@ -113,25 +122,30 @@ def test_serving_latency_and_throughput(tmp_path):
         invocations = f"http://127.0.0.1:{mlflow_port}/invocations"
         results["mlflow models serve (POST /invocations)"] = {
             "one": _summary(_timed(lambda: _post(invocations, one), ONE)),
-            "batch": _summary(_timed(lambda: _post(invocations, batch), BATCHES), BATCH)}
+            "batch": _summary(_timed(lambda: _post(invocations, batch), BATCHES), BATCH),
+            "batch, Parquet": _summary(_timed(lambda: _post(invocations, parquet.getvalue(),
+                                                            "application/vnd.apache.parquet"), BATCHES), BATCH)}
         api = f"http://127.0.0.1:{app_port}/api/predict"
         app_one = json.dumps({"images": pixels[:1].tolist()}).encode()
         app_batch = json.dumps({"images": pixels.tolist()}).encode()
         results["digits app (POST /api/predict, JSON)"] = {
             "one": _summary(_timed(lambda: _post(api, app_one), ONE)),
-            "batch": _summary(_timed(lambda: _post(api, app_batch), BATCHES), BATCH)}
+            "batch": _summary(_timed(lambda: _post(api, app_batch), BATCHES), BATCH),
+            "batch, NumPy": _summary(_timed(lambda: _post(api, npy.getvalue(), "application/x-npy"), BATCHES), BATCH)}
         results["digits app (POST /api/predict, a PNG)"] = {
             "one": _summary(_timed(lambda: _post(api, png.read_bytes(), "image/png"), ONE))}
-        served = _post(invocations, batch)["predictions"]
-        assert [p["digit"] for p in served] == scoring(pixels).argmax(axis=1).tolist()
+        expected = scoring(pixels).argmax(axis=1).tolist()
+        for body, content_type in ((batch, "application/json"), (parquet.getvalue(), "application/vnd.apache.parquet")):
+            assert [p["digit"] for p in _post(invocations, body, content_type)["predictions"]] == expected
+        for body, content_type in ((app_batch, "application/json"), (npy.getvalue(), "application/x-npy")):
+            assert [p["digit"] for p in _post(api, body, content_type)["predictions"]] == expected
     finally:
         for proc in servers:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
     print("\nserving: " + json.dumps(results, indent=1))
     mlflow_served = results["mlflow models serve (POST /invocations)"]
-    assert mlflow_served["one"]["p50_ms"] <= 20  # batches: MLflow parses JSON tensors slowly (docs/benchmarks.md)
     app = results["digits app (POST /api/predict, JSON)"]
-    assert app["one"]["p50_ms"] <= 20
-    # batches of 256 (goal >= 2,000 images/s) are reported, not asserted: on 2 cores the model alone scores
-    # ~3,000 images/s, and JSON parsing takes the rest (docs/benchmarks.md, Serving)
+    assert mlflow_served["one"]["p50_ms"] <= 20 and app["one"]["p50_ms"] <= 20
+    assert app["batch, NumPy"]["images_per_s"] >= 2000
+    # JSON batches are reported, not asserted: parsing 200,000 numbers as text costs about what the model does

@@ -240,11 +240,11 @@ def test_a_damaged_parquet_file_is_one_line_and_resume_makes_it_again(cli, run, 
 
 
 def test_a_garbage_model_file_stops_evaluate_and_export(cli, run):
-    model = run / "train/model.keras"
+    model = run / "calibrate/model.keras"  # the model evaluate and export read: train's, calibrated
     model.write_bytes(b"not a zip at all")
     for command, setting in (("evaluate", "evaluate.threshold=0.01"), ("export", "seed=3")):  # settings: run again
         _one_line(cli(command, "--run", run.name, "--set", setting), 2, f"{model}: damaged")
-    assert _record(run)["stages"]["train"]["status"] == "stale"
+    assert _record(run)["stages"]["calibrate"]["status"] == "stale"
 
 
 # --- errors that are one line -------------------------------------------------------------------------

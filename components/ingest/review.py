@@ -1,0 +1,120 @@
+"""A label-review file applied on ingest (`--set ingest.review=PATH`): the fixes a person decided on, fed back.
+
+The file is CSV with the header `id,decision` — what the review stage writes as review-decisions.csv, edited:
+each row names a train row by its id (the canonical `id`: 1-based row number of the source's train split) and
+says a digit 0-9 (relabel it) or `drop` (leave it out). A row deleted from the file keeps its label. Ingest applies
+it to the train split before anything is written, so validation, the split, training and the data fingerprint all
+see the fixed labels; the canonical dataset records what was changed (review-applied.csv: id, given label,
+decision) and the file's sha256.
+
+Refused in one line (file, line, column): a header other than `id,decision`, an id that is not a whole number or
+not a train row, a decision that is not a digit or `drop`, an id named twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from schemas.dataset import N_CLASSES
+from schemas.errors import DataFormatError, DigitsInputError
+
+HEADER = ("id", "decision")
+DROP = "drop"
+APPLIED = "review-applied.csv"  # in the ingest folder: id, given_label, decision
+
+
+@dataclass(frozen=True)
+class Decisions:
+    path: Path
+    sha256: str
+    relabel: dict[int, int]  # id -> the new label
+    drop: frozenset[int]
+    lines: dict[int, int]  # id -> its line in the file, for errors found later (an id the data does not have)
+
+
+def read(path: Path) -> Decisions:
+    """Parse and check a review file (everything that can be checked without the data)."""
+    path = Path(path).expanduser()
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise DigitsInputError(f"ingest.review={path}: a folder; expected a CSV file `id,decision`") from None
+    except FileNotFoundError:
+        raise DigitsInputError(f"ingest.review={path}: no such file") from None
+    except OSError as exc:
+        raise DigitsInputError(f"ingest.review={path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(path, f"not UTF-8 text (byte {exc.start})") from None
+    rows = csv.reader(io.StringIO(text, newline=""))
+    header = next(rows, None)
+    if header is None or tuple(h.strip().lower() for h in header) != HEADER:
+        raise DataFormatError(path, f"expected the header `id,decision`; got `{','.join(header or [])}`", line=1)
+    relabel: dict[int, int] = {}
+    drop: set[int] = set()
+    lines: dict[int, int] = {}
+    for number, row in enumerate(rows, start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue  # a blank line
+        if len(row) != 2:
+            raise DataFormatError(path, f"expected 2 fields (id,decision); got {len(row)}", line=number)
+        text_id, decision = row[0].strip(), row[1].strip().lower()
+        if not text_id.isdigit() or int(text_id) < 1:
+            raise DataFormatError(path, f"id `{row[0]}` is not a row id (a whole number from 1)", line=number, column=1)
+        row_id = int(text_id)
+        if row_id in lines:
+            raise DataFormatError(path, f"id {row_id} is named twice (first on line {lines[row_id]})", line=number,
+                                  column=1)
+        if decision == DROP:
+            drop.add(row_id)
+        elif decision.isdigit() and int(decision) < N_CLASSES:
+            relabel[row_id] = int(decision)
+        else:
+            raise DataFormatError(path, f"decision `{row[1]}` is neither a digit 0-9 nor `drop`", line=number, column=2)
+        lines[row_id] = number
+    return Decisions(path, hashlib.sha256(raw).hexdigest(), relabel, frozenset(drop), lines)
+
+
+def apply(decisions: Decisions, ids: np.ndarray, labels: np.ndarray, *arrays):
+    """The train split with the decisions applied: (summary, ids, labels, [each of arrays with the dropped rows
+    left out], the changes as (id, given label, decision) rows). An id the split does not have is one line."""
+    position = {int(i): n for n, i in enumerate(ids.tolist())}
+    missing = [i for i in decisions.lines if i not in position]
+    if missing:
+        first = min(missing, key=lambda i: decisions.lines[i])
+        raise DataFormatError(decisions.path, f"id {first} is not a row of this train split (ids 1..{len(ids)}"
+                              f"{'' if len(missing) == 1 else f'; {len(missing)} such ids'})",
+                              line=decisions.lines[first], column=1)
+    labels = labels.copy()
+    changes = []
+    relabelled = 0
+    for row_id, label in sorted(decisions.relabel.items()):
+        at = position[row_id]
+        changes.append((row_id, int(labels[at]), str(label)))
+        if labels[at] != label:
+            relabelled += 1
+        labels[at] = label
+    for row_id in sorted(decisions.drop):
+        changes.append((row_id, int(labels[position[row_id]]), DROP))
+    keep = np.ones(len(ids), bool)
+    keep[[position[i] for i in decisions.drop]] = False
+    summary = {"file": str(decisions.path), "sha256": decisions.sha256, "relabelled": relabelled,
+               "unchanged": len(decisions.relabel) - relabelled, "dropped": len(decisions.drop)}
+    return summary, ids[keep], labels[keep], [a[keep] if a is not None else None for a in arrays], changes
+
+
+def write_changes(changes: list, path: Path) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "given_label", "decision"])
+        writer.writerows(changes)
+    os.replace(partial, path)
