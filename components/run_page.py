@@ -149,6 +149,13 @@ def summary(folder: RunFolder) -> list[str]:
             accuracy += f"; test accuracy {test:.2%} on {exported.outputs.get('test_rows', 0):,} images it never saw"
         lines.append(accuracy)
         lines.append(f"gate {'passed' if out.get('passed') else 'refused'}: {out.get('reason', '')}")
+    reviewed = record.stages.get("review")
+    if reviewed is not None and reviewed.status == "completed":
+        out = reviewed.outputs
+        share = out.get("estimated_wrong_share")
+        lines.append(f"label review: {out.get('suspects', 0):,} suspect labels of {out.get('images', 0):,}"
+                     + (f" (estimated wrong: {share:.2%})" if share is not None else "")
+                     + f": {folder.stage_dir('review') / 'report.html'}")
     registered = record.stages.get("register")
     if registered is not None and registered.status == "completed":
         out = registered.outputs

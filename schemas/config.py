@@ -364,7 +364,7 @@ class ReviewConfig(_Model):
 
     enabled: bool = Field(False, description="run the review stage (after convert): K-fold cross-fitted "
                                              "probabilities, then cleanlab's find_label_issues -> suspects.csv")
-    folds: int = Field(4, ge=2, le=20, description="K: each image is scored by a model trained on the other K-1 folds")
+    folds: int = Field(3, ge=2, le=20, description="K: each image is scored by a model trained on the other K-1 folds")
     model: ModelName = Field(ModelName.digits_net, description="the folds' model (a Keras network of the zoo)")
     width: float = Field(0.5, gt=0, le=4, description="digits-net: the folds' channel-count multiplier")
     epochs: PositiveInt = Field(3, description="epochs of each fold's model (no augmentation, no label smoothing)")

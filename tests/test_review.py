@@ -63,7 +63,7 @@ def test_planted_wrong_labels_are_found_and_the_decisions_file_names_them(home, 
     from components.tracking import tracking_uri
 
     run = MlflowClient(tracking_uri(home)).get_run(reviewed.mlflow_run_id)
-    assert run.data.metrics["review_suspects"] == len(ranked) and run.data.params["review.folds"] == "4"
+    assert run.data.metrics["review_suspects"] == len(ranked) and run.data.params["review.folds"] == "3"
 
     # evaluate reads the review: the model's val errors on doubted labels are said to be probably the label's
     make(folder, config, "model")

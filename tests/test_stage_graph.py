@@ -91,7 +91,7 @@ def test_the_graph_refuses_a_stage_whose_inputs_nothing_produces():
 def test_downstream_follows_the_artifacts_not_the_order():
     assert GRAPH.downstream("convert") == ["review", "tune", "train", "transfer", "calibrate", "evaluate", "register",
                                            "export"]
-    assert GRAPH.downstream("review") == []  # a report for people: no stage reads it
+    assert GRAPH.downstream("review") == ["evaluate", "register"]  # evaluate reads it when the plan has it
     assert GRAPH.downstream("tune") == ["train", "calibrate", "evaluate", "register", "export"]  # train's optional input
     assert GRAPH.downstream("evaluate") == ["register"]  # export reads the model, not the evaluation
     assert GRAPH.downstream("calibrate") == ["evaluate", "register", "export"]  # it refines the model

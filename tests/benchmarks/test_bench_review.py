@@ -5,7 +5,8 @@ Run: pytest -m benchmark -s tests/benchmarks/test_bench_review.py
 Kaggle (../shared/data/kaggle, 42,000 train rows): 1 % of the labels flipped (420, seeded, chosen at random
 across classes, each to a random other digit). The default review (review.enabled=true, nothing else set) on it:
 precision among the top-N suspects (N = 420) and recall of all its suspects, and the stage's time beside the
-default train stage's time on the clean set (both in this script). Then the default pipeline's model trained on
+default train stage's time on the clean set (both in this script), and the clean default run's calibration
+(the calibrate stage's ECE on val before and after). Then the default pipeline's model trained on
 (a) the flipped set, (b) the flipped set with the review's suggestions applied as they are (its
 review-decisions.csv given to ingest.review), (c) the clean set — each scored on the same images with their
 clean labels: the val rows all three runs held out (the split is seeded by row id, so they nearly coincide).
@@ -104,6 +105,7 @@ def test_review_finds_planted_errors_and_fixing_them_helps(tmp_path, monkeypatch
               "default_train_seconds_clean": clean.load().stages["train"].seconds,
               "review_applied": {k: applied[k] for k in ("relabelled", "unchanged", "dropped")},
               "held_out_images": len(held), "accuracy_on_held_out_clean_labels": accuracy,
+              "clean_run_calibration": json.loads((clean.stage_dir("calibrate") / "calibration.json").read_text()),
               "wall_seconds": {"clean": clean_seconds, "flipped": dirty_seconds, "fixed": fixed_seconds}}
     print(f"\nreview on Kaggle with {FLIPPED_SHARE:.0%} flipped: {json.dumps(result)}")
     assert result["precision_at_n"] >= 0.8 and result["recall"] >= 0.8
