@@ -25,7 +25,6 @@ review/
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -40,12 +39,10 @@ from schemas.artifacts import Converted, Reviewed
 from schemas.config import ReviewConfig, TrainConfig
 from schemas.dataset import N_CLASSES
 from schemas.errors import DigitsInputError
+from schemas.runs import write_csv_atomic, write_json_atomic
 
 Progress = Callable[[str], None]
-SUSPECTS = "suspects.csv"
-DECISIONS = "review-decisions.csv"
-SUMMARY = "review.json"
-REPORT = "report.html"
+SUSPECTS, DECISIONS, SUMMARY, REPORT = Reviewed.SUSPECTS, Reviewed.DECISIONS, Reviewed.SUMMARY, Reviewed.REPORT
 FOLDS = "folds"
 PROBABILITIES = "probabilities.npz"  # in each fold's folder: ids and out-of-sample probabilities (and test's)
 SUSPECT_COLUMNS = ("id", "split", "given_label", "suggested_label", "quality", "suggested_probability")
@@ -121,13 +118,13 @@ def cross_fit(converted: Converted, review: ReviewConfig, seed: int, work_dir: P
                      f"{int((~held_out).sum()):,} images, scoring the {int(held_out.sum()):,} it does not see")
             resume = prepare_work_dir(fold_dir, signature)  # an interrupted fold resumes at its next epoch
             fit = ex.Arrays(ids[~held_out], labels[~held_out], images[~held_out])
-            scored = ex.Arrays(ids[held_out], labels[held_out], images[held_out])
-            trained = fit_keras(fit, scored, config, seed + fold, fold_dir, signature, resume, None,
+            held = ex.Arrays(ids[held_out], labels[held_out], images[held_out])
+            trained = fit_keras(fit, held, config, seed + fold, fold_dir, signature, resume, None,
                                 lambda line, fold=fold: progress(f"fold {fold + 1}: {line}"),
                                 build=lambda keras: models.build(config, keras),
                                 segments=[phase(0, config.epochs, config.learning_rate, config)],
                                 name=config.model.value)
-            _score(trained.dir / trained.file, scored, test, signature, done)
+            _score(trained.dir / trained.file, held, test, signature, done)
             shutil.rmtree(fold_dir / CHECKPOINTS, ignore_errors=True)  # scored: its model.keras is what stays
         with np.load(done) as saved:
             if not np.array_equal(saved["ids"], ids[held_out]):
@@ -153,16 +150,16 @@ def _finished(done: Path, signature: dict) -> bool:
         return False
 
 
-def _score(model_file: Path, scored, test, signature: dict, done: Path) -> None:
+def _score(model_file: Path, held, test, signature: dict, done: Path) -> None:
     from components.keras_layers import load_keras_model, predict
 
     model = load_keras_model(model_file)
-    held_out = np.asarray(predict(model, scored.images[..., None]), np.float64)
+    held_out = np.asarray(predict(model, held.images[..., None]), np.float64)
     on_test = (np.asarray(predict(model, test.images[..., None]), np.float64) if test is not None
                else np.zeros((0, N_CLASSES)))
     partial = done.with_name("probabilities.partial.npz")
     with partial.open("wb") as fh:
-        np.savez(fh, ids=scored.ids, probabilities=held_out, test_probabilities=on_test,
+        np.savez(fh, ids=held.ids, probabilities=held_out, test_probabilities=on_test,
                  signature=np.array(json.dumps(signature)))
     os.replace(partial, done)
 
@@ -246,17 +243,15 @@ def run(converted: Converted, review: ReviewConfig, seed: int, out_dir: Path, *,
         for i in issues:
             rows.append((int(scored.ids[index[i]]), str(scored.splits[index[i]]), int(labels[i]), int(suggested[i]),
                          float(quality[i]), float(probabilities[i, suggested[i]]), index[i]))
-    _write_csv(out_dir / SUSPECTS, SUSPECT_COLUMNS,
-               [(i, s, g, sug, f"{q:.6f}", f"{p:.6f}") for i, s, g, sug, q, p, _ in rows])
-    _write_csv(out_dir / DECISIONS, ("id", "decision"), [(i, sug) for i, s, _, sug, *_ in rows if s != "test"])
+    write_csv_atomic(out_dir / SUSPECTS, SUSPECT_COLUMNS,
+                     [(i, s, g, sug, f"{q:.6f}", f"{p:.6f}") for i, s, g, sug, q, p, _ in rows])
+    write_csv_atomic(out_dir / DECISIONS, ("id", "decision"), [(i, sug) for i, s, _, sug, *_ in rows if s != "test"])
     _report(out_dir / REPORT, summary, rows, scored.images, gallery=review.gallery)
     main = summary["splits"].get("train+val", {})
     reviewed = Reviewed(dir=out_dir, images=main.get("images", 0), suspects=main.get("suspects", 0),
                         estimated_wrong_share=main.get("estimated_wrong_share"),
                         test_suspects=summary["splits"].get("test", {}).get("suspects"),
                         out_of_sample_accuracy=main.get("out_of_sample_accuracy"))
-    from schemas.runs import write_json_atomic
-
     write_json_atomic(out_dir / SUMMARY, summary)
     if tracking is not None:
         _log(tracking, review, summary, out_dir)
@@ -281,15 +276,6 @@ def _log(tracking, review: ReviewConfig, summary: dict, out_dir: Path) -> None:
                             for d, v in enumerate(part["estimated_wrong_share_per_class"])})
     tracking.log_files(out_dir / SUSPECTS, out_dir / SUMMARY, out_dir / REPORT)
     tracking.finish(metrics, step=0)
-
-
-def _write_csv(path: Path, header: tuple[str, ...], rows) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(partial, path)
 
 
 def _report(path: Path, summary: dict, rows: list, images: np.ndarray, *, gallery: int) -> None:

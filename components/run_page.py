@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from schemas.artifacts import Reviewed
 from schemas.runs import RunFolder
 
 PAGE = "index.html"
@@ -155,7 +156,7 @@ def summary(folder: RunFolder) -> list[str]:
         share = out.get("estimated_wrong_share")
         lines.append(f"label review: {out.get('suspects', 0):,} suspect labels of {out.get('images', 0):,}"
                      + (f" (estimated wrong: {share:.2%})" if share is not None else "")
-                     + f": {folder.stage_dir('review') / 'report.html'}")
+                     + f": {folder.stage_dir('review') / Reviewed.REPORT}")
     registered = record.stages.get("register")
     if registered is not None and registered.status == "completed":
         out = registered.outputs

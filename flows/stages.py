@@ -111,7 +111,7 @@ def review_gate(folder: RunFolder, config: PipelineConfig, reviewed: Reviewed) -
             f"{reviewed.images:,}; report: {reviewed.report})")
     if config.review.fail_share is not None and share > config.review.fail_share:
         raise LabelHealthFailed(f"label review: {said}, above review.fail_share={config.review.fail_share:g}: fix "
-                                f"them with --set ingest.review=PATH (edit {reviewed.dir / 'review-decisions.csv'})")
+                                f"them with --set ingest.review=PATH (edit {reviewed.decisions})")
     if share > config.review.warn_share:
         folder.update(lambda r: r.warnings.append(f"review: {said}, above review.warn_share="
                                                   f"{config.review.warn_share:g}"))

@@ -270,11 +270,25 @@ class Reviewed(Artifact):
     test_suspects: int | None = None  # a labelled test split's issues (reported only); None: no test labels
     mlflow_run_id: str | None = None
 
-    CONTENT = ("suspects.csv", "review.json")
+    SUSPECTS = "suspects.csv"  # id,split,given_label,suggested_label,quality,suggested_probability
+    DECISIONS = "review-decisions.csv"  # id,decision: for a person to edit, then ingest.review
+    SUMMARY = "review.json"
+    REPORT = "report.html"
+    CONTENT = (SUSPECTS, SUMMARY)
 
     @property
     def report(self) -> Path:
-        return self.dir / "report.html"
+        return self.dir / self.REPORT
+
+    @property
+    def decisions(self) -> Path:
+        return self.dir / self.DECISIONS
+
+    @property
+    def suspects_file(self) -> Path:
+        """suspects.csv, verified (DamagedArtifact if it is not what the review stage wrote)."""
+        self.verify(self.SUSPECTS)
+        return self.dir / self.SUSPECTS
 
     def describe(self) -> str:
         share = "" if self.estimated_wrong_share is None else \
@@ -284,7 +298,7 @@ class Reviewed(Artifact):
 
     def publications(self) -> list[Publication]:
         rows = []
-        with (self.dir / "suspects.csv").open() as fh:
+        with self.suspects_file.open() as fh:
             for row in csv.DictReader(fh):
                 rows.append(row)
                 if len(rows) == 20:

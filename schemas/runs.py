@@ -19,7 +19,7 @@ import uuid
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 from pydantic import BaseModel, Field
 
@@ -143,19 +143,37 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
         shutil.copy2(src, dst)
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to a temp file beside path and rename it over path: readers never see half a file."""
+@contextlib.contextmanager
+def _atomic_text(path: Path, newline: str | None = None) -> Iterator[Any]:
+    """A text file to write, opened under a temp name beside path and renamed over path when the block ends (removed
+    if it fails): readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; run records are for the whole team to read
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=False, default=str)
-            fh.write("\n")
+        with os.fdopen(fd, "w", newline=newline) as fh:
+            yield fh
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to a temp file beside path and rename it over path: readers never see half a file."""
+    with _atomic_text(path) as fh:
+        json.dump(payload, fh, indent=2, sort_keys=False, default=str)
+        fh.write("\n")
+
+
+def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a CSV (header, then rows) to a temp file beside path and rename it over path."""
+    import csv
+
+    with _atomic_text(path, newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 @contextlib.contextmanager

@@ -31,19 +31,17 @@ _absl_logging.get_absl_handler().python_handler.stream = _setup.CurrentStream("s
 def prepared_tfds(tmp_path_factory) -> tuple[Path, dict]:
     """TFDS mnist prepared from the shared idx files once for the whole session (about 15 s; the xdist workers
     share it: the first prepares it under a lock, the others read it), and its splits as read. Tests read it."""
-    import fcntl
-
     import datagen
     from components.ingest import mnist as reader
     from components.ingest.splits import ReadOptions
+    from schemas.runs import locked
 
     mnist = datagen.shared_data("mnist")
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # the session's folder, above each xdist worker's own
     tfds_dir = shared / "tfds-mnist"
-    with open(shared / "tfds-mnist.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # held while the first worker prepares
+    with locked(tfds_dir):  # held while the first worker prepares
         splits, _ = reader.read(mnist, ReadOptions(tfds_dir=tfds_dir))
     return tfds_dir, splits
 

@@ -113,9 +113,8 @@ def label_review(review, converted: Converted, val, probabilities: np.ndarray, p
         return None
     import csv
 
-    review.verify("suspects.csv")
     suspects: dict[str, dict[int, int]] = {}
-    with (review.dir / "suspects.csv").open() as fh:
+    with review.suspects_file.open() as fh:
         for row in csv.DictReader(fh):  # train's suspects are not scored here
             suspects.setdefault(row["split"], {})[int(row["id"])] = int(row["suggested_label"])
     parts = {"val": (val, probabilities)}
@@ -129,8 +128,9 @@ def label_review(review, converted: Converted, val, probabilities: np.ndarray, p
         predicted = scored.argmax(axis=1)
         wrong = np.flatnonzero(predicted != arrays.labels)
         doubted = suspects.get(split, {})
-        on_suspects = [int(i) for i in wrong if int(arrays.ids[i]) in doubted]
-        clean = np.array([int(i) not in doubted for i in arrays.ids.tolist()], bool)
+        on_doubted = np.isin(arrays.ids, list(doubted))
+        on_suspects = [int(i) for i in wrong if on_doubted[i]]
+        clean = ~on_doubted
         found[split] = {
             "images": int(len(arrays.ids)), "errors": int(len(wrong)), "suspect_labels": len(doubted),
             "errors_on_suspect_labels": len(on_suspects),

@@ -193,6 +193,8 @@ class _Checker:
     def _start(self) -> subprocess.Popen:
         import tempfile
 
+        if self._stderr is not None:
+            self._stderr.close()  # the last one's, which died
         self._stderr = tempfile.TemporaryFile()
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         proc = subprocess.Popen([sys.executable, "-m", "components.export.serve_check", "--serve"],
@@ -210,7 +212,7 @@ class _Checker:
                 proc.stdin.write(json.dumps({"model": str(model), "sample": str(sample)}) + "\n")
                 proc.stdin.flush()
                 line = _read_line(proc, self.TIMEOUT)
-            except (OSError, TimeoutError) as exc:
+            except OSError as exc:  # a broken pipe (it died), or TimeoutError (an OSError too)
                 line = ""
                 proc.kill()
                 if isinstance(exc, TimeoutError):

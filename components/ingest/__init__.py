@@ -17,6 +17,7 @@ from schemas.artifacts import Examples
 from schemas.config import IngestConfig, OnBadRows
 from schemas.dataset import N_PIXELS, ROW_GROUP_ROWS, Source, Split, to_table
 from schemas.errors import DigitsInputError
+from schemas.runs import write_csv_atomic
 
 REJECTED_CSV = "rejected.csv"
 
@@ -81,9 +82,7 @@ def run(source: Source, config: IngestConfig, out_dir: Path, *, tfds_dir: Path,
         progress(f"review {config.review}: {reviewed['relabelled']} relabelled, {reviewed['dropped']} dropped")
     out_dir.mkdir(parents=True, exist_ok=True)
     if reviewed is not None:
-        from components.ingest import review
-
-        review.write_changes(changes, out_dir / review.APPLIED)
+        write_csv_atomic(out_dir / Examples.REVIEW_APPLIED, ("id", "given_label", "decision"), changes)
     progress("writing Parquet")
     for split, part in splits.items():
         table = to_table(part.ids, part.labels, part.pixels.reshape(len(part.pixels), N_PIXELS), source)

@@ -4,8 +4,8 @@ The file is CSV with the header `id,decision` — what the review stage writes a
 each row names a train row by its id (the canonical `id`: 1-based row number of the source's train split) and
 says a digit 0-9 (relabel it) or `drop` (leave it out). A row deleted from the file keeps its label. Ingest applies
 it to the train split before anything is written, so validation, the split, training and the data fingerprint all
-see the fixed labels; the canonical dataset records what was changed (review-applied.csv: id, given label,
-decision) and the file's sha256.
+see the fixed labels; the canonical dataset records what was changed (Examples.REVIEW_APPLIED, review-applied.csv:
+id, given label, decision) and the file's sha256.
 
 Refused in one line (file, line, column): a header other than `id,decision`, an id that is not a whole number or
 not a train row, a decision that is not a digit or `drop`, an id named twice.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,6 @@ from schemas.errors import DataFormatError, DigitsInputError
 
 HEADER = ("id", "decision")
 DROP = "drop"
-APPLIED = "review-applied.csv"  # in the ingest folder: id, given_label, decision
 
 
 @dataclass(frozen=True)
@@ -110,11 +108,3 @@ def apply(decisions: Decisions, ids: np.ndarray, labels: np.ndarray, *arrays):
                "unchanged": len(decisions.relabel) - relabelled, "dropped": len(decisions.drop)}
     return summary, ids[keep], labels[keep], [a[keep] if a is not None else None for a in arrays], changes
 
-
-def write_changes(changes: list, path: Path) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    with partial.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["id", "given_label", "decision"])
-        writer.writerows(changes)
-    os.replace(partial, path)
