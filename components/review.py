@@ -167,7 +167,7 @@ def _score(model_file: Path, held, test, signature: dict, done: Path) -> None:
 def calibrated(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, float]:
     """The out-of-sample probabilities temperature-scaled (components.calibrate: the T that minimises the labels'
     negative log-likelihood), and T. Confident learning's per-class thresholds assume calibrated probabilities; the
-    folds' models, trained briefly without label smoothing, are not (measured: more planted errors found after)."""
+    folds' models, trained briefly without label smoothing, need not be."""
     from components.calibrate import fit_temperature, scaled
 
     if len(labels) == 0:
