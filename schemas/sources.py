@@ -28,6 +28,7 @@ class SourceSpec:
     threshold: float = 0.99  # the gate's default validation accuracy
     defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # config sections it sets differently
     needs_data: bool = True  # False: without --data the reader downloads (TFDS)
+    streams: bool = False  # the reader yields its splits in pieces: memory does not grow with the input's size
     background_noise: bool = False  # ink is found under a noise background (a 3x3 mean), see validate.features
     suite_overrides: Mapping[str, Mapping[str, Any] | None] = field(default_factory=dict)
     """Per expectation id of the suite templates: None drops it; a mapping replaces `type` and/or
@@ -57,7 +58,7 @@ _NOISY_FINE_TUNE = {"transfer": {**_FINE_TUNE["transfer"], "rehearse": 1.0},
 SOURCES: tuple[SourceSpec, ...] = (
     SourceSpec(
         name="kaggle", title="Kaggle Digit Recognizer", reader="components.ingest.kaggle:read",
-        layout="components.ingest.kaggle:layout",
+        layout="components.ingest.kaggle:layout", streams=True,
         data_help="a folder with train.csv + test.csv, or the competition zip",
         published_rows={"train": 42_000, "test": 28_000}, threshold=0.99),
     SourceSpec(
@@ -67,7 +68,7 @@ SOURCES: tuple[SourceSpec, ...] = (
         published_rows={"train": 60_000, "test": 10_000}, threshold=0.99, needs_data=False),
     SourceSpec(
         name="noisy", title="noisy MNIST (random backgrounds)", reader="components.ingest.noisy:read",
-        layout="components.ingest.noisy:layout",
+        layout="components.ingest.noisy:layout", streams=True,
         data_help="a folder with mnist_background_random_{train,test}.amat, or train.csv + test.csv",
         published_rows={"train": 12_000, "test": 50_000}, threshold=0.97, defaults=_NOISY_FINE_TUNE,
         background_noise=True,

@@ -9,13 +9,14 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.ingest import eda
-from components.ingest.splits import ReadOptions, Reader, SplitData
+from components.ingest.splits import ReadOptions, Reader, pieces
 from schemas.artifacts import Examples
 from schemas.config import IngestConfig, OnBadRows
-from schemas.dataset import N_PIXELS, ROW_GROUP_ROWS, Source, Split, to_table
+from schemas.dataset import N_PIXELS, ROW_GROUP_ROWS, SCHEMA, Source, Split, to_table
 from schemas.errors import DigitsInputError
 from schemas.runs import write_csv_atomic
 
@@ -71,72 +72,112 @@ def run(source: Source, config: IngestConfig, out_dir: Path, *, tfds_dir: Path,
     if data is None and spec.needs_data:
         raise DigitsInputError(f"the {source.value} source needs --data: {spec.data_help}")
     progress(f"reading {source.value} from {data or 'its download'}")
-    if data is not None:
+    if data is not None and not spec.streams:
         _check_memory(data)
     splits, fingerprints = reader_of(source)(data, ReadOptions(
         limit=config.limit, strict=config.on_bad_rows is OnBadRows.strict, tfds_dir=tfds_dir,
         max_image_pixels=config.max_image_pixels))
-    reviewed, changes = None, []
+    decisions = None
     if config.review:
-        reviewed, changes = _apply_review(splits, Path(config.review))
-        progress(f"review {config.review}: {reviewed['relabelled']} relabelled, {reviewed['dropped']} dropped")
+        from components.ingest import review
+
+        decisions = review.Applying(review.read(Path(config.review)))
+        if Split.train not in splits:
+            raise DigitsInputError(f"ingest.review={config.review}: this source has no labelled train split to review")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if reviewed is not None:
+    explorer = eda.Explorer()
+    counts, rows_read, rejected, labelled, skipped = {}, {}, {}, {}, {}
+    named = False
+    with _CsvRows(out_dir / REJECTED_CSV, ("split", "file", "line", "column", "reason")) as rejects, \
+            _CsvRows(out_dir / Examples.FILES_CSV, ("split", "id", "file")) as files:
+        for split, part in splits.items():
+            progress(f"reading and writing {split.value} as Parquet")
+            counts[split.value] = rows_read[split.value] = rejected[split.value] = 0
+            with _RowGroups(out_dir / Examples.file_name(split)) as writer:
+                for piece in pieces(part):
+                    if decisions is not None and split is Split.train:
+                        piece = decisions.apply(piece)
+                    pixels = piece.pixels.reshape(len(piece.pixels), N_PIXELS)
+                    writer.write(to_table(piece.ids, piece.labels, pixels, source))
+                    explorer.add(split, piece)
+                    counts[split.value] += len(piece.ids)
+                    rows_read[split.value] += piece.rows_read
+                    rejected[split.value] += len(piece.rejects)
+                    labelled[split.value] = piece.labels is not None
+                    rejects.write([split.value, r.path, r.line, "" if r.column is None else r.column, r.reason]
+                                  for r in piece.rejects)
+                    if piece.files is not None:
+                        named = True
+                        files.write([split.value, row_id, name] for row_id, name in zip(piece.ids.tolist(), piece.files))
+                    if piece.skipped:
+                        skipped[split.value] = skipped.get(split.value, 0) + len(piece.skipped)
+                    progress(f"{split.value}: {counts[split.value]:,} rows")
+    reviewed = None
+    if decisions is not None:
+        reviewed, changes = decisions.finish()
+        progress(f"review {config.review}: {reviewed['relabelled']} relabelled, {reviewed['dropped']} dropped")
         write_csv_atomic(out_dir / Examples.REVIEW_APPLIED, ("id", "given_label", "decision"), changes)
-    progress("writing Parquet")
-    for split, part in splits.items():
-        table = to_table(part.ids, part.labels, part.pixels.reshape(len(part.pixels), N_PIXELS), source)
-        pq.write_table(table, out_dir / Examples.file_name(split), compression="zstd",
-                       row_group_size=ROW_GROUP_ROWS)
-    rejects = [reject for part in splits.values() for reject in part.rejects]
-    if rejects:
-        _write_rejects(splits, out_dir / REJECTED_CSV)
-    named = any(part.files is not None for part in splits.values())
-    if named:
-        _write_files(splits, out_dir / Examples.FILES_CSV)
     progress("exploring (EDA)")
-    summary = eda.write(splits, out_dir / "eda")
+    summary = explorer.write(out_dir / "eda")
     return Examples(
-        dir=out_dir, source=source,
-        counts={split.value: len(part.ids) for split, part in splits.items()},
-        rows_read={split.value: part.rows_read for split, part in splits.items()},
-        rejected={split.value: len(part.rejects) for split, part in splits.items()},
-        labelled={split.value: part.labels is not None for split, part in splits.items()},
+        dir=out_dir, source=source, counts=counts, rows_read=rows_read, rejected=rejected, labelled=labelled,
         fingerprints=fingerprints,
         duplicates=summary["duplicates"],
         named=named,
-        skipped={split.value: len(part.skipped) for split, part in splits.items() if part.skipped},
+        skipped=skipped,
         review=reviewed,
     )
 
 
-def _apply_review(splits: dict[Split, SplitData], path: Path) -> tuple[dict, list]:
-    """The review file's decisions applied to the train split in place (components.ingest.review)."""
-    import dataclasses
+class _RowGroups:
+    """A Parquet file written as pieces come, in row groups of ROW_GROUP_ROWS whatever the pieces' sizes: the
+    same file as pq.write_table of the whole split would write."""
 
-    import numpy as np
+    def __init__(self, path: Path) -> None:
+        self.writer = pq.ParquetWriter(path, SCHEMA, compression="zstd")
+        self.pending: list[pa.Table] = []
+        self.rows = 0
 
-    from components.ingest import review
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.rows += table.num_rows
+        if self.rows >= ROW_GROUP_ROWS:
+            whole = pa.concat_tables(self.pending)
+            cut = self.rows - self.rows % ROW_GROUP_ROWS
+            self.writer.write_table(whole.slice(0, cut).combine_chunks(), row_group_size=ROW_GROUP_ROWS)
+            self.pending, self.rows = [whole.slice(cut)], self.rows - cut
 
-    decisions = review.read(path)
-    train = splits.get(Split.train)
-    if train is None or train.labels is None:
-        raise DigitsInputError(f"ingest.review={path}: this source has no labelled train split to review")
-    files = np.asarray(train.files, dtype=object) if train.files is not None else None
-    summary, ids, labels, (pixels, files), changes = review.apply(decisions, train.ids, train.labels, train.pixels,
-                                                                  files)
-    splits[Split.train] = dataclasses.replace(train, ids=ids, labels=labels, pixels=pixels,
-                                              files=None if files is None else files.tolist())
-    return summary, changes
+    def __enter__(self) -> _RowGroups:
+        return self
+
+    def __exit__(self, kind, *exc) -> None:
+        try:
+            if kind is None and self.rows:
+                self.writer.write_table(pa.concat_tables(self.pending).combine_chunks(), row_group_size=ROW_GROUP_ROWS)
+        finally:
+            self.writer.close()
 
 
-def _write_rejects(splits: dict[Split, SplitData], path: Path) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["split", "file", "line", "column", "reason"])
-        for split, part in splits.items():
-            for r in part.rejects:
-                writer.writerow([split.value, r.path, r.line, "" if r.column is None else r.column, r.reason])
+class _CsvRows:
+    """A CSV file written row by row as pieces come, left on disk only when a row was written."""
+
+    def __init__(self, path: Path, header: tuple[str, ...]) -> None:
+        self.path, self.header, self.fh, self.writer = path, header, None, None
+
+    def write(self, rows) -> None:
+        for row in rows:
+            if self.writer is None:
+                self.fh = self.path.open("w", newline="")
+                self.writer = csv.writer(self.fh)
+                self.writer.writerow(self.header)
+            self.writer.writerow(row)
+
+    def __enter__(self) -> _CsvRows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fh is not None:
+            self.fh.close()
 
 
 MEMORY_PER_INPUT_BYTE = 3  # measured: the noisy .amat pair (536 MB of text) peaked at 1,260 MB
@@ -163,11 +204,3 @@ def _check_memory(data: Path) -> None:
                                "machine")
 
 
-def _write_files(splits: dict[Split, SplitData], path: Path) -> None:
-    """split,id,file for sources of one file per image: which file each canonical row came from."""
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["split", "id", "file"])
-        for split, part in splits.items():
-            for row_id, name in zip(part.ids.tolist(), part.files or ()):
-                writer.writerow([split.value, row_id, name])

@@ -2,45 +2,91 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from components.ingest.splits import SplitData
-from schemas.dataset import N_CLASSES, N_PIXELS, PIXEL_MAX, Split
+from schemas.dataset import IMAGE_SIDE, N_CLASSES, PIXEL_MAX, Split
 
 _EXAMPLES = 10  # duplicate pairs listed in duplicates.json
 
 
-def write(splits: dict[Split, SplitData], out: Path) -> dict:
-    """Write PNG + JSON summaries into out; return the JSON-able summary."""
-    import matplotlib
+class Explorer:
+    """The EDA's numbers gathered piece by piece as a split streams past (memory does not grow with the rows but
+    for 24 bytes a row of duplicate keys): label counts, per-class pixel sums, intensity histograms, and a 128-bit
+    key (SHA-1) of each image with its id for exact duplicates. `write` draws and saves them."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self) -> None:
+        self.counts: dict[str, np.ndarray | None] = {}
+        self.histogram: dict[str, np.ndarray] = {}
+        self.images: dict[str, int] = {}
+        self.class_sums = np.zeros((N_CLASSES, IMAGE_SIDE, IMAGE_SIDE))
+        self.class_counts = np.zeros(N_CLASSES, np.int64)
+        self.keys: dict[str, list[np.ndarray]] = {}
+        self.ids: dict[str, list[np.ndarray]] = {}
 
-    out.mkdir(parents=True, exist_ok=True)
-    counts = {split.value: (np.bincount(data.labels, minlength=N_CLASSES).tolist() if data.labels is not None
-                            else None) for split, data in splits.items()}
-    _dump(out / "label_counts.json", counts)
-    _label_counts_png(plt, counts, out / "label_counts.png")
-    train = splits[Split.train]
-    _class_means_png(plt, train, out / "class_means.png")
-    histogram = {split.value: np.bincount(data.pixels.reshape(-1), minlength=PIXEL_MAX + 1).tolist()
-                 for split, data in splits.items()}
-    _dump(out / "intensity_histogram.json", histogram)
-    _histogram_png(plt, histogram, out / "intensity_histogram.png")
-    duplicates = find_duplicates(train, splits.get(Split.test))
-    _dump(out / "duplicates.json", duplicates)
-    _page(out, splits, counts, histogram, duplicates)
-    return {"label_counts": counts, "duplicates": {k: v for k, v in duplicates.items() if not k.endswith("examples")}}
+    def add(self, split: Split, piece: SplitData) -> None:
+        name = split.value
+        if name not in self.images:
+            self.images[name] = 0
+            self.counts[name] = None if piece.labels is None else np.zeros(N_CLASSES, np.int64)
+            self.histogram[name] = np.zeros(PIXEL_MAX + 1, np.int64)
+            self.keys[name], self.ids[name] = [], []
+        self.images[name] += len(piece.pixels)
+        self.histogram[name] += np.bincount(piece.pixels.reshape(-1), minlength=PIXEL_MAX + 1)
+        if piece.labels is not None:
+            self.counts[name] += np.bincount(piece.labels, minlength=N_CLASSES)
+            if split is Split.train:
+                for digit in range(N_CLASSES):
+                    chosen = piece.pixels[piece.labels == digit]
+                    self.class_sums[digit] += chosen.sum(axis=0, dtype=np.float64)
+                    self.class_counts[digit] += len(chosen)
+        if split in (Split.train, Split.test):
+            self.keys[name].append(image_keys(piece.pixels))
+            self.ids[name].append(np.asarray(piece.ids, np.int64))
+
+    def write(self, out: Path) -> dict:
+        """Write PNG + JSON summaries into out; return the JSON-able summary."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        out.mkdir(parents=True, exist_ok=True)
+        counts = {name: None if c is None else c.tolist() for name, c in self.counts.items()}
+        _dump(out / "label_counts.json", counts)
+        _label_counts_png(plt, counts, out / "label_counts.png")
+        _class_means_png(plt, self.class_sums, self.class_counts, self.counts.get(Split.train.value) is not None,
+                         out / "class_means.png")
+        histogram = {name: h.tolist() for name, h in self.histogram.items()}
+        _dump(out / "intensity_histogram.json", histogram)
+        _histogram_png(plt, histogram, out / "intensity_histogram.png")
+        joined = {name: (np.concatenate(k) if k else np.empty(0, "V16"),
+                         np.concatenate(self.ids[name]) if k else np.empty(0, np.int64)) for name, k in self.keys.items()}
+        duplicates = find_duplicates(joined[Split.train.value], joined.get(Split.test.value))
+        _dump(out / "duplicates.json", duplicates)
+        _page(out, self.images, counts, histogram, duplicates)
+        return {"label_counts": counts,
+                "duplicates": {k: v for k, v in duplicates.items() if not k.endswith("examples")}}
+
+
+def image_keys(pixels: np.ndarray) -> np.ndarray:
+    """A 16-byte key per image (the first 16 bytes of the SHA-1 of its 784 pixels): equal images, equal keys; two
+    different images share one with a probability of about 2**-128."""
+    flat = np.ascontiguousarray(pixels).reshape(len(pixels), -1)
+    view, width = memoryview(flat.tobytes()), flat.shape[1]
+    digests = b"".join(hashlib.sha1(view[i * width:(i + 1) * width], usedforsecurity=False).digest()[:16]
+                       for i in range(len(flat)))
+    return np.frombuffer(digests, dtype="V16")
 
 
 PAGE = "index.html"
 
 
-def _page(out: Path, splits: dict[Split, SplitData], counts: dict, histogram: dict, duplicates: dict) -> None:
+def _page(out: Path, images: dict[str, int], counts: dict, histogram: dict, duplicates: dict) -> None:
     """eda/index.html: the pictures with their numbers (no scripts; opens offline)."""
     import html
 
@@ -54,7 +100,7 @@ def _page(out: Path, splits: dict[Split, SplitData], counts: dict, histogram: di
                    for split, values in labelled.items())
     unlabelled = [split for split, values in counts.items() if values is None]
     intensity = "".join(
-        f"<tr><th>{e(split)}</th><td>{len(splits[Split(split)].pixels):,}</td>"
+        f"<tr><th>{e(split)}</th><td>{images[split]:,}</td>"
         f"<td>{100 * values[0] / max(sum(values), 1):.1f} %</td>"
         f"<td>{100 * sum(values[128:]) / max(sum(values), 1):.1f} %</td>"
         f"<td>{np.dot(np.arange(PIXEL_MAX + 1), values) / max(sum(values), 1):.1f}</td></tr>"
@@ -80,30 +126,28 @@ images ({duplicates["train_test_shared_groups"]:,} groups): validation checks th
     pages.write(out / PAGE, "digits: exploratory data analysis", body, pages.nav(out.parent.parent, "ingest/eda"))
 
 
-def find_duplicates(train: SplitData, test: SplitData | None) -> dict:
-    """Exact-duplicate images within train and shared by train and test (ids of example pairs)."""
-    rows = [train.pixels.reshape(len(train.pixels), N_PIXELS)]
-    if test is not None:
-        rows.append(test.pixels.reshape(len(test.pixels), N_PIXELS))
-    flat = np.ascontiguousarray(np.concatenate(rows))
-    keys = flat.view(np.dtype((np.void, N_PIXELS))).ravel()
+def find_duplicates(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray] | None) -> dict:
+    """Exact-duplicate images within train and shared by train and test, from (image keys, ids) of each split:
+    counts, and example groups by their first train id."""
+    keys = np.concatenate([train[0], test[0]]) if test is not None else train[0]
+    n_train = len(train[0])
     _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    n_train = len(train.pixels)
     is_train = np.arange(len(keys)) < n_train
     repeated = counts[inverse] > 1
     order = np.argsort(inverse[repeated], kind="stable")
     members, groups = np.flatnonzero(repeated)[order], inverse[repeated][order]
+    found = np.split(members, np.flatnonzero(np.diff(groups)) + 1) if len(members) else []
     within, across = [], []
     within_rows = across_rows = 0
-    for group in np.split(members, np.flatnonzero(np.diff(groups)) + 1) if len(members) else []:
+    for group in sorted(found, key=lambda g: int(g[0])):  # in file order: the earliest rows first
         tr, te = group[is_train[group]], group[~is_train[group]]
         if len(tr) > 1:
             within_rows += len(tr) - 1
-            within.append([int(train.ids[i]) for i in tr])
+            within.append([int(train[1][i]) for i in tr])
         if len(tr) and len(te):
             across_rows += len(te)
-            across.append({"train_ids": [int(train.ids[i]) for i in tr],
-                           "test_ids": [int(test.ids[i - n_train]) for i in te]})
+            across.append({"train_ids": [int(train[1][i]) for i in tr],
+                           "test_ids": [int(test[1][i - n_train]) for i in te]})
     return {"train_duplicate_rows": within_rows, "train_duplicate_groups": len(within),
             "train_test_shared_rows": across_rows, "train_test_shared_groups": len(across),
             "train_examples": within[:_EXAMPLES], "train_test_examples": across[:_EXAMPLES]}
@@ -123,13 +167,13 @@ def _label_counts_png(plt, counts: dict, path: Path) -> None:
     _save(plt, fig, path)  # the axes, never over a bar
 
 
-def _class_means_png(plt, train: SplitData, path: Path) -> None:
+def _class_means_png(plt, sums: np.ndarray, counts: np.ndarray, labelled: bool, path: Path) -> None:
     fig, axes = plt.subplots(2, 5, figsize=(7.5, 3.9))
     for digit, ax in enumerate(axes.ravel()):
-        chosen = train.pixels[train.labels == digit] if train.labels is not None else train.pixels[:0]
-        mean = chosen.mean(axis=0) if len(chosen) else np.zeros(train.pixels.shape[1:])
+        n = int(counts[digit]) if labelled else 0
+        mean = sums[digit] / n if n else np.zeros(sums.shape[1:])
         ax.imshow(mean, cmap="gray", vmin=0, vmax=PIXEL_MAX)
-        ax.set_title(f"{digit} (n={len(chosen):,})", fontsize=9)
+        ax.set_title(f"{digit} (n={n:,})", fontsize=9)
         ax.axis("off")
     fig.suptitle("Mean training image per class")
     _save(plt, fig, path)

@@ -7,15 +7,16 @@ file order; train ids are 1..N in file order too.
 from __future__ import annotations
 
 import hashlib
-import io
 import zipfile
+import zlib
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
 from components.files import check_regular_file
-from components.ingest.splits import ReadOptions, SplitData, keep_good_rows
-from components.ingest.text import ValueRule, other_separator, parse_numeric, shorten, split_text
+from components.ingest.splits import ReadOptions, SplitData, checked_blocks
+from components.ingest.text import HashingReader, NumericRows, ValueRule, other_separator, parse_numeric, shorten, text_blocks
 from schemas.dataset import (IMAGE_SIDE, KAGGLE_TEST_HEADER, KAGGLE_TRAIN_HEADER, N_PIXELS, PIXEL_MAX,
                              Split)
 from schemas.errors import DataFormatError
@@ -23,12 +24,25 @@ from schemas.errors import DataFormatError
 _FILES = {Split.train: "train.csv", Split.test: "test.csv"}
 
 
-def read(data: Path, options: ReadOptions) -> tuple[dict[Split, SplitData], dict[str, str]]:
-    """Read both splits from a folder or a zip. Returns (splits, sha256 fingerprint per input file)."""
-    raw, fingerprints = _load_bytes(data)
-    splits = {split: _read_split(name, content, split, limit=options.limit, strict=options.strict)
-              for split, (name, content) in raw.items()}
-    return splits, fingerprints
+def read(data: Path, options: ReadOptions) -> tuple[dict[Split, Iterator[SplitData]], dict[str, str]]:
+    """Both splits from a folder or a zip, each streamed in blocks of rows (memory holds one block, whatever the
+    file's size). Returns (pieces per split, sha256 per input file: filled as the files are read)."""
+    layout(data)
+    fingerprints: dict[str, str] = {}
+    if data.is_dir():
+        splits = {split: _stream_file(data / name, split, options, fingerprints) for split, name in _FILES.items()}
+        return splits, fingerprints
+    try:
+        with zipfile.ZipFile(data) as archive:
+            by_name = {Path(info.filename).name: info for info in archive.infolist() if not info.is_dir()}
+    except zipfile.BadZipFile:
+        raise DataFormatError(data, "not a zip archive (expected the Kaggle folder or digit-recognizer.zip)") from None
+    for name in _FILES.values():
+        if name not in by_name:
+            raise DataFormatError(data, f"the archive has no {name} (found: {', '.join(sorted(by_name)) or 'nothing'})")
+    fingerprints[str(data)] = _sha256(data)
+    return {split: _stream_member(data, by_name[name].filename, split, options) for split, name in _FILES.items()}, \
+        fingerprints
 
 
 def layout(data: Path) -> list[Path]:
@@ -45,47 +59,48 @@ def layout(data: Path) -> list[Path]:
     return [data]
 
 
-def _load_bytes(data: Path) -> tuple[dict[Split, tuple[str, bytes]], dict[str, str]]:
-    layout(data)
-    if data.is_dir():
-        out, prints = {}, {}
-        for split, name in _FILES.items():
-            path = data / name
-            content = path.read_bytes()
-            out[split] = (str(path), content)
-            prints[str(path)] = hashlib.sha256(content).hexdigest()
-        return out, prints
-    content = data.read_bytes()
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stream_file(path: Path, split: Split, options: ReadOptions, fingerprints: dict[str, str]) -> Iterator[SplitData]:
+    with path.open("rb") as fh:
+        hashing = HashingReader(fh)
+        yield from _read_split(str(path), hashing, split, limit=options.limit, strict=options.strict)
+        fingerprints[str(path)] = hashing.finish()  # the whole file's, when a limit stopped reading early
+
+
+def _stream_member(data: Path, member: str, split: Split, options: ReadOptions) -> Iterator[SplitData]:
+    name = f"{data}:{member}"
     try:
-        archive = zipfile.ZipFile(io.BytesIO(content))
-    except zipfile.BadZipFile:
-        raise DataFormatError(data, "not a zip archive (expected the Kaggle folder or digit-recognizer.zip)") from None
-    by_name = {Path(info.filename).name: info for info in archive.infolist() if not info.is_dir()}
-    out = {}
-    for split, name in _FILES.items():
-        if name not in by_name:
-            raise DataFormatError(data, f"the archive has no {name} (found: {', '.join(sorted(by_name)) or 'nothing'})")
-        try:
-            out[split] = (f"{data}:{by_name[name].filename}", archive.read(by_name[name]))
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise DataFormatError(data, f"cannot read {name} from the archive: {exc}") from None
-    return out, {str(data): hashlib.sha256(content).hexdigest()}
+        with zipfile.ZipFile(data) as archive, archive.open(member) as fh:
+            yield from _read_split(name, fh, split, limit=options.limit, strict=options.strict)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a damaged member (a bad CRC) found while reading
+        raise DataFormatError(data, f"cannot read {Path(member).name} from the archive: {exc}") from None
 
 
-def _read_split(path: str, raw: bytes, split: Split, *, limit: int | None, strict: bool) -> SplitData:
-    text = split_text(path, raw, header="required").take(limit)
+def _read_split(path: str, stream: BinaryIO, split: Split, *, limit: int | None, strict: bool) -> Iterator[SplitData]:
     expected = KAGGLE_TRAIN_HEADER if split is Split.train else KAGGLE_TEST_HEADER
-    _check_header(path, text.header, expected, split)
-    rows = parse_numeric(text, delimiter=",", n_fields=len(expected))
     rules = [ValueRule(slice(1 if split is Split.train else 0, None), "pixel", 0, PIXEL_MAX, True)]
     if split is Split.train:
         rules.insert(0, ValueRule(slice(0, 1), "label", 0, 9, True))
-    n_read = len(rows.values) + len(rows.rejects)
-    values, lines = keep_good_rows(path, rows, rules, strict=strict)
-    pixels = values[:, -N_PIXELS:].astype(np.uint8).reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
-    labels = values[:, 0].astype(np.int8) if split is Split.train else None
-    return SplitData(ids=lines - text.first_line + 1, labels=labels, pixels=pixels, rows_read=n_read,
-                     rejects=rows.rejects)
+    first_line: list[int] = []
+
+    def parsed() -> Iterator[tuple[NumericRows, list[ValueRule]]]:
+        for text in text_blocks(path, stream, header="required", limit=limit):
+            if not first_line:
+                _check_header(path, text.header, expected, split)
+                first_line.append(text.first_line)
+            yield parse_numeric(text, delimiter=",", n_fields=len(expected)), rules
+
+    for values, lines, rejects, n_read in checked_blocks(path, parsed(), strict=strict):
+        pixels = values[:, -N_PIXELS:].astype(np.uint8).reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
+        labels = values[:, 0].astype(np.int8) if split is Split.train else None
+        yield SplitData(ids=lines - first_line[0] + 1, labels=labels, pixels=pixels, rows_read=n_read, rejects=rejects)
 
 
 def _check_header(path: str, header: str | None, expected: tuple[str, ...], split: Split) -> None:

@@ -7,14 +7,14 @@ optional). Images are stored transposed (column-major); ingest turns them uprigh
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
 from components.files import check_regular_file
-from components.ingest.splits import ReadOptions, SplitData, keep_good_rows
-from components.ingest.text import TextBody, ValueRule, parse_numeric, split_text
+from components.ingest.splits import ReadOptions, SplitData, checked_blocks
+from components.ingest.text import HashingReader, NumericRows, TextBody, ValueRule, parse_numeric, text_blocks
 from schemas.dataset import IMAGE_SIDE, N_PIXELS, PIXEL_MAX, Split
 from schemas.errors import DataFormatError
 
@@ -43,45 +43,50 @@ def _pair(data: Path) -> tuple[dict[Split, str], str]:
                                 f"or {' and '.join(CSV.values())}")
 
 
-def read(data: Path, options: ReadOptions) -> tuple[dict[Split, SplitData], dict[str, str]]:
-    """Read both splits from a folder holding the .amat pair or the CSV pair."""
+def read(data: Path, options: ReadOptions) -> tuple[dict[Split, Iterator[SplitData]], dict[str, str]]:
+    """Both splits from a folder holding the .amat pair or the CSV pair, each streamed in blocks of rows (memory
+    holds one block whatever the file's size); the sha256 per file is filled as the files are read."""
     files, delimiter = _pair(data)
-    splits, prints = {}, {}
-    for split, name in files.items():
-        path = data / name
-        splits[split], prints[str(path)] = _read_split(path, split, delimiter, limit=options.limit,
-                                                       strict=options.strict)
-    return splits, prints
+    prints: dict[str, str] = {}
+    return {split: _stream_file(data / name, split, delimiter, options, prints) for split, name in files.items()}, prints
 
 
-def _read_split(path: Path, split: Split, delimiter: str, *, limit: int | None,
-                strict: bool) -> tuple[SplitData, str]:
-    """One split and the sha256 of its file. The file's bytes are let go as soon as they are parsed."""
-    raw = path.read_bytes()
-    fingerprint = hashlib.sha256(raw).hexdigest()
-    text = split_text(str(path), raw, header="auto" if delimiter == "," else "none").take(limit)
-    del raw
-    n_fields = _field_count(text, delimiter, split)
-    labelled = n_fields == N_PIXELS + 1
-    rows = parse_numeric(text, delimiter=delimiter, n_fields=n_fields)
-    first_line, path = text.first_line, str(path)
-    del text  # the last reference to the file's bytes (hundreds of MB for the test split)
-    rules = [ValueRule(slice(0, N_PIXELS), "pixel", 0.0, 1.0, False)]
-    if labelled:
-        rules.insert(0, ValueRule(slice(N_PIXELS, N_PIXELS + 1), "label", 0, 9, True))
-    if labelled:
-        _refuse_label_first(path, rows.values, first_line)
-    n_read = len(rows.values) + len(rows.rejects)
-    values, lines = keep_good_rows(path, rows, rules, strict=strict)
-    labels = values[:, N_PIXELS].astype(np.int8) if labelled else None
-    scaled = values[:, :N_PIXELS]
-    scaled *= PIXEL_MAX  # in place: these float rows are ours and large
-    np.rint(scaled, out=scaled)
-    # Stored column-major: reshape gives the transpose, so swap the axes back to upright.
-    pixels = scaled.astype(np.uint8).reshape(-1, IMAGE_SIDE, IMAGE_SIDE).transpose(0, 2, 1).copy()
-    data = SplitData(ids=lines - first_line + 1, labels=labels, pixels=pixels, rows_read=n_read,
-                     rejects=rows.rejects)
-    return data, fingerprint
+def _stream_file(path: Path, split: Split, delimiter: str, options: ReadOptions,
+                 fingerprints: dict[str, str]) -> Iterator[SplitData]:
+    with path.open("rb") as fh:
+        hashing = HashingReader(fh)
+        yield from _read_split(str(path), hashing, split, delimiter, limit=options.limit, strict=options.strict)
+        fingerprints[str(path)] = hashing.finish()
+
+
+def _read_split(path: str, stream: BinaryIO, split: Split, delimiter: str, *, limit: int | None,
+                strict: bool) -> Iterator[SplitData]:
+    """One split's pieces: the label (last column) checked, pixels scaled to 0..255 and turned upright."""
+    first: dict = {}
+
+    def parsed() -> Iterator[tuple[NumericRows, list[ValueRule]]]:
+        for text in text_blocks(path, stream, header="auto" if delimiter == "," else "none", limit=limit):
+            if not first:  # the file's layout, from its header or first row
+                n_fields = _field_count(text, delimiter, split)
+                rules = [ValueRule(slice(0, N_PIXELS), "pixel", 0.0, 1.0, False)]
+                if n_fields == N_PIXELS + 1:
+                    rules.insert(0, ValueRule(slice(N_PIXELS, N_PIXELS + 1), "label", 0, 9, True))
+                first.update(n_fields=n_fields, rules=rules, line=text.first_line)
+                rows = parse_numeric(text, delimiter=delimiter, n_fields=n_fields)
+                if n_fields == N_PIXELS + 1:
+                    _refuse_label_first(path, rows.values, text.first_line)
+            else:
+                rows = parse_numeric(text, delimiter=delimiter, n_fields=first["n_fields"])
+            yield rows, first["rules"]
+
+    for values, lines, rejects, n_read in checked_blocks(path, parsed(), strict=strict):
+        labels = values[:, N_PIXELS].astype(np.int8) if first["n_fields"] == N_PIXELS + 1 else None
+        scaled = values[:, :N_PIXELS]
+        scaled *= PIXEL_MAX  # in place: these float rows are ours
+        np.rint(scaled, out=scaled)
+        # Stored column-major: reshape gives the transpose, so swap the axes back to upright.
+        pixels = scaled.astype(np.uint8).reshape(-1, IMAGE_SIDE, IMAGE_SIDE).transpose(0, 2, 1).copy()
+        yield SplitData(ids=lines - first["line"] + 1, labels=labels, pixels=pixels, rows_read=n_read, rejects=rejects)
 
 
 def _field_count(text: TextBody, delimiter: str, split: Split) -> int:

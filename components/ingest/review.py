@@ -81,30 +81,48 @@ def read(path: Path) -> Decisions:
     return Decisions(path, hashlib.sha256(raw).hexdigest(), relabel, frozenset(drop), lines)
 
 
-def apply(decisions: Decisions, ids: np.ndarray, labels: np.ndarray, *arrays):
-    """The train split with the decisions applied: (summary, ids, labels, [each of arrays with the dropped rows
-    left out], the changes as (id, given label, decision) rows). An id the split does not have is one line."""
-    position = {int(i): n for n, i in enumerate(ids.tolist())}
-    missing = [i for i in decisions.lines if i not in position]
-    if missing:
-        first = min(missing, key=lambda i: decisions.lines[i])
-        raise DataFormatError(decisions.path, f"id {first} is not a row of this train split (ids 1..{len(ids)}"
-                              f"{'' if len(missing) == 1 else f'; {len(missing)} such ids'})",
-                              line=decisions.lines[first], column=1)
-    labels = labels.copy()
-    changes = []
-    relabelled = 0
-    for row_id, label in sorted(decisions.relabel.items()):
-        at = position[row_id]
-        changes.append((row_id, int(labels[at]), str(label)))
-        if labels[at] != label:
-            relabelled += 1
-        labels[at] = label
-    for row_id in sorted(decisions.drop):
-        changes.append((row_id, int(labels[position[row_id]]), DROP))
-    keep = np.ones(len(ids), bool)
-    keep[[position[i] for i in decisions.drop]] = False
-    summary = {"file": str(decisions.path), "sha256": decisions.sha256, "relabelled": relabelled,
-               "unchanged": len(decisions.relabel) - relabelled, "dropped": len(decisions.drop)}
-    return summary, ids[keep], labels[keep], [a[keep] if a is not None else None for a in arrays], changes
+class Applying:
+    """The decisions applied to a train split that streams past piece by piece (`apply` each piece in order,
+    then `finish`): what apply() does for a whole split, with the same summary, changes and errors."""
 
+    def __init__(self, decisions: Decisions) -> None:
+        self.decisions = decisions
+        self.found: dict[int, int] = {}  # id -> its given label, for the ids the decisions name
+        self.rows = 0
+
+    def apply(self, piece):
+        """The piece with its named rows relabelled and dropped (a SplitData: ids, labels, pixels, files)."""
+        import dataclasses
+
+        self.rows += len(piece.ids)
+        named = np.isin(piece.ids, np.fromiter(self.decisions.lines, np.int64, len(self.decisions.lines)))
+        if not named.any():
+            return piece
+        labels = piece.labels.copy()
+        keep = np.ones(len(piece.ids), bool)
+        for at in np.flatnonzero(named):
+            row_id = int(piece.ids[at])
+            self.found[row_id] = int(labels[at])
+            if row_id in self.decisions.drop:
+                keep[at] = False
+            else:
+                labels[at] = self.decisions.relabel[row_id]
+        files = None if piece.files is None else [f for f, k in zip(piece.files, keep) if k]
+        return dataclasses.replace(piece, ids=piece.ids[keep], labels=labels[keep], pixels=piece.pixels[keep],
+                                   files=files)
+
+    def finish(self) -> tuple[dict, list]:
+        """(summary, the changes as (id, given label, decision) rows); an id the split did not have is one line."""
+        decisions = self.decisions
+        missing = [i for i in decisions.lines if i not in self.found]
+        if missing:
+            first = min(missing, key=lambda i: decisions.lines[i])
+            raise DataFormatError(decisions.path, f"id {first} is not a row of this train split (ids 1..{self.rows}"
+                                  f"{'' if len(missing) == 1 else f'; {len(missing)} such ids'})",
+                                  line=decisions.lines[first], column=1)
+        changes = [(row_id, self.found[row_id], str(label)) for row_id, label in sorted(decisions.relabel.items())]
+        changes += [(row_id, self.found[row_id], DROP) for row_id in sorted(decisions.drop)]
+        relabelled = sum(self.found[row_id] != label for row_id, label in decisions.relabel.items())
+        summary = {"file": str(decisions.path), "sha256": decisions.sha256, "relabelled": relabelled,
+                   "unchanged": len(decisions.relabel) - relabelled, "dropped": len(decisions.drop)}
+        return summary, changes
