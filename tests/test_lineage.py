@@ -89,7 +89,7 @@ def test_kaggle_test_images_are_mnist_images():
 
 
 @pytest.mark.e2e
-def test_a_kaggle_run_fine_tuned_from_the_mnist_champion_warns_of_the_test_images_it_saw(cli, home):
+def test_a_kaggle_run_fine_tuned_from_the_mnist_champion_warns_of_the_test_images_it_saw(cli, home, prepared_tfds):
     """The shared files through the CLI: a train-mnist champion, then train-kaggle from it. Kaggle's images
     are MNIST's, so the base saw part of the Kaggle val split (refused, with the count) and of its test
     split (the warning in run.json, the report, the Prefect artifact and next to the submission)."""
@@ -100,7 +100,8 @@ def test_a_kaggle_run_fine_tuned_from_the_mnist_champion_warns_of_the_test_image
     mnist, kaggle = datagen.shared_data("mnist"), datagen.shared_data("kaggle", "digit-recognizer.zip")
     quick = ["--set", "train.model=baseline", "--set", "train.epochs=1", "--set", "evaluate.threshold=0",
              "--set", "ingest.limit=3000"]
-    assert cli("run", "train-mnist", "--data", mnist, *quick).code == 0
+    tfds_dir, _ = prepared_tfds  # the shared files as TFDS prepared them once for the session
+    assert cli("run", "train-mnist", "--data", mnist, "--set", f"ingest.tfds_data_dir={tfds_dir}", *quick).code == 0
     champion = RunFolder.open()
     result = cli("run", "train-kaggle", "--data", kaggle, *quick, "--set", "train.model=digits-net",
                  "--set", "transfer.base=models:/digits-mnist@champion", "--set", "transfer.mode=full")

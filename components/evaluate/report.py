@@ -99,22 +99,26 @@ def confusion_png(confusion: np.ndarray, path: Path) -> None:
 
 
 def errors_png(val: ex.Arrays, probabilities: np.ndarray, path: Path) -> None:
-    """The most confidently wrong validation digits: true class, predicted class and both probabilities."""
+    """The most confidently wrong validation digits: true class, predicted class and both probabilities. One
+    image of the digits side by side with their captions under each (one axes: ~0.3 s where 36 took ~3 s)."""
     plt = _pyplot()
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != val.labels)
     wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:GALLERY]
-    columns = 6
+    columns, side = 6, val.images.shape[1]
     rows = max(1, int(np.ceil(len(wrong) / columns)))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, i in zip(axes.ravel(), wrong):
-        ax.imshow(val.images[i], cmap="gray_r", vmin=0, vmax=255)
+    cell_w, cell_h = side + 22, side + 26  # a digit, and room for its three lines of caption below it
+    canvas = np.zeros((rows * cell_h, columns * cell_w), np.uint8)
+    fig, ax = plt.subplots(figsize=(columns * 1.6, rows * 1.9))
+    for k, i in enumerate(wrong):
+        top, left = (k // columns) * cell_h, (k % columns) * cell_w + 11
+        canvas[top:top + side, left:left + side] = val.images[i]
         true, guess = int(val.labels[i]), int(predicted[i])
-        ax.set_title(f"id {int(val.ids[i])}\ntrue {true} ({probabilities[i, true]:.2f})\n"
-                     f"pred {guess} ({probabilities[i, guess]:.2f})", fontsize=7)
-    fig.suptitle(f"{len(np.flatnonzero(predicted != val.labels))} misclassified of {len(val.labels)} "
+        ax.text(left + side / 2, top + side + 1, f"id {int(val.ids[i])}\ntrue {true} ({probabilities[i, true]:.2f})\n"
+                f"pred {guess} ({probabilities[i, guess]:.2f})", fontsize=7, ha="center", va="top")
+    ax.imshow(canvas, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title(f"{len(np.flatnonzero(predicted != val.labels))} misclassified of {len(val.labels)} "
                  f"validation digits (most confident first)" if len(wrong) else "no misclassified validation digits",
                  fontsize=9)
     _save(fig, path)
