@@ -295,7 +295,7 @@ def test_team_mode_on_postgres_prefect_mlflow_and_dask(home, tmp_path, prepared_
                  lambda: team.log("mlflow"))
         for service in ("dask-worker-1", "dask-worker-2", "worker"):
             team.start(service)
-        wait_for(lambda: team.prefect("work-pool", "inspect", "digits-process").returncode == 0, 120,
+        wait_for(lambda: team.up("prefect-server", "/api/work_pools/digits-process"), 120,  # REST: no CLI per poll
                  "the worker's work pool", team.procs["worker"], lambda: team.log("worker"))
         deployed = team.prefect("deploy", "--all", "--prefect-file", "infra/prefect.yaml")
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
