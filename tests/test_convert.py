@@ -75,6 +75,35 @@ def test_shards_read_back_through_the_shared_parser_match_manifest_and_parquet(h
     assert not list(converted.dir.glob(".*"))  # no partial files or sidecars left in the stage folder
 
 
+def test_row_groups_of_any_size_give_the_same_validation_split_and_shards(home, kaggle_data, tmp_path, monkeypatch):
+    """The data stages read the canonical Parquet a row group at a time (validate's features, convert's fingerprint
+    and its spill files), so that memory does not grow with the data: the same 600 rows cut into 64-row groups
+    give the same validation results and the same split, manifest and shards, byte for byte, as one group."""
+    import components.ingest as ingest_stage
+    import components.validate as validate_stage
+
+    def converted() -> tuple[RunFolder, object, dict]:
+        folder, config = validated_kaggle_run(kaggle_data, "convert.rows_per_shard=100")
+        made = make(folder, config, "converted")
+        results = json.loads((folder.stage_dir("validate") / "results.json").read_text())
+        return folder, made, results
+
+    whole_folder, whole, whole_results = converted()
+    assert pq.ParquetFile(whole_folder.stage_dir("ingest") / "train.parquet").num_row_groups == 1
+    monkeypatch.setattr(ingest_stage, "ROW_GROUP_ROWS", 64)
+    monkeypatch.setattr(validate_stage, "ROW_GROUP_ROWS", 64)
+    monkeypatch.setenv("DIGITS_HOME", str(tmp_path / "another-home"))  # nothing reused from the first run
+    cut_folder, cut, cut_results = converted()
+    assert pq.ParquetFile(cut_folder.stage_dir("ingest") / "train.parquet").num_row_groups == 10
+    assert cut_results["results"] == whole_results["results"] and cut_results["dataset"] == whole_results["dataset"]
+    assert ex.read_manifest(cut.dir) == ex.read_manifest(whole.dir) and cut.input_fingerprint == whole.input_fingerprint
+    shards = sorted(p.name for p in whole.dir.glob(f"*{ex.SUFFIX}"))
+    assert len(shards) == 9 and shards == sorted(p.name for p in cut.dir.glob(f"*{ex.SUFFIX}"))
+    for name in shards:
+        assert (cut.dir / name).read_bytes() == (whole.dir / name).read_bytes(), name
+    assert not list(cut.dir.glob(".*"))  # the spill folder is gone
+
+
 def test_dask_runner_on_a_local_cluster_writes_the_same_examples_as_the_direct_runner(home, kaggle_data, tmp_path):
     """`digits convert --set convert.runner=dask` (a LocalCluster of 2 worker processes on 127.0.0.1) in its
     own process, on a copy of a validated run; the direct runner converts the original in-process."""

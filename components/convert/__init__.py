@@ -31,21 +31,26 @@ from schemas.runs import write_json_atomic
 
 Progress = Callable[[str], None]
 SIDECARS = ".shards"  # one JSON per written shard, folded into manifest.json at the end
+SPILL = ".spill"  # the rows between reading and writing (transforms._SpillRowGroup): as large as the data, removed
 RUNNERS = {"direct": "DirectRunner", "dask": "apache_beam.runners.dask.dask_runner.DaskRunner"}
 
 
 def input_fingerprint(examples: Examples) -> str:
-    """sha256 of the canonical data itself (ids, labels, pixels of every split), not of its files."""
+    """sha256 of the canonical data itself (ids, labels, pixels of every split), not of its files; read a row group
+    at a time (memory does not grow with the data)."""
     digest = hashlib.sha256()
     for split in (Split.train, Split.test):
         if not examples.has(split):
             continue
-        table = pq.read_table(examples.parquet(split), columns=[ID, LABEL, PIXELS])
+        path = examples.parquet(split)
+        table = pq.read_table(path, columns=[ID, LABEL])  # 9 bytes a row; the pixels follow a row group at a time
         labels = labels_of(table)
         digest.update(split.value.encode())
         digest.update(table.column(ID).to_numpy().astype("<i8").tobytes())
         digest.update(b"-" if labels is None else labels.astype("<i1").tobytes())
-        digest.update(np.ascontiguousarray(pixels_of(table)).tobytes())
+        reader = pq.ParquetFile(path)
+        for group in range(reader.num_row_groups):
+            digest.update(np.ascontiguousarray(pixels_of(reader.read_row_group(group, columns=[PIXELS]))).tobytes())
     return digest.hexdigest()
 
 
@@ -72,8 +77,10 @@ def run(examples: Examples, config: ConvertConfig, seed: int, out_dir: Path, *, 
     total = sum(plan.shards.values())
     progress(f"{', '.join(f'{s} {n:,}' for s, n in plan.counts.items())} rows -> {total} shards "
              f"on {runner_label(config)}")
+    (out_dir / SPILL).mkdir()
     with _watch_shards(out_dir, total, progress):
         _run_beam(config, dask_address, lambda pipeline: _build(pipeline, train, test, plan, out_dir))
+    shutil.rmtree(out_dir / SPILL)
     manifest = _write_manifest(out_dir, plan, input_fp, config)
     return Converted(dir=out_dir, counts=manifest["counts"], shards={s: len(v["shards"]) for s, v in manifest["splits"].items()},
                      label_counts={s: v["label_counts"] for s, v in manifest["splits"].items()},
@@ -84,7 +91,8 @@ def run(examples: Examples, config: ConvertConfig, seed: int, out_dir: Path, *, 
 def _build(pipeline, train: Path, test: Path | None, plan: split_plan.SplitPlan, out_dir: Path) -> None:
     from components.convert import transforms
 
-    transforms.build(pipeline, train=train, test=test, plan=plan, out_dir=out_dir, sidecar_dir=out_dir / SIDECARS)
+    transforms.build(pipeline, train=train, test=test, plan=plan, out_dir=out_dir, sidecar_dir=out_dir / SIDECARS,
+                     spill_dir=out_dir / SPILL)
 
 
 def _runner_name(config: ConvertConfig) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import struct
 import uuid
 from pathlib import Path
@@ -64,9 +65,9 @@ beam = import_beam()
 
 
 class Batch(NamedTuple):
-    """The rows of one Parquet row group: the element the pipeline moves until rows are grouped by shard.
+    """The rows of one Parquet row group, as the spill step reads them.
 
-    Moving ~10,000 rows per element rather than one keeps Beam's per-element cost (coders, bundle
+    Handling ~10,000 rows per element rather than one keeps Beam's per-element cost (coders, bundle
     bookkeeping) off the hot path; the split and shard of every row are computed vectorised.
     """
 
@@ -89,60 +90,54 @@ def read_row_group(part: tuple[str, int]) -> Iterator[Batch]:
     yield Batch(ids, labels, pixels_of(table).reshape(len(ids), N_PIXELS))
 
 
-@beam.ptransform_fn
-def ReadCanonical(pbegin, parquet: Path):  # noqa: N802 - Beam transforms are named like classes
-    """Batches of one canonical Parquet split, a row group per element."""
-    return (pbegin
-            | "RowGroups" >> beam.Create(row_groups(parquet))
-            | "Read" >> beam.FlatMap(read_row_group))
+SPILL_DTYPE = np.dtype([("id", "<i8"), ("label", "<i8"), ("pixels", "u1", (N_PIXELS,))])
 
 
-class _AssignSplit(beam.DoFn):
-    """Divide a batch of the labelled train split into its `train` and `val` rows (the plan's cut-offs)."""
+class _SpillRowGroup(beam.DoFn):
+    """Read one row group, route each row to its split (train or val by the plan's cut-offs for the labelled train
+    file; `split` for the test file) and its shard, and write the rows to one spill file per (row group, split),
+    sorted by (shard, id), so that what a shard needs of this row group is one contiguous slice. Yields
+    ((split, shard), (spill file, start, stop)) for each shard the row group touches.
 
-    def __init__(self, plan: SplitPlan) -> None:
-        self.plan = plan
+    The GroupByKey after it moves these references, never pixels: no runner holds the data in memory (the
+    DirectRunner keeps a GroupByKey's whole input in memory), and each shard writer reads only its rows back. The
+    spill folder must be one every worker sees (the stage folder, as for the shards)."""
 
-    def process(self, batch: Batch) -> Iterator[tuple[str, Batch]]:
-        val = self.plan.in_val(batch.ids, batch.labels)
-        for split, mask in ((ex.ExampleSplit.train, ~val), (ex.ExampleSplit.val, val)):
-            if mask.any():
-                yield split.value, Batch(batch.ids[mask], batch.labels[mask], batch.pixels[mask])
+    def __init__(self, plan: SplitPlan, split: ex.ExampleSplit | None, shards: dict[str, int], spill_dir: str) -> None:
+        self.plan, self.split, self.shards, self.spill_dir = plan, split, shards, spill_dir
 
+    def process(self, part: tuple[str, int]) -> Iterator[tuple[tuple[str, int], tuple[str, int, int]]]:
+        path, group = part
+        for batch in read_row_group(part):
+            if self.split is None:
+                val = self.plan.in_val(batch.ids, batch.labels)
+                routed = ((ex.ExampleSplit.train.value, ~val), (ex.ExampleSplit.val.value, val))
+            else:
+                routed = ((self.split.value, np.ones(len(batch.ids), bool)),)
+            for split, mask in routed:
+                if mask.any():
+                    yield from self._spill(split, f"{split}-{Path(path).stem}-{group:05d}.npy", batch.ids[mask],
+                                           batch.labels[mask], batch.pixels[mask])
 
-class _KeyByShard(beam.DoFn):
-    """(split, batch) -> ((split, shard), the batch's rows of that shard), for every shard the batch touches."""
-
-    def __init__(self, shards: dict[str, int]) -> None:
-        self.shards = shards
-
-    def process(self, element: tuple[str, Batch]) -> Iterator[tuple[tuple[str, int], Batch]]:
-        split, batch = element
-        shard_of = shards_of(batch.ids, self.shards[split])
-        for shard in np.unique(shard_of):
-            rows = shard_of == shard
-            yield (split, int(shard)), Batch(batch.ids[rows], batch.labels[rows], batch.pixels[rows])
-
-
-@beam.ptransform_fn
-def ExamplesOfSplit(pbegin, parquet: Path, split: ex.ExampleSplit | None, plan: SplitPlan,
-                    shards: dict[str, int]):  # noqa: N802
-    """One canonical split as batches of rows keyed by their output shard.
-
-    split None: the labelled train split, divided into train and val by the plan; else every row
-    goes to `split` (the test split, labelled or not).
-    """
-    batches = pbegin | "Read" >> ReadCanonical(parquet)
-    if split is None:
-        routed = batches | "AssignTrainVal" >> beam.ParDo(_AssignSplit(plan))
-    else:
-        routed = batches | "Assign" >> beam.Map(lambda batch, name: (name, batch), split.value)
-    return routed | "KeyByShard" >> beam.ParDo(_KeyByShard(shards))
+    def _spill(self, split: str, name: str, ids: np.ndarray, labels: np.ndarray, pixels: np.ndarray):
+        shard_of = shards_of(ids, self.shards[split])
+        order = np.lexsort((ids, shard_of))
+        rows = np.empty(len(order), SPILL_DTYPE)
+        rows["id"], rows["label"], rows["pixels"] = ids[order], labels[order], pixels[order]
+        target = f"{self.spill_dir}/{name}"
+        partial = f"{self.spill_dir}/.{name}.{uuid.uuid4().hex[:8]}.partial"  # a retried bundle writes it again
+        with open(partial, "wb") as fh:
+            np.save(fh, rows)
+        os.replace(partial, target)
+        sorted_shards = shard_of[order]
+        cuts = [0, *(np.flatnonzero(np.diff(sorted_shards)) + 1).tolist(), len(order)]
+        for start, stop in zip(cuts[:-1], cuts[1:]):
+            yield (split, int(sorted_shards[start])), (target, start, stop)
 
 
 class _WriteShard(beam.DoFn):
-    """Write one shard: its rows sorted by id, each encoded as a tf.train.Example, into a gzip TFRecord
-    file, then its sidecar JSON.
+    """Write one shard: its rows (read back from the spill files' slices) sorted by id, each encoded as a
+    tf.train.Example, into a gzip TFRecord file, then its sidecar JSON.
 
     Both are written under a unique temporary name and renamed, so a retried bundle rewrites the
     same bytes and a reader never sees half a file.
@@ -157,12 +152,10 @@ class _WriteShard(beam.DoFn):
         self.tf = import_tensorflow()
         self.encode = records.encoder()
 
-    def process(self, element: tuple[tuple[str, int], Iterable[Batch]]) -> Iterator[dict]:
-        (split, index), parts = element
-        parts = list(parts)
-        ids = np.concatenate([p.ids for p in parts])
-        labels = np.concatenate([p.labels for p in parts])
-        pixels = np.concatenate([p.pixels for p in parts])
+    def process(self, element: tuple[tuple[str, int], Iterable[tuple[str, int, int]]]) -> Iterator[dict]:
+        (split, index), slices = element
+        rows = np.concatenate([np.load(path, mmap_mode="r")[start:stop] for path, start, stop in sorted(slices)])
+        ids, labels, pixels = rows["id"], rows["label"], rows["pixels"]
         tf, out = self.tf, self.out_dir
         name = ex.shard_name(split, index, self.shards[split])
         digest, count = hashlib.sha256(), 0
@@ -185,15 +178,21 @@ class _WriteShard(beam.DoFn):
         yield shard
 
 
-def build(pipeline, *, train: Path, test: Path | None, plan: SplitPlan, out_dir: Path, sidecar_dir: Path) -> None:
+def build(pipeline, *, train: Path, test: Path | None, plan: SplitPlan, out_dir: Path, sidecar_dir: Path,
+          spill_dir: Path) -> None:
     """Add the conversion to a Beam pipeline: every split's shards, ending in one sink.
 
-    Each shard also leaves a sidecar JSON (file, count, sha256, label counts) in sidecar_dir.
+    Each shard also leaves a sidecar JSON (file, count, sha256, label counts) in sidecar_dir; spill_dir holds the
+    rows between reading and writing (as much as the data; the caller removes it).
     """
     shards = plan.shards
-    parts = [pipeline | "Train" >> ExamplesOfSplit(train, None, plan, shards)]
-    if test is not None:
-        parts.append(pipeline | "Test" >> ExamplesOfSplit(test, ex.ExampleSplit.test, plan, shards))
+    parts = []
+    for name, parquet, split in (("Train", train, None), ("Test", test, ex.ExampleSplit.test)):
+        if parquet is None:
+            continue
+        parts.append(pipeline
+                     | f"{name}RowGroups" >> beam.Create(row_groups(parquet))
+                     | f"{name}Spill" >> beam.ParDo(_SpillRowGroup(plan, split, shards, str(spill_dir))))
     (parts
      | "AllSplits" >> beam.Flatten()
      | "GroupByShard" >> beam.GroupByKey()

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.validate.features import drift, row_features
 from schemas.artifacts import Examples, Validation
 from schemas.config import ValidateConfig
-from schemas.dataset import Split
+from schemas.dataset import ROW_GROUP_ROWS, Split
 from schemas.suites import load_suite, resolve
 
 RESULTS_JSON = "results.json"
@@ -47,8 +48,7 @@ def run(examples: Examples, config: ValidateConfig, out_dir: Path, *, limit: int
     out_dir.mkdir(parents=True, exist_ok=True)
     progress("computing features")
     noisy = examples.source.spec.background_noise
-    features = {split: row_features(pq.read_table(examples.parquet(split)), noisy=noisy)
-                for split in examples.counts}
+    features = {split: features_of(examples.parquet(split), noisy=noisy) for split in examples.counts}
     has_test = Split.test.value in features
     dataset = pd.DataFrame([{"train_test_shared_rows": examples.duplicates.get("train_test_shared_rows", 0),
                              **(drift(features["train"], features["test"]) if has_test else {})}])
@@ -91,6 +91,17 @@ def run(examples: Examples, config: ValidateConfig, out_dir: Path, *, limit: int
                 for r in report["results"] if not r["success"]]
     return Validation(dir=out_dir, passed=not failures, failures=failures,
                       evaluated=len(report["results"]), statistics=statistics)
+
+
+def features_of(parquet: Path, *, noisy: bool) -> pd.DataFrame:
+    """The per-row features of a canonical Parquet file, computed row group by row group: memory holds one group's
+    pixels and the features (~40 bytes a row), never the whole split's pixels (784 bytes a row)."""
+    reader = pq.ParquetFile(parquet)
+    frames = [row_features(pa.Table.from_batches([batch], reader.schema_arrow), noisy=noisy)
+              for batch in reader.iter_batches(batch_size=ROW_GROUP_ROWS)]
+    if not frames:
+        return row_features(reader.schema_arrow.empty_table(), noisy=noisy)
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
 # GX's Data Docs take bootstrap and the Font Awesome status icons from CDNs: without network the

@@ -1,0 +1,110 @@
+"""Data at any scale (issue 40): the data stages' peak memory and time on the Kaggle layout at 1x, 10x and 100x.
+
+Run: pytest -m benchmark -s tests/benchmarks/test_bench_scale.py            (1x and 10x)
+     DIGITS_BENCH_TIMES=1,10,100 pytest -m benchmark -s tests/benchmarks/test_bench_scale.py   (adds 100x: ~8 GB)
+
+Data: ../shared/data/scale/make_big.py writes train.csv at N x 42,000 rows (copy k of each row is the original
+shifted by a seeded 0-2 pixels: distinct rows, correct labels); test.csv is Kaggle's own 28,000 rows. Written once
+under $DIGITS_BENCH_DIR (default: pytest's temp folder) and kept there for the next run.
+Each stage runs as its own `digits` command (`digits ingest --source kaggle --data DIR`, then `digits validate
+--run ID`, ...) in a fresh process on one run folder; its peak RSS is the process tree's (psutil every 50 ms) and
+its time the command's wall time (Python start-up and imports included, ~2-5 s).
+Targets: each streaming stage's peak RSS <= 2 GB at 100x, and its time at 100x <= 12x its time at 10x.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import psutil
+import pytest
+
+import datagen
+
+pytestmark = pytest.mark.benchmark
+DIGITS = str(Path(sys.executable).with_name("digits"))
+TIMES = tuple(int(t) for t in os.environ.get("DIGITS_BENCH_TIMES", "1,10").split(","))
+STREAMING = ("ingest",)  # the stages whose memory must not grow with the data (the others are measured, not held)
+STAGES = ("ingest", "validate", "convert")
+LIMIT_MB = 2048
+
+
+def _data(times: int, root: Path) -> Path:
+    """The Kaggle layout at `times` x 42,000 train rows (made once, kept under root)."""
+    out = root / f"kaggle-x{times}"
+    if (out / "train.csv").is_file() and (out / "test.csv").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    make_big = datagen.shared_data("scale", "make_big.py")
+    subprocess.run([sys.executable, str(make_big), str(out), "--times", str(times)], check=True, capture_output=True)
+    with zipfile.ZipFile(datagen.shared_data("kaggle", "digit-recognizer.zip")) as archive, \
+            archive.open("test.csv") as src, (out / "test.csv").open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
+    return out
+
+
+def measured(command: list[str], env: dict[str, str]) -> dict:
+    """Run command; its wall seconds and the peak RSS (MB) of its process tree, sampled every 50 ms."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, done = 0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    start = time.perf_counter()
+    sampler.start()
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    assert proc.returncode == 0, err[-3000:]
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak / 2**20), "stdout": out}
+
+
+@pytest.fixture(scope="module")
+def bench_root(tmp_path_factory) -> Path:
+    given = os.environ.get("DIGITS_BENCH_DIR")
+    return Path(given) if given else tmp_path_factory.mktemp("scale")
+
+
+def test_data_stages_at_scale(bench_root, tmp_path):
+    results = {}
+    for times in TIMES:
+        data = _data(times, bench_root)
+        size_gb = sum(p.stat().st_size for p in data.iterdir()) / 1e9
+        home = tmp_path / f"home-x{times}"
+        env = {**os.environ, "DIGITS_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        row = {"csv_gb": round(size_gb, 2)}
+        ingested = measured([DIGITS, "ingest", "--source", "kaggle", "--data", str(data)], env)
+        run_id = re.search(r"^run (\S+)", ingested["stdout"], re.M).group(1)
+        row["ingest"] = {k: v for k, v in ingested.items() if k != "stdout"}
+        for stage in STAGES[1:]:
+            row[stage] = {k: v for k, v in measured([DIGITS, stage, "--run", run_id], env).items() if k != "stdout"}
+        record = json.loads(next((home / "runs").glob(f"{run_id}/run.json")).read_text())
+        row["rows"] = record["stages"]["ingest"]["outputs"]["counts"]
+        results[times] = row
+        print(f"\nx{times}: {json.dumps(row)}", flush=True)
+        shutil.rmtree(home)  # its Parquet and TFRecords: gigabytes at 100x
+    print(f"\nscale: {json.dumps(results)}")
+    for stage in STREAMING:
+        if 100 in results:
+            assert results[100][stage]["peak_rss_mb"] <= LIMIT_MB, (stage, results[100][stage])
+            assert results[100][stage]["seconds"] <= 12 * results[10][stage]["seconds"], (stage, results)
