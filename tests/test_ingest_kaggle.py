@@ -292,9 +292,9 @@ def test_a_file_read_in_blocks_gives_what_it_gives_read_whole(tmp_path, clean):
         folder = _write(tmp_path / name, encoded["train"], encoded["test"])
         for options in ({}, {"strict": False, "limit": 5}):  # strict; quarantine, cut short
             whole = _read_in_blocks(folder, 1 << 30, **options)
-            for block_bytes in (700, 5000):  # a row (~1.7 kB) over three blocks; blocks cut rows anywhere
-                assert _read_in_blocks(folder, block_bytes, **options) == whole, (name, options, block_bytes)
-                compared += 1
-    assert compared == 4 * len(cases)
+            # 900 bytes: each row (~1.7 kB) read over two or three blocks, block ends falling anywhere in a row
+            assert _read_in_blocks(folder, 900, **options) == whole, (name, options)
+            compared += 1
+    assert compared == 2 * len(cases)
     # the whole file's fingerprint even when a limit stopped the reading early
-    assert _read_in_blocks(tmp_path / "clean", 700, limit=2)[1] == _read_in_blocks(tmp_path / "clean", 1 << 30)[1]
+    assert _read_in_blocks(tmp_path / "clean", 900, limit=2)[1] == _read_in_blocks(tmp_path / "clean", 1 << 30)[1]
