@@ -131,12 +131,8 @@ def find_duplicates(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray
     counts, and example groups by their first train id."""
     keys = np.concatenate([train[0], test[0]]) if test is not None else train[0]
     n_train = len(train[0])
-    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     is_train = np.arange(len(keys)) < n_train
-    repeated = counts[inverse] > 1
-    order = np.argsort(inverse[repeated], kind="stable")
-    members, groups = np.flatnonzero(repeated)[order], inverse[repeated][order]
-    found = np.split(members, np.flatnonzero(np.diff(groups)) + 1) if len(members) else []
+    found = _same_keys(keys)
     within, across = [], []
     within_rows = across_rows = 0
     for group in sorted(found, key=lambda g: int(g[0])):  # in file order: the earliest rows first
@@ -151,6 +147,25 @@ def find_duplicates(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray
     return {"train_duplicate_rows": within_rows, "train_duplicate_groups": len(within),
             "train_test_shared_rows": across_rows, "train_test_shared_groups": len(across),
             "train_examples": within[:_EXAMPLES], "train_test_examples": across[:_EXAMPLES]}
+
+
+def _same_keys(keys: np.ndarray) -> list[np.ndarray]:
+    """The positions of the rows whose key another row shares, one ascending array per key. Sorted by their
+    first 8 bytes as integers (fast; numpy sorts 16-byte void keys ~20x slower), then the few rows that share
+    those compared on all 16."""
+    if not len(keys):
+        return []
+    first = np.ascontiguousarray(keys).view(np.uint64)[::2]
+    _, inverse, counts = np.unique(first, return_inverse=True, return_counts=True)
+    candidates = np.flatnonzero(counts[inverse] > 1)
+    if not len(candidates):
+        return []
+    _, inverse, counts = np.unique(keys[candidates], return_inverse=True, return_counts=True)
+    repeated = counts[inverse] > 1
+    members, groups = candidates[repeated], inverse[repeated]
+    order = np.argsort(groups, kind="stable")
+    members, groups = members[order], groups[order]
+    return np.split(members, np.flatnonzero(np.diff(groups)) + 1) if len(members) else []
 
 
 def _label_counts_png(plt, counts: dict, path: Path) -> None:
