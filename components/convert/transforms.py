@@ -116,7 +116,7 @@ class _SpillRowGroup(beam.DoFn):
                 routed = ((self.split.value, np.ones(len(batch.ids), bool)),)
             for split, mask in routed:
                 if mask.any():
-                    yield from self._spill(split, f"{split}-{Path(path).stem}-{group:05d}.npy", batch.ids[mask],
+                    yield from self._spill(split, f"{split}-{Path(path).stem}-{group:05d}.rows", batch.ids[mask],
                                            batch.labels[mask], batch.pixels[mask])
 
     def _spill(self, split: str, name: str, ids: np.ndarray, labels: np.ndarray, pixels: np.ndarray):
@@ -127,7 +127,7 @@ class _SpillRowGroup(beam.DoFn):
         target = f"{self.spill_dir}/{name}"
         partial = f"{self.spill_dir}/.{name}.{uuid.uuid4().hex[:8]}.partial"  # a retried bundle writes it again
         with open(partial, "wb") as fh:
-            np.save(fh, rows)
+            fh.write(rows.data)  # raw SPILL_DTYPE rows; a full disk is OSError ENOSPC (numpy's writers lose errno)
         os.replace(partial, target)
         sorted_shards = shard_of[order]
         cuts = [0, *(np.flatnonzero(np.diff(sorted_shards)) + 1).tolist(), len(order)]
@@ -154,7 +154,8 @@ class _WriteShard(beam.DoFn):
 
     def process(self, element: tuple[tuple[str, int], Iterable[tuple[str, int, int]]]) -> Iterator[dict]:
         (split, index), slices = element
-        rows = np.concatenate([np.load(path, mmap_mode="r")[start:stop] for path, start, stop in sorted(slices)])
+        rows = np.concatenate([np.fromfile(path, SPILL_DTYPE, count=stop - start, offset=start * SPILL_DTYPE.itemsize)
+                               for path, start, stop in sorted(slices)])
         ids, labels, pixels = rows["id"], rows["label"], rows["pixels"]
         tf, out = self.tf, self.out_dir
         name = ex.shard_name(split, index, self.shards[split])
