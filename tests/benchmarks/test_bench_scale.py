@@ -52,9 +52,9 @@ def _data(times: int, root: Path) -> Path:
     return out
 
 
-def measured(command: list[str], env: dict[str, str]) -> dict:
+def measured(command: list[str], env: dict[str, str], cwd: Path | None = None) -> dict:
     """Run command; its wall seconds and the peak RSS (MB) of its process tree, sampled every 50 ms."""
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, done = 0, threading.Event()
 
     def sample() -> None:
@@ -108,3 +108,22 @@ def test_data_stages_at_scale(bench_root, tmp_path):
         if 100 in results:
             assert results[100][stage]["peak_rss_mb"] <= LIMIT_MB, (stage, results[100][stage])
             assert results[100][stage]["seconds"] <= 12 * results[10][stage]["seconds"], (stage, results)
+
+
+@pytest.mark.skipif(not os.environ.get("DIGITS_BENCH_BASELINE"), reason="DIGITS_BENCH_BASELINE names no checkout")
+def test_ingest_beside_a_baseline_checkout(bench_root, tmp_path):
+    """`digits ingest` of the 10x data from this checkout and from another (DIGITS_BENCH_BASELINE=PATH: e.g.
+    `git worktree add /tmp/old 1b824f4`), one after the other in this script: time and peak RSS of each."""
+    data = _data(10, bench_root)
+    trees = {"baseline": os.environ["DIGITS_BENCH_BASELINE"], "this": str(Path(__file__).resolve().parents[2])}
+    results = {}
+    for name, tree in trees.items():
+        env = {**os.environ, "PYTHONPATH": tree, "DIGITS_HOME": str(tmp_path / name)}
+        code = f"import sys; sys.argv = ['digits', 'ingest', '--source', 'kaggle', '--data', {str(data)!r}]; " \
+               "from flows.cli import main; main()"
+        found = subprocess.run([sys.executable, "-c", "import flows; print(flows.__file__)"], env=env, cwd=tmp_path,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        assert found.startswith(tree), (tree, found)  # the checkout's own code, not the installed one
+        results[name] = {k: v for k, v in measured([sys.executable, "-c", code], env, cwd=tmp_path).items()
+                         if k != "stdout"}
+    print(f"\ningest at 10x: {json.dumps(results)}")
