@@ -127,3 +127,35 @@ def test_ingest_beside_a_baseline_checkout(bench_root, tmp_path):
         results[name] = {k: v for k, v in measured([sys.executable, "-c", code], env, cwd=tmp_path).items()
                          if k != "stdout"}
     print(f"\ningest at 10x: {json.dumps(results)}")
+
+
+def test_a_bad_line_near_the_end_of_a_large_csv_is_one_line_and_leaves_nothing(bench_root, tmp_path):
+    """The 10x train.csv (~0.8 GB) with one field of its last-but-two line made a letter: `digits ingest` stops
+    with that line and column, exit 2, no traceback, and no Parquet anywhere under the home."""
+    data = _data(10, bench_root)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(data / "test.csv", bad / "test.csv")
+    with (data / "train.csv").open("rb") as src, (bad / "train.csv").open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
+    with (bad / "train.csv").open("rb+") as fh:
+        fh.seek(-20_000, os.SEEK_END)
+        tail = fh.read()
+        starts = [i + 1 for i, byte in enumerate(tail) if byte == 0x0A][:-1]  # whole lines inside the tail
+        at = starts[-3]  # the start of the last-but-two line
+        fh.seek(-20_000 + at, os.SEEK_END)
+        fh.write(b"x")  # its label field: "7,0,..." -> "x,0,..."
+    with (bad / "train.csv").open("rb") as fh:
+        total = sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 22), b""))
+    expected_line = total - 2  # a newline ends every line: the last-but-two line's number
+    home = tmp_path / "home"
+    started = time.perf_counter()
+    done = subprocess.run([DIGITS, "ingest", "--source", "kaggle", "--data", str(bad)], capture_output=True, text=True,
+                          env={**os.environ, "DIGITS_HOME": str(home)})
+    seconds = time.perf_counter() - started
+    print(f"\nbad line {expected_line:,} of {(bad / 'train.csv').stat().st_size / 1e9:.2f} GB: {seconds:.1f} s: "
+          f"{done.stderr.strip()}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert f"line {expected_line}, column 1" in line and "expected a number, got 'x'" in line, line
+    assert not list(home.rglob("*.parquet")) and not list(home.rglob(".ingest.*"))
