@@ -6,7 +6,6 @@ file order; train ids are 1..N in file order too.
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 import zlib
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from components.files import check_regular_file
 from components.ingest.splits import ReadOptions, SplitData, checked_blocks
 from components.ingest.text import HashingReader, NumericRows, ValueRule, other_separator, parse_numeric, shorten, text_blocks
+from schemas.artifacts import sha256_file
 from schemas.dataset import (IMAGE_SIDE, KAGGLE_TEST_HEADER, KAGGLE_TRAIN_HEADER, N_PIXELS, PIXEL_MAX,
                              Split)
 from schemas.errors import DataFormatError
@@ -40,7 +40,7 @@ def read(data: Path, options: ReadOptions) -> tuple[dict[Split, Iterator[SplitDa
     for name in _FILES.values():
         if name not in by_name:
             raise DataFormatError(data, f"the archive has no {name} (found: {', '.join(sorted(by_name)) or 'nothing'})")
-    fingerprints[str(data)] = _sha256(data)
+    fingerprints[str(data)] = sha256_file(data)
     return {split: _stream_member(data, by_name[name].filename, split, options) for split, name in _FILES.items()}, \
         fingerprints
 
@@ -57,14 +57,6 @@ def layout(data: Path) -> list[Path]:
     if not zipfile.is_zipfile(data):
         raise DataFormatError(data, "not a zip archive (expected the Kaggle folder or digit-recognizer.zip)")
     return [data]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _stream_file(path: Path, split: Split, options: ReadOptions, fingerprints: dict[str, str]) -> Iterator[SplitData]:
