@@ -156,7 +156,7 @@ def test_members_train_on_a_two_worker_local_cluster_through_prefect(home, kaggl
 def test_a_killed_ensemble_resumes_training_only_the_unfinished_members(home, tmp_path):
     datagen.write_kaggle(tmp_path / "kaggle", n_train=1500, n_test=20)
     folder, _ = converted_kaggle_run(tmp_path / "kaggle")
-    command = [DIGITS, "train", "--run", folder.run_id, "--set", "train.epochs=2", "--set", "train.members=3"]
+    command = [DIGITS, "train", "--run", folder.run_id, "--set", "train.epochs=2", "--set", "train.members=2"]
     env = {**os.environ, "DIGITS_HOME": str(home)}
     members = folder.root / ".train.inprogress/members"
     kill_when(command, env, (members / "member-00/member.json").is_file)
@@ -168,9 +168,9 @@ def test_a_killed_ensemble_resumes_training_only_the_unfinished_members(home, tm
     assert done.returncode == 0, done.stderr
     assert "member-00 (digits-net, seed 42): trained by an earlier attempt" in done.stdout
     assert "member-00: epoch" not in done.stdout
-    assert "member-01: epoch 2/2" in done.stdout and "member-02: epoch 2/2" in done.stdout
+    assert "member-01: epoch 2/2" in done.stdout
     trained = runner.output_of(folder, "train")
-    assert [m["name"] for m in trained.members] == ["member-00", "member-01", "member-02"]
+    assert [m["name"] for m in trained.members] == ["member-00", "member-01"]
     assert (folder.stage_dir("train") / "members/member-00/model.keras").stat().st_mtime_ns == kept
 
 
