@@ -385,6 +385,27 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     return done.returncode == 0
 
 
+def test_a_disk_that_fills_during_ingest_leaves_no_parquet(cli, tmp_path, monkeypatch):
+    """Ingest streams each split's Parquet as it reads: a disk that fills midway is one line, the run failed, and no
+    Parquet file (whole or partial) or temp folder is left for a later stage to pick up."""
+    home = tmp_path / "small"
+    if not _mount_tmpfs(home, "8m"):
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        monkeypatch.setenv("DIGITS_HOME", str(home))
+        datagen.write_kaggle(tmp_path / "kaggle", n_train=3000, n_test=500)  # ~780 kB of Parquet
+        (home / "runs").mkdir()
+        with (home / "filler").open("wb") as fh:
+            fh.write(b"\0" * (shutil.disk_usage(home).free - 192 * 1024))  # leave 192 KiB: less than the Parquet
+        result = cli("ingest", "--source", "kaggle", "--data", tmp_path / "kaggle")
+        _one_line(result, 1, "no space left", "ingest")
+        (run,) = (home / "runs").iterdir()
+        assert _record(run)["status"] == "failed" and _record(run)["stages"]["ingest"]["status"] == "failed"
+        assert not list(home.rglob("*.parquet")) and not list(run.glob(".ingest*")) and not (run / "ingest").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(home)], capture_output=True)
+
+
 @pytest.mark.e2e
 def test_a_full_disk_is_one_line_and_resume_completes_once_space_is_freed(cli, tmp_path, monkeypatch):
     home = tmp_path / "small"
