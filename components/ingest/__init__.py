@@ -6,6 +6,7 @@ import csv
 import hashlib
 import importlib
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +22,7 @@ from schemas.errors import DigitsInputError
 from schemas.runs import write_csv_atomic
 
 REJECTED_CSV = "rejected.csv"
+PROGRESS_EVERY_S = 10  # rows read so far, said at most this often
 
 
 def reader_of(source: Source | str) -> Reader:
@@ -87,7 +89,7 @@ def run(source: Source, config: IngestConfig, out_dir: Path, *, tfds_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     explorer = eda.Explorer()
     counts, rows_read, rejected, labelled, skipped = {}, {}, {}, {}, {}
-    named = False
+    named, said = False, time.monotonic()
     with _CsvRows(out_dir / REJECTED_CSV, ("split", "file", "line", "column", "reason")) as rejects, \
             _CsvRows(out_dir / Examples.FILES_CSV, ("split", "id", "file")) as files:
         for split, part in splits.items():
@@ -111,7 +113,9 @@ def run(source: Source, config: IngestConfig, out_dir: Path, *, tfds_dir: Path,
                         files.write([split.value, row_id, name] for row_id, name in zip(piece.ids.tolist(), piece.files))
                     if piece.skipped:
                         skipped[split.value] = skipped.get(split.value, 0) + len(piece.skipped)
-                    progress(f"{split.value}: {counts[split.value]:,} rows")
+                    if time.monotonic() - said >= PROGRESS_EVERY_S:  # a large file: a line every few seconds
+                        progress(f"{split.value}: {counts[split.value]:,} rows")
+                        said = time.monotonic()
     reviewed = None
     if decisions is not None:
         reviewed, changes = decisions.finish()
