@@ -100,7 +100,7 @@ def confusion_png(confusion: np.ndarray, path: Path) -> None:
 
 def errors_png(val: ex.Arrays, probabilities: np.ndarray, path: Path) -> None:
     """The most confidently wrong validation digits: true class, predicted class and both probabilities. One
-    image of the digits side by side with their captions under each (one axes: ~0.3 s where 36 took ~3 s)."""
+    image of the digits side by side with their captions under each (one axes: 0.59 s where 36 axes took 1.53 s, on 400 val images)."""
     plt = _pyplot()
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != val.labels)

@@ -44,9 +44,8 @@ class Explorer:
                     chosen = piece.pixels[piece.labels == digit]
                     self.class_sums[digit] += chosen.sum(axis=0, dtype=np.float64)
                     self.class_counts[digit] += len(chosen)
-        if split in (Split.train, Split.test):
-            self.keys[name].append(image_keys(piece.pixels))
-            self.ids[name].append(np.asarray(piece.ids, np.int64))
+        self.keys[name].append(image_keys(piece.pixels))
+        self.ids[name].append(np.asarray(piece.ids, np.int64))
 
     def write(self, out: Path) -> dict:
         """Write PNG + JSON summaries into out; return the JSON-able summary."""

@@ -6,6 +6,7 @@ file order; train ids are 1..N in file order too.
 
 from __future__ import annotations
 
+import functools
 import zipfile
 import zlib
 from pathlib import Path
@@ -15,7 +16,8 @@ import numpy as np
 
 from components.files import check_regular_file
 from components.ingest.splits import ReadOptions, SplitData, checked_blocks
-from components.ingest.text import HashingReader, NumericRows, ValueRule, other_separator, parse_numeric, shorten, text_blocks
+from components.ingest.text import (NumericRows, ValueRule, hashed_pieces, other_separator, parse_numeric, shorten,
+                                    text_blocks)
 from schemas.artifacts import sha256_file
 from schemas.dataset import (IMAGE_SIDE, KAGGLE_TEST_HEADER, KAGGLE_TRAIN_HEADER, N_PIXELS, PIXEL_MAX,
                              Split)
@@ -30,7 +32,8 @@ def read(data: Path, options: ReadOptions) -> tuple[dict[Split, Iterator[SplitDa
     layout(data)
     fingerprints: dict[str, str] = {}
     if data.is_dir():
-        splits = {split: _stream_file(data / name, split, options, fingerprints) for split, name in _FILES.items()}
+        splits = {split: hashed_pieces(data / name, fingerprints, functools.partial(
+            _read_split, split=split, limit=options.limit, strict=options.strict)) for split, name in _FILES.items()}
         return splits, fingerprints
     try:
         with zipfile.ZipFile(data) as archive:
@@ -57,13 +60,6 @@ def layout(data: Path) -> list[Path]:
     if not zipfile.is_zipfile(data):
         raise DataFormatError(data, "not a zip archive (expected the Kaggle folder or digit-recognizer.zip)")
     return [data]
-
-
-def _stream_file(path: Path, split: Split, options: ReadOptions, fingerprints: dict[str, str]) -> Iterator[SplitData]:
-    with path.open("rb") as fh:
-        hashing = HashingReader(fh)
-        yield from _read_split(str(path), hashing, split, limit=options.limit, strict=options.strict)
-        fingerprints[str(path)] = hashing.finish()  # the whole file's, when a limit stopped reading early
 
 
 def _stream_member(data: Path, member: str, split: Split, options: ReadOptions) -> Iterator[SplitData]:

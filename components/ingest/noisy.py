@@ -7,6 +7,7 @@ optional). Images are stored transposed (column-major); ingest turns them uprigh
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from components.files import check_regular_file
 from components.ingest.splits import ReadOptions, SplitData, checked_blocks
-from components.ingest.text import HashingReader, NumericRows, TextBody, ValueRule, parse_numeric, text_blocks
+from components.ingest.text import NumericRows, TextBody, ValueRule, hashed_pieces, parse_numeric, text_blocks
 from schemas.dataset import IMAGE_SIDE, N_PIXELS, PIXEL_MAX, Split
 from schemas.errors import DataFormatError
 
@@ -48,15 +49,9 @@ def read(data: Path, options: ReadOptions) -> tuple[dict[Split, Iterator[SplitDa
     holds one block whatever the file's size); the sha256 per file is filled as the files are read."""
     files, delimiter = _pair(data)
     prints: dict[str, str] = {}
-    return {split: _stream_file(data / name, split, delimiter, options, prints) for split, name in files.items()}, prints
-
-
-def _stream_file(path: Path, split: Split, delimiter: str, options: ReadOptions,
-                 fingerprints: dict[str, str]) -> Iterator[SplitData]:
-    with path.open("rb") as fh:
-        hashing = HashingReader(fh)
-        yield from _read_split(str(path), hashing, split, delimiter, limit=options.limit, strict=options.strict)
-        fingerprints[str(path)] = hashing.finish()
+    return {split: hashed_pieces(data / name, prints, functools.partial(
+        _read_split, split=split, delimiter=delimiter, limit=options.limit, strict=options.strict))
+        for split, name in files.items()}, prints
 
 
 def _read_split(path: str, stream: BinaryIO, split: Split, delimiter: str, *, limit: int | None,

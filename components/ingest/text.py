@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field, replace
-from typing import BinaryIO, Iterator
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,7 @@ import pyarrow.csv as pacsv
 
 from schemas.errors import DataFormatError
 
+T = TypeVar("T")
 _BOM = b"\xef\xbb\xbf"
 _BLANK = b" \t\r\n"
 _DIAGNOSE_BLOCK = 2048
@@ -114,14 +116,13 @@ def split_text(path: str, raw: bytes, *, header: str) -> TextBody:
 BLOCK_BYTES = 32 << 20  # text read at a time by text_blocks: ~18,000 Kaggle rows, ~110 MB of float32 once parsed
 
 
-def text_blocks(path: str, stream: BinaryIO, *, header: str, limit: int | None = None,
-                block_bytes: int | None = None) -> Iterator[TextBody]:
+def text_blocks(path: str, stream: BinaryIO, *, header: str, limit: int | None = None) -> Iterator[TextBody]:
     """A text file read block by block as TextBody pieces of whole lines, in file order, so that memory holds one
     block whatever the file's size. Together they are what split_text(...).take(limit) gives for the whole file:
     the first carries the header and split_text's checks (BOM, empty or header-only file, bare CR, binary first
     line), each its own first_line (so line numbers in errors are the file's), and blank lines at the end of the
     file are dropped while blank lines between rows stay rows (which the parser rejects)."""
-    size = block_bytes or BLOCK_BYTES
+    size = BLOCK_BYTES
     carry, line, first = b"", 1, True
     remaining = limit
     while True:
@@ -155,6 +156,15 @@ def text_blocks(path: str, stream: BinaryIO, *, header: str, limit: int | None =
             return
         line += body.count(b"\n")
         first = False
+
+
+def hashed_pieces(path: Path, fingerprints: dict[str, str], read: Callable[[str, BinaryIO], Iterator[T]]) -> Iterator[T]:
+    """What read(path, stream) yields for the file at path, its sha256 put in fingerprints[str(path)] once read to
+    its end (the whole file's, also when a limit stopped reading early): a file fingerprinted as it is parsed."""
+    with path.open("rb") as fh:
+        hashing = HashingReader(fh)
+        yield from read(str(path), hashing)
+        fingerprints[str(path)] = hashing.finish()
 
 
 class HashingReader:
