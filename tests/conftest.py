@@ -58,10 +58,37 @@ def kaggle_data(request, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made, once for the session (the xdist workers share it, made under a
+    lock by the first): MLflow makes a new store by running its ~60 alembic migrations, ~2 s each time, and the
+    tests' homes number in the hundreds. Each `home` starts with a copy. Creating a store stays tested where a
+    home is made without this fixture (tests/test_infra.py, the fault tests' own homes, two runs at once on a
+    new home)."""
+    from components.tracking import mlflow_client, sqlite_uri
+    from schemas.runs import locked
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder, above each xdist worker's own
+    store = shared / "empty-mlflow" / "mlflow.db"
+    with locked(store):
+        if not store.is_file():
+            made = store.with_name("making.db")
+            made.unlink(missing_ok=True)
+            mlflow_client(sqlite_uri(made))
+            made.rename(store)
+    return store
+
+
 @pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    """A fresh $DIGITS_HOME for one test."""
+def home(tmp_path, monkeypatch, empty_mlflow_store) -> Path:
+    """A fresh $DIGITS_HOME for one test, its MLflow store empty."""
+    import shutil
+
     path = tmp_path / "home"
+    path.mkdir()
+    shutil.copyfile(empty_mlflow_store, path / "mlflow.db")
     monkeypatch.setenv("DIGITS_HOME", str(path))
     return path
 

@@ -5,7 +5,8 @@ ports replaced by free ones here; every process stopped by PID.
 
 The scenario: train-mnist then train-noisy as deployment runs (convert on the Dask cluster, ensemble members
 on it, a Dask worker SIGKILLed mid-convert, PostgreSQL restarted between the two), two train-kaggle at once,
-the MLflow server stopped while a run trains and `digits resume` after it is back, and the two pages people
+`digits serve` in place of the worker running a triggered flow run, the MLflow server stopped while that run
+trains and `digits resume` after it is back, and the two pages people
 open (a Prefect flow run, an MLflow registered model) rendered in headless Chromium.
 """
 
@@ -189,12 +190,13 @@ class Team:
     def flow_run(self, flow_run_id: str) -> dict:
         return self.get("prefect-server", f"/api/flow_runs/{flow_run_id}")
 
-    def stage_started(self, flow_run_id: str, stage: str, timeout: float = 300) -> str | None:
-        """The stage's status once it has one (or None when the flow run ended first)."""
+    def stage_started(self, flow_run_id: str, stage: str, timeout: float = 300, runner: str = "worker") -> str | None:
+        """The stage's status once it has one (or None when the flow run ended first); runner: the process that
+        runs flow runs (the Prefect worker, or `digits serve`)."""
         final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
         wait_for(lambda: stage_status(flow_run_id, stage) is not None
                  or self.flow_run(flow_run_id)["state"]["type"] in final, timeout, f"{stage} of {flow_run_id}",
-                 self.procs["worker"], lambda: self.log("worker"))
+                 self.procs[runner], lambda: self.log(runner))
         return stage_status(flow_run_id, stage)
 
     def busy_dask_worker(self, timeout: float = 120) -> str:
@@ -210,10 +212,10 @@ class Team:
                 time.sleep(0.02)
         raise AssertionError(f"no Dask worker got a task in {timeout} s\n{self.log('worker')[-3000:]}")
 
-    def finished(self, flow_run_id: str, timeout: float = 600) -> dict:
+    def finished(self, flow_run_id: str, timeout: float = 600, runner: str = "worker") -> dict:
         final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
         wait_for(lambda: self.flow_run(flow_run_id)["state"]["type"] in final, timeout, f"flow run {flow_run_id}",
-                 self.procs["worker"], lambda: self.log("worker"))
+                 self.procs[runner], lambda: self.log(runner))
         return self.flow_run(flow_run_id)
 
     def why_not_completed(self, flow_run_ids: list[str], log: str = "worker") -> str:
@@ -433,12 +435,32 @@ def test_team_mode_on_postgres_prefect_mlflow_and_dask(home, tmp_path, prepared_
         kaggle_model = team.get("mlflow", "/api/2.0/mlflow/registered-models/get?name=digits-kaggle")["registered_model"]
         assert [a["alias"] for a in kaggle_model.get("aliases", [])] == ["champion"]
 
-        # 5. the MLflow server stops while a run trains: the run fails with one line; back up, `digits resume`
+        # 5. no worker: `digits serve` registers the same deployments (schedules from infra/prefect.yaml, no work
+        # pool) and runs a triggered flow run itself
+        team.stop("worker", signal.SIGINT)
+        for deployment in team.post("prefect-server", "/api/deployments/filter", {}):  # a team has one or the other
+            urllib.request.urlopen(urllib.request.Request(f"{team.url('prefect-server')}/api/deployments/"
+                                                          f"{deployment['id']}", method="DELETE"), timeout=10).close()
+        served = team._popen("serve", [str(BIN / "digits"), "serve"],
+                             {**team.env("worker"), "PREFECT_RUNNER_POLL_FREQUENCY": "1"})
+        expected = {spec["name"]: [s["cron"] for s in spec["schedules"]] for spec in deployments.definitions()}
+
+        def served_all() -> dict | None:
+            found = {d["name"]: d for d in team.post("prefect-server", "/api/deployments/filter", {})}
+            return found if set(expected) <= set(found) else None
+        wait_for(served_all, 120, "digits serve's deployments", served, lambda: team.log("serve"))
+        found = served_all()
+        assert {name: [s["schedule"]["cron"] for s in found[name]["schedules"]] for name in expected} == expected
+        assert all(found[name]["work_pool_name"] is None for name in expected)
+
+        # 6. the MLflow server stops while that served run trains: the run fails with one line; back up,
+        # `digits resume` completes it
         again_id = team.run_deployment("train-kaggle", kaggle)
-        assert team.stage_started(again_id, "train") == "running"
+        assert team.stage_started(again_id, "train", runner="serve") == "running"
         team.stop("mlflow")
-        failed = team.finished(again_id)
-        assert failed["state"]["type"] == "FAILED"
+        failed = team.finished(again_id, runner="serve")
+        assert failed["state"]["type"] == "FAILED", team.why_not_completed([again_id], "serve")
+        assert again_id in team.log("serve")  # run by `digits serve` itself
         folder = run_of(again_id)
         record = folder.load()
         (error,) = [stage.error for stage in record.stages.values() if stage.status == "failed"]
@@ -457,30 +479,6 @@ def test_team_mode_on_postgres_prefect_mlflow_and_dask(home, tmp_path, prepared_
                                  capture_output=True, text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         assert folder.load().status == "completed" and folder.load().registry_version == 3
-
-        # 6. no worker: `digits serve` registers the same deployments (schedules from infra/prefect.yaml, no work
-        # pool) and runs a triggered flow run itself
-        team.stop("worker", signal.SIGINT)
-        for deployment in team.post("prefect-server", "/api/deployments/filter", {}):  # a team has one or the other
-            urllib.request.urlopen(urllib.request.Request(f"{team.url('prefect-server')}/api/deployments/"
-                                                          f"{deployment['id']}", method="DELETE"), timeout=10).close()
-        served = team._popen("serve", [str(BIN / "digits"), "serve"],
-                             {**team.env("worker"), "PREFECT_RUNNER_POLL_FREQUENCY": "1"})
-        expected = {spec["name"]: [s["cron"] for s in spec["schedules"]] for spec in deployments.definitions()}
-
-        def served_all() -> dict | None:
-            found = {d["name"]: d for d in team.post("prefect-server", "/api/deployments/filter", {})}
-            return found if set(expected) <= set(found) else None
-        wait_for(served_all, 120, "digits serve's deployments", served, lambda: team.log("serve"))
-        found = served_all()
-        assert {name: [s["schedule"]["cron"] for s in found[name]["schedules"]] for name in expected} == expected
-        assert all(found[name]["work_pool_name"] is None for name in expected)
-        served_id = team.run_deployment("train-kaggle", kaggle)
-        final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-        wait_for(lambda: team.flow_run(served_id)["state"]["type"] in final, 600, "the served flow run", served,
-                 lambda: team.log("serve"))
-        assert team.flow_run(served_id)["state"]["type"] == "COMPLETED", team.why_not_completed([served_id], "serve")
-        assert run_of(served_id).load().registry_version == 4
 
         # 7. the pages people open, in headless Chromium (Playwright drives it: the Artifacts tab is a click)
         if CHROMIUM is not None:

@@ -71,7 +71,7 @@ def pristine(tmp_path_factory) -> Path:
 def run(pristine, home) -> Path:
     """A copy of the pristine home as this test's $DIGITS_HOME (the registry's paths moved with it);
     returns its run folder."""
-    shutil.copytree(pristine, home, symlinks=True)
+    shutil.copytree(pristine, home, symlinks=True, dirs_exist_ok=True)  # over the `home` fixture's empty store
     _relocate(home, str(pristine), str(home))
     (found,) = (home / "runs").iterdir()
     return found
