@@ -66,25 +66,27 @@ def cross_fitted_ece(probabilities: np.ndarray, labels: np.ndarray, seed: int = 
     return ece
 
 
-def run(trained: Trained, converted: Converted, out_dir: Path, *, progress: Progress = lambda _: None) -> Trained:
-    """Fit T on converted's val split and write the model with T inside (model.keras), its seen-image set and
+def run(trained: Trained, converted: Converted, out_dir: Path, *, in_memory_rows: int = 100_000,
+        progress: Progress = lambda _: None) -> Trained:
+    """Fit T on converted's val split (streamed when it has more than in_memory_rows rows: only its
+    probabilities are held) and write the model with T inside (model.keras), its seen-image set and
     calibration.json into out_dir."""
-    from components import records
     from components.evaluate import calibration, load_predict
+    from components.train.feed import Feed
     from schemas.runs import write_json_atomic
 
     if trained.file != "model.keras":
         raise DigitsInputError(f"evaluate.calibrate=true needs a Keras model; {trained.model} is a {trained.file}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    val = records.load(converted.files("val"))
-    progress(f"fitting a temperature on {len(val.ids):,} validation images")
-    probabilities = load_predict(trained.path, trained.hashes.get(trained.file))(val.images)
-    temperature = fit_temperature(probabilities, val.labels)
-    before = calibration(val.labels, probabilities)["ece"]
-    after = calibration(val.labels, scaled(probabilities, temperature))["ece"]
-    held_out = cross_fitted_ece(probabilities, val.labels)
+    val = Feed.of(converted.files("val"), converted.counts["val"], in_memory_rows)
+    progress(f"fitting a temperature on {val.rows:,} validation images")
+    _, labels, (probabilities,) = val.scored(load_predict(trained.path, trained.hashes.get(trained.file)))
+    temperature = fit_temperature(probabilities, labels)
+    before = calibration(labels, probabilities)["ece"]
+    after = calibration(labels, scaled(probabilities, temperature))["ece"]
+    held_out = cross_fitted_ece(probabilities, labels)
     summary = {"temperature": temperature, "ece_before": before, "ece_after": after, "ece_after_cross_fitted": held_out,
-               "val_images": len(val.ids)}
+               "val_images": val.rows}
 
     import keras
 

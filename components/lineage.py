@@ -26,7 +26,7 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -106,8 +106,18 @@ class SeenSet:
 
     @classmethod
     def of(cls, images: np.ndarray, link: dict[str, Any]) -> SeenSet:
-        exact, aligned = fingerprints(images)
-        return cls(np.unique(exact), np.unique(aligned), [{**link, "images": len(images)}])
+        return cls.of_batches([images], link)
+
+    @classmethod
+    def of_batches(cls, batches: Iterable[np.ndarray], link: dict[str, Any]) -> SeenSet:
+        """The set of images that come in batches (a split streamed from its shards): only fingerprints are held."""
+        exact, aligned, count = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)], 0
+        for images in batches:
+            e, a = fingerprints(images)
+            exact.append(np.unique(e))
+            aligned.append(np.unique(a))
+            count += len(images)
+        return cls(np.unique(np.concatenate(exact)), np.unique(np.concatenate(aligned)), [{**link, "images": count}])
 
     def joined(self, base: SeenSet | None, base_link: dict[str, Any]) -> SeenSet:
         """This set with a base model's (None: a base whose seen images are unknown, recorded as such)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -83,15 +84,23 @@ class Detector:
         return scores <= self.threshold, scores
 
 
-def fit(model, model_sha256: str, train_images: np.ndarray, train_labels: np.ndarray, val_images: np.ndarray,
-        *, keep: float = 0.99, rows: int = 10_000, seed: int = 0) -> Detector:
+def sample(count: int, rows: int = 10_000, seed: int = 0) -> np.ndarray:
+    """The sorted positions of the train rows `fit` fits on, of a split of `count` rows (all when count <= rows)."""
+    if count <= rows:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, rows, replace=False))
+
+
+def fit(model, model_sha256: str, train_images: np.ndarray, train_labels: np.ndarray,
+        val_images: np.ndarray | Iterable[np.ndarray], *, keep: float = 0.99, rows: int = 10_000,
+        seed: int = 0) -> Detector:
     """Fit the detector of a Keras digits model on (a seeded sample of `rows` of) the train split, and set its
-    threshold to keep `keep` of the val split."""
+    threshold to keep `keep` of the val split (an array, or its batches when it streams)."""
     from sklearn.covariance import LedoitWolf
 
     layers = tapped_layers(model)
     if len(train_images) > rows:
-        chosen = np.sort(np.random.default_rng(seed).choice(len(train_images), rows, replace=False))
+        chosen = sample(len(train_images), rows, seed)
         train_images, train_labels = train_images[chosen], train_labels[chosen]
     means, precisions = [], []
     for features in _features(model, layers, train_images):
@@ -101,8 +110,9 @@ def fit(model, model_sha256: str, train_images: np.ndarray, train_labels: np.nda
         shrunk = LedoitWolf(assume_centered=True, store_precision=False).fit(features - mean[train_labels]).covariance_
         precisions.append(np.linalg.inv(shrunk))  # positive definite: LU inverse, ~3x faster than sklearn's pinvh
         means.append(mean)
-    val_logs = np.stack([np.log(_distance(f, m, p)) for f, m, p in
-                         zip(_features(model, layers, val_images), means, precisions)], axis=1)
+    val_logs = np.concatenate([np.stack([np.log(_distance(f, m, p)) for f, m, p in
+                                         zip(_features(model, layers, images), means, precisions)], axis=1)
+                               for images in ([val_images] if isinstance(val_images, np.ndarray) else val_images)])
     location, scale = val_logs.mean(axis=0), np.maximum(val_logs.std(axis=0), 1e-6)
     val_scores = ((val_logs - location) / scale).sum(axis=1)
     threshold = float(np.quantile(val_scores, keep, method="higher"))  # the next score up: keeps >= keep

@@ -50,20 +50,43 @@ def parse_batch(serialized):
     return {ID.name: parsed[ID.name], LABEL.name: parsed[LABEL.name], "image": images}
 
 
-def dataset(files: Sequence[Path | str], batch_size: int = 4096):
-    """A tf.data.Dataset of parsed batches (dicts of id, label, image) over the given shards, in order."""
+def dataset(files: Sequence[Path | str], batch_size: int = 4096, limit: int | None = None):
+    """A tf.data.Dataset of parsed batches (dicts of id, label, image) over the given shards, in order; limit: the
+    first rows only."""
     tf = import_tensorflow()
     records = tf.data.TFRecordDataset([str(f) for f in files], compression_type=COMPRESSION)
+    if limit is not None:
+        records = records.take(limit)
     return records.batch(batch_size).map(parse_batch, num_parallel_calls=tf.data.AUTOTUNE,
                                          deterministic=True)
 
 
-def load(files: Sequence[Path | str]) -> Arrays:
-    """Read shards into memory through the shared parser (the data is small: < 250 MB)."""
-    parts = [(b[ID.name].numpy(), b[LABEL.name].numpy(), b["image"].numpy()) for b in dataset(files)]
+def load(files: Sequence[Path | str], limit: int | None = None) -> Arrays:
+    """Read shards (their first `limit` rows) into memory through the shared parser: for splits known to be
+    small; the model stages choose between this and streaming with components.train.feed."""
+    parts = [(b[ID.name].numpy(), b[LABEL.name].numpy(), b["image"].numpy()) for b in dataset(files, limit=limit)]
     if not parts:
         return Arrays(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, IMAGE_SIDE, IMAGE_SIDE), np.uint8))
     ids, labels, images = zip(*parts)
     return Arrays(np.concatenate(ids), np.concatenate(labels), np.concatenate(images))
 
 
+
+
+def pick(files: Sequence[Path | str], positions: np.ndarray, batch_size: int = 4096) -> Arrays:
+    """The rows at `positions` (sorted, 0-based, in shard order) of the shards, read as a stream: only the picked
+    rows are held."""
+    parts, start = [], 0
+    for batch in dataset(files, batch_size):
+        stop = start + len(batch[ID.name])
+        wanted = positions[(positions >= start) & (positions < stop)] - start
+        if len(wanted):
+            parts.append((batch[ID.name].numpy()[wanted], batch[LABEL.name].numpy()[wanted],
+                          batch["image"].numpy()[wanted]))
+        start = stop
+        if start > (positions[-1] if len(positions) else -1):
+            break
+    if not parts:
+        return Arrays(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, IMAGE_SIDE, IMAGE_SIDE), np.uint8))
+    ids, labels, images = zip(*parts)
+    return Arrays(np.concatenate(ids), np.concatenate(labels), np.concatenate(images))

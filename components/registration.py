@@ -82,11 +82,12 @@ class Gate:
 
 def register(reg: Registry, home: Path, name: str, out: Path, progress: Progress, *, model: Trained,
              converted: Converted, evaluation: Evaluation, validation: Validation | None, lineage: Lineage,
-             gate: Gate, card: dict[str, Any]) -> Registration:
+             gate: Gate, card: dict[str, Any], in_memory_rows: int = 100_000) -> Registration:
     """Register model (see the module's text) into out (registration.json, model_card.html/.md). card: the
-    model card's facts this function does not know (training settings, source title, code version)."""
+    model card's facts this function does not know (training settings, source title, code version);
+    in_memory_rows: a val split larger than this is streamed when a champion is re-measured on it."""
     from components import evaluate as evaluate_component
-    from components import records
+    from components.train.feed import Feed
 
     out.mkdir(parents=True, exist_ok=True)
     if not evaluation.passed:
@@ -106,12 +107,13 @@ def register(reg: Registry, home: Path, name: str, out: Path, progress: Progress
         nonlocal reason, val
         if current is None or current.version == evaluation.champion_version:
             return True
-        val = val if val is not None else records.load(converted.files("val"))
+        val = val if val is not None else Feed.of(converted.files("val"), converted.counts["val"], in_memory_rows)
         with tempfile.TemporaryDirectory(prefix="digits-champion-") as scratch:
-            champion = evaluate_component.predictions_of(reg.download(current, Path(scratch)), val.images,
-                                                         current.tags.get(MODEL_SHA256))
-        candidate = evaluate_component.predictions_of(model.path, val.images, model.hashes.get(model.file))
-        comparison = {"champion_version": current.version, **evaluate_component.compare(val.labels, candidate, champion)}
+            _, labels, (champion, candidate) = val.scored(
+                evaluate_component.load_predict(reg.download(current, Path(scratch)), current.tags.get(MODEL_SHA256)),
+                evaluate_component.load_predict(model.path, model.hashes.get(model.file)))
+        comparison = {"champion_version": current.version, **evaluate_component.compare(
+            labels, candidate.argmax(axis=1), champion.argmax(axis=1))}
         decision = evaluate_component.decide(evaluation.val_accuracy, gate.threshold, comparison, gate.policy,
                                              gate.alpha, seen_val=evaluation.seen_val,
                                              allow_seen_val=gate.allow_seen_val)
@@ -149,7 +151,7 @@ def _example(converted: Converted):
     from components import records
 
     try:
-        val = records.load(converted.files("val")[:1])
+        val = records.load(converted.files("val"), limit=1)
     except Exception:  # an input example is a courtesy; a failure to read one never blocks a registration
         return None
     return val.images[:1] if len(val.images) else None

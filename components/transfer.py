@@ -32,11 +32,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from components import records
 from components.keras_layers import TEMPERATURE_LAYER as CALIBRATION_LAYER
 from components.keras_layers import check_classifier, load_keras_model, model_name
 from components.tracking import Tracking
-from components.train import Segment, clean_phase, fit_keras, phase, prepare_work_dir
+from components.train import Segment, clean_phase, fit_keras, phase, prepare_work_dir, splits
 from components.train.models import augmentation, augments, chain_layers, computes_as
 from components.train.rehearsal import Rehearsal
 from schemas.artifacts import Converted, Trained, sha256_file
@@ -64,14 +63,13 @@ def run(converted: Converted, config: TrainConfig, transfer: TransferConfig, bas
     resume = prepare_work_dir(work_dir, signature)
     if not (work_dir / BASE).is_file():
         shutil.copyfile(base_model, work_dir / BASE)
-    progress("loading the train and val splits")
-    train, val = records.load(converted.files("train")), records.load(converted.files("val"))
+    train, val = splits(converted, config, "train", "val", progress=progress)
     if rehearsal is not None:
         extra = rehearsal.arrays(seed)
         progress(f"rehearsing {len(extra.ids):,} of the base's training images (run {rehearsal.run_id})"
                  + (" on noise backgrounds" if rehearsal.noise_background else "")
-                 + f" beside the {len(train.ids):,} of this run")
-        train = Rehearsal.joined(train, extra)
+                 + f" beside the {train.rows:,} of this run")
+        train = train.joined(extra)
     base_name = model_name(work_dir / BASE)
     progress(f"fine-tuning {base_ref} ({base_name}), mode {transfer.mode.value}")
     return fit_keras(

@@ -188,9 +188,9 @@ def _seen_of_training(folder: RunFolder, config: PipelineConfig, converted: Conv
     from components.lineage import SeenSet
 
     progress("fingerprinting the training images (lineage of seen images)")
-    return SeenSet.of(records.load(converted.files("train")).images,
-                      {"model": None, "run": folder.run_id, "pipeline": config.pipeline.value,
-                       "data": f"train split {converted.fingerprint[:12]}"})
+    return SeenSet.of_batches((batch["image"].numpy() for batch in records.dataset(converted.files("train"))),
+                              {"model": None, "run": folder.run_id, "pipeline": config.pipeline.value,
+                               "data": f"train split {converted.fingerprint[:12]}"})
 
 
 def transfer(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progress, *,
@@ -284,7 +284,7 @@ def calibrate(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pr
     """Temperature scaling fitted on the val split, kept inside the model (evaluate.calibrate, on by default)."""
     from components import calibrate as calibrate_component
 
-    return calibrate_component.run(model, converted, out, progress=progress)
+    return calibrate_component.run(model, converted, out, in_memory_rows=config.train.in_memory_rows, progress=progress)
 
 
 # --- evaluate ---------------------------------------------------------------------------------------
@@ -309,7 +309,8 @@ def evaluate(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
         return evaluate_component.run(model, converted, out, threshold=config.threshold, champion=champion,
                                       policy=config.evaluate.promote_when, alpha=config.evaluate.alpha,
                                       seen=seen, allow_seen_val=config.evaluate.allow_seen_val,
-                                      ood_keep=config.evaluate.ood_keep, review=review, progress=progress)
+                                      ood_keep=config.evaluate.ood_keep, review=review,
+                                      in_memory_rows=config.train.in_memory_rows, progress=progress)
 
 
 def record_metrics(folder: RunFolder, config: PipelineConfig, evaluation: Evaluation) -> None:
@@ -354,7 +355,7 @@ def register(folder: RunFolder, config: PipelineConfig, out: Path, progress: Pro
             "inputs": dict(record.data_fingerprints)}
     found = registration.register(registry(), digits_home(), model_name(config.source.value), out, progress,
                                   model=model, converted=converted, evaluation=evaluation, validation=validation,
-                                  lineage=lineage, gate=gate, card=card)
+                                  lineage=lineage, gate=gate, card=card, in_memory_rows=config.train.in_memory_rows)
     if found.model_card:
         progress(f"model card: {folder.stage_dir('register') / found.model_card}")
     return found
@@ -378,7 +379,7 @@ def export(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progr
 
     seen = SeenSet.load(model.seen_path) if model.seen_path else None
     return export_component.run(model, converted, out, seed=config.seed, files=examples.files("test"), seen=seen,
-                                progress=progress)
+                                in_memory_rows=config.train.in_memory_rows, progress=progress)
 
 
 def run_for_flow_run(config: PipelineConfig, flow_run_id: str | None) -> RunFolder:

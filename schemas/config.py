@@ -7,7 +7,7 @@ import os
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator, model_validator
 
 from schemas.errors import ConfigError
 from schemas.sources import SOURCES, Source, SourceSpec
@@ -111,6 +111,13 @@ class TrainConfig(_Model):
     epochs: PositiveInt = Field(6, description="passes over the train split")
     width: float = Field(1.0, gt=0, le=4, description="digits-net: channel-count multiplier")
     batch_size: PositiveInt = 128
+    in_memory_rows: NonNegativeInt = Field(100_000, description="a split of up to this many rows is held in memory "
+                                           "while the model stages read it (the whole split shuffled each epoch: "
+                                           "fastest on small data); a larger one streams from its TFRecord shards "
+                                           "through tf.data, memory independent of its size (0: always stream)")
+    shuffle_buffer: PositiveInt = Field(50_000, description="streamed training: rows held for shuffling (~1 kB "
+                                        "each), on top of the shards' order shuffled every epoch; larger mixes "
+                                        "better")
     learning_rate: float = Field(3e-3, gt=0, description="peak learning rate (warm-up, then cosine decay to 0)")
     warmup_epochs: float = Field(0.5, ge=0, description="linear warm-up length, in epochs")
     augment: bool = Field(True, description="random rotation, shift and zoom of training images")

@@ -19,7 +19,6 @@ from typing import Callable
 
 import numpy as np
 
-from components import records
 from schemas.artifacts import Converted, Evaluation, Trained, sha256_file
 from schemas.config import PromoteWhen
 from schemas.dataset import N_CLASSES
@@ -41,6 +40,52 @@ class Champion:
     version: str
     model_file: Path
     sha256: str | None = None  # what the registry recorded for the file
+
+
+ROBUSTNESS_ROWS = 10_000  # a streamed val split's robustness sweep runs on a seeded sample of this many rows
+
+
+class Split:
+    """A split as evaluation reads it: its ids and labels held (16 bytes a row), its images held only when the
+    split is (components.train.feed.Feed: up to train.in_memory_rows rows), else read from its shards a batch at a
+    time (`outputs`) or at chosen positions (`images_at`)."""
+
+    def __init__(self, feed) -> None:
+        self.feed = feed
+        if feed.in_memory:
+            self.ids, self.labels = feed.arrays.ids, feed.arrays.labels
+        else:
+            parts = [(batch.ids, batch.labels) for batch in feed.batches()]
+            self.ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+            self.labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+
+    @classmethod
+    def of(cls, converted: Converted, name: str, in_memory_rows: int) -> Split:
+        from components.train.feed import Feed
+
+        return cls(Feed.of(converted.files(name), converted.counts[name], in_memory_rows))
+
+    @property
+    def in_memory(self) -> bool:
+        return self.feed.in_memory
+
+    @property
+    def images(self) -> np.ndarray:
+        assert self.feed.in_memory, "a streamed split's images are read with outputs() or images_at()"
+        return self.feed.arrays.images
+
+    def outputs(self, fn):
+        """fn(images) over the whole split in order: one call when it is held, one per batch when it streams (a
+        function of several outputs gives a list of arrays, concatenated each)."""
+        if self.feed.in_memory:
+            return fn(self.images)
+        parts = [fn(batch.images) for batch in self.feed.batches()]
+        if parts and isinstance(parts[0], list):
+            return [np.concatenate([part[i] for part in parts]) for i in range(len(parts[0]))]
+        return np.concatenate(parts) if parts else fn(np.zeros((0, 28, 28), np.uint8))
+
+    def images_at(self, positions: np.ndarray) -> np.ndarray:
+        return self.feed.images_at(np.sort(positions)).images
 
 
 def load_predict(model_file: Path, sha256: str | None = None) -> Predict:
@@ -104,8 +149,8 @@ def compare(labels: np.ndarray, candidate: np.ndarray, champion: np.ndarray, z: 
             "ci95": [float(difference - spread), float(difference + spread)], "p_value": min(p_value, 1.0)}
 
 
-def label_review(review, converted: Converted, val, probabilities: np.ndarray, predict, progress: Progress
-                 ) -> dict | None:
+def label_review(review, converted: Converted, val: Split, probabilities: np.ndarray, predict, progress: Progress,
+                 in_memory_rows: int = 100_000) -> dict | None:
     """Per split (val, and test where it has labels): the model's errors, and those of them on images whose label
     the review stage doubts (its suspects.csv): errors that are probably the label's, not the model's. Test is
     scored here only to say so; nothing is chosen on it."""
@@ -119,10 +164,10 @@ def label_review(review, converted: Converted, val, probabilities: np.ndarray, p
             suspects.setdefault(row["split"], {})[int(row["id"])] = int(row["suggested_label"])
     parts = {"val": (val, probabilities)}
     if "test" in converted.counts:
-        test = records.load(converted.files("test"))
+        test = Split.of(converted, "test", in_memory_rows)
         if len(test.labels) and (test.labels >= 0).all():
             progress(f"scoring the {len(test.ids):,} labelled test images beside the label review (reported only)")
-            parts["test"] = (test, predict(test.images))
+            parts["test"] = (test, test.outputs(predict))
     found = {}
     for split, (arrays, scored) in parts.items():
         predicted = scored.argmax(axis=1)
@@ -151,43 +196,55 @@ def _one_hot(labels: np.ndarray) -> np.ndarray:
 
 def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: float, champion: Champion | None,
         policy: PromoteWhen = PromoteWhen.at_least_champion, alpha: float = 0.05, seen=None,
-        allow_seen_val: bool = False, ood_keep: float | None = None, review=None,
+        allow_seen_val: bool = False, ood_keep: float | None = None, review=None, in_memory_rows: int = 100_000,
         progress: Progress = lambda _: None) -> Evaluation:
     """Score the model on the val split, compare it with the champion on the same images, gate it, and
     write metrics.json, the pictures and report.html into out_dir; with ood_keep, fit the out-of-distribution
     detector (components.ood) into out_dir/ood.npz; with review (the review stage's Reviewed), say which of the
-    model's errors on val (and on a labelled test split) are images whose label the review doubts."""
+    model's errors on val (and on a labelled test split) are images whose label the review doubts. A split of
+    more than in_memory_rows rows is streamed: its probabilities are held, its images read a batch at a time (the
+    robustness sweep then runs on a seeded sample of ROBUSTNESS_ROWS of them)."""
     from components import pages
     from components.evaluate import report
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    val = records.load(converted.files("val"))
+    val = Split.of(converted, "val", in_memory_rows)
     progress(f"scoring {trained.model} on {len(val.ids):,} validation images")
     predict = load_predict(trained.path, trained.hashes.get(trained.file))
-    probabilities = predict(val.images)
+    probabilities = val.outputs(predict)
     metrics = classification_metrics(val.labels, probabilities)
     progress("robustness sweep (rotation, shift, noise)")
-    robustness = robustness_sweep(predict, val.images, val.labels, probabilities=probabilities)
+    if val.in_memory:
+        robustness = robustness_sweep(predict, val.images, val.labels, probabilities=probabilities)
+    else:
+        sample = np.sort(np.random.default_rng(0).choice(len(val.ids), min(ROBUSTNESS_ROWS, len(val.ids)),
+                                                         replace=False))
+        robustness = robustness_sweep(predict, val.images_at(sample), val.labels[sample],
+                                      probabilities=probabilities[sample])
+        robustness["sample"] = {"images": len(sample), "of": len(val.ids), "seed": 0}
     comparison = None
     if champion is not None:
         progress(f"re-measuring the champion (version {champion.version}) on the same images")
+        champion_predict = load_predict(champion.model_file, champion.sha256)
         comparison = {"champion_version": champion.version, **compare(
-            val.labels, probabilities.argmax(axis=1), predictions_of(champion.model_file, val.images, champion.sha256))}
+            val.labels, probabilities.argmax(axis=1), val.outputs(champion_predict).argmax(axis=1))}
     members = member_scores(trained, val, progress)
-    lineage = seen_overlaps(seen, val, converted, progress)
+    lineage = seen_overlaps(seen, val, converted, progress, in_memory_rows)
     seen_val = lineage["val"]["seen"] if lineage.get("val") else 0
     gate = decide(metrics["val_accuracy"], threshold, comparison, policy, alpha, seen_val=seen_val,
                   allow_seen_val=allow_seen_val)
-    ood = out_of_distribution(trained, converted, val, out_dir, ood_keep, progress) if ood_keep else None
+    ood = out_of_distribution(trained, converted, val, out_dir, ood_keep, progress, in_memory_rows) if ood_keep \
+        else None
     metrics = {**metrics, "gate": gate, "comparison": comparison, "model": trained.model, "val_rows": len(val.ids),
                "data_fingerprint": converted.fingerprint,
                "calibration": {**calibration(val.labels, probabilities), "scaling": trained.calibration},
                "lineage": lineage, "members": members, "ood": ood,
-               "label_review": label_review(review, converted, val, probabilities, predict, progress)}
+               "label_review": label_review(review, converted, val, probabilities, predict, progress,
+                                            in_memory_rows)}
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(out_dir / "robustness.json", robustness)
     report.confusion_png(np.array(metrics["confusion"]), out_dir / "confusion.png")
-    report.errors_png(val, probabilities, out_dir / "errors.png")
+    report.errors_png(val.ids, val.labels, probabilities, val.images_at, out_dir / "errors.png")
     report.robustness_png(robustness, out_dir / "robustness.png")
     report.reliability_png(metrics["calibration"], out_dir / "reliability.png")
     report.training_png(report.histories(trained.dir), out_dir / report.TRAINING)
@@ -203,8 +260,8 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
                       ood_file=ood["file"] if ood else None)
 
 
-def out_of_distribution(trained: Trained, converted: Converted, val, out_dir: Path, keep: float,
-                        progress: Progress = lambda _: None) -> dict | None:
+def out_of_distribution(trained: Trained, converted: Converted, val: Split, out_dir: Path, keep: float,
+                        progress: Progress = lambda _: None, in_memory_rows: int = 100_000) -> dict | None:
     """Fit the out-of-distribution detector of a single Keras model on the train split, its threshold keeping
     `keep` of the val digits, into out_dir/ood.npz; its summary for metrics.json (None: a model it does not fit,
     an ensemble or a pca-svm)."""
@@ -215,15 +272,20 @@ def out_of_distribution(trained: Trained, converted: Converted, val, out_dir: Pa
         return None
     progress("fitting the out-of-distribution detector (Mahalanobis distance on features)")
     model = load_keras_model(trained.path, compile=False)
-    train = records.load(converted.files("train"))
-    detector = ood.fit(model, trained.hashes.get(trained.file) or sha256_file(trained.path), train.images,
-                       train.labels, val.images, keep=keep)
+    train = Split.of(converted, "train", in_memory_rows)
+    if train.in_memory:
+        images, labels = train.images, train.labels
+    else:  # the seeded sample ood.fit draws from a held split, read from the shards
+        chosen = ood.sample(len(train.ids))
+        images, labels = train.images_at(chosen), train.labels[chosen]
+    detector = ood.fit(model, trained.hashes.get(trained.file) or sha256_file(trained.path), images, labels,
+                       val.images if val.in_memory else (batch.images for batch in val.feed.batches()), keep=keep)
     detector.save(out_dir / ood.FILE)
     return {"method": ood.METHOD, "file": ood.FILE, "keep": keep, "threshold": detector.threshold,
             "val_kept": detector.val_kept, "layers": list(detector.layers)}
 
 
-def member_scores(trained: Trained, val, progress: Progress = lambda _: None) -> list[dict] | None:
+def member_scores(trained: Trained, val: Split, progress: Progress = lambda _: None) -> list[dict] | None:
     """An ensemble's members, each scored alone on the same val images (None for a single model)."""
     if not trained.members:
         return None
@@ -237,14 +299,15 @@ def member_scores(trained: Trained, val, progress: Progress = lambda _: None) ->
     model = load_keras_model(trained.path, compile=False)
     image = keras.Input(model.inputs[0].shape[1:], name="members_input")
     each = keras.Model(image, [member(image) for member in members_of(model)])  # all members in one pass
-    outputs = predict(each, val.images[..., None])
-    outputs = outputs if isinstance(outputs, list) else [outputs]  # Keras unwraps a list of one output
+    outputs = val.outputs(lambda images: (lambda out: out if isinstance(out, list) else [out])(  # Keras unwraps
+        predict(each, images[..., None])))  # a list of one output
     return [{"name": record["name"], "model": record["model"], "seed": record["seed"],
              "val_accuracy": float((np.asarray(probabilities).argmax(axis=1) == val.labels).mean()),
              "worker": record.get("worker")} for record, probabilities in zip(trained.members, outputs)]
 
 
-def seen_overlaps(seen, val, converted: Converted, progress: Progress = lambda _: None) -> dict:
+def seen_overlaps(seen, val: Split, converted: Converted, progress: Progress = lambda _: None,
+                  in_memory_rows: int = 100_000) -> dict:
     """This run's val and test images looked up in the model's seen set (components.lineage.SeenSet; None:
     unknown, a model trained before digits recorded them)."""
     if seen is None:
@@ -252,10 +315,19 @@ def seen_overlaps(seen, val, converted: Converted, progress: Progress = lambda _
     progress(f"looking the val and test images up in the {seen.images:,} images the model has seen")
     test = None
     if converted.counts.get("test"):
-        test_split = records.load(converted.files("test"))
-        test = seen.overlap(test_split.images, test_split.ids).summary()
+        test = _overlap(seen, Split.of(converted, "test", in_memory_rows)).summary()
     return {"known": True, "complete": seen.complete, "chain": seen.chain, "seen_images": seen.images,
-            "val": seen.overlap(val.images, val.ids).summary(), "test": test}
+            "val": _overlap(seen, val).summary(), "test": test}
+
+
+def _overlap(seen, split: Split):
+    if split.in_memory:
+        return seen.overlap(split.images, split.ids)
+    from components.lineage import EXAMPLES_SHOWN, Overlap
+
+    parts = [seen.overlap(batch.images, batch.ids) for batch in split.feed.batches()]
+    return Overlap(sum(p.images for p in parts), sum(p.exact for p in parts), sum(p.shifted for p in parts),
+                   [i for p in parts for i in p.example_ids][:EXAMPLES_SHOWN])
 
 
 def lineage_warning(lineage: dict) -> str | None:

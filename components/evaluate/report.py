@@ -6,11 +6,11 @@ import base64
 import html as html_escape
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from schemas import examples as ex
-from schemas.dataset import N_CLASSES
+from schemas.dataset import IMAGE_SIDE, N_CLASSES
 
 GALLERY = 36  # misclassified digits shown in errors.png
 
@@ -98,27 +98,30 @@ def confusion_png(confusion: np.ndarray, path: Path) -> None:
     _save(fig, path)
 
 
-def errors_png(val: ex.Arrays, probabilities: np.ndarray, path: Path) -> None:
+def errors_png(ids: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
+               images_at: Callable[[np.ndarray], np.ndarray], path: Path) -> None:
     """The most confidently wrong validation digits: true class, predicted class and both probabilities. One
-    image of the digits side by side with their captions under each (one axes: 0.59 s where 36 axes took 1.53 s, on 400 val images)."""
+    image of the digits side by side with their captions under each (one axes: 0.59 s where 36 axes took 1.53 s,
+    on 400 val images). images_at(sorted positions): those rows' images (only the shown ones are read)."""
     plt = _pyplot()
     predicted = probabilities.argmax(axis=1)
-    wrong = np.flatnonzero(predicted != val.labels)
+    wrong = np.flatnonzero(predicted != labels)
     wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:GALLERY]
-    columns, side = 6, val.images.shape[1]
+    shown = dict(zip(np.sort(wrong).tolist(), images_at(np.sort(wrong)))) if len(wrong) else {}
+    columns, side = 6, IMAGE_SIDE
     rows = max(1, int(np.ceil(len(wrong) / columns)))
     cell_w, cell_h = side + 22, side + 26  # a digit, and room for its three lines of caption below it
     canvas = np.zeros((rows * cell_h, columns * cell_w), np.uint8)
     fig, ax = plt.subplots(figsize=(columns * 1.6, rows * 1.9))
     for k, i in enumerate(wrong):
         top, left = (k // columns) * cell_h, (k % columns) * cell_w + 11
-        canvas[top:top + side, left:left + side] = val.images[i]
-        true, guess = int(val.labels[i]), int(predicted[i])
-        ax.text(left + side / 2, top + side + 1, f"id {int(val.ids[i])}\ntrue {true} ({probabilities[i, true]:.2f})\n"
+        canvas[top:top + side, left:left + side] = shown[int(i)]
+        true, guess = int(labels[i]), int(predicted[i])
+        ax.text(left + side / 2, top + side + 1, f"id {int(ids[i])}\ntrue {true} ({probabilities[i, true]:.2f})\n"
                 f"pred {guess} ({probabilities[i, guess]:.2f})", fontsize=7, ha="center", va="top")
     ax.imshow(canvas, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
     ax.axis("off")
-    ax.set_title(f"{len(np.flatnonzero(predicted != val.labels))} misclassified of {len(val.labels)} "
+    ax.set_title(f"{len(np.flatnonzero(predicted != labels))} misclassified of {len(labels)} "
                  f"validation digits (most confident first)" if len(wrong) else "no misclassified validation digits",
                  fontsize=9)
     _save(fig, path)

@@ -35,7 +35,6 @@ from typing import Callable
 
 import numpy as np
 
-from components import records
 from components.evaluate import load_predict
 from schemas.artifacts import Converted, Exported, Trained
 from schemas.dataset import IMAGE_SIDE
@@ -51,43 +50,54 @@ TOLERANCE = 1e-4
 
 
 def run(trained: Trained, converted: Converted, out_dir: Path, *, sample: int = 512, seed: int = 0,
-        files: dict[int, str] | None = None, seen=None, progress: Progress = lambda _: None) -> Exported:
+        files: dict[int, str] | None = None, seen=None, in_memory_rows: int = 100_000,
+        progress: Progress = lambda _: None) -> Exported:
     """Write the submission and the exported model into out_dir and infra-validate the export.
 
     files: test id -> the file that row was read from (a folder of images), added to the submission.
     seen: the model's seen-image set (components.lineage); test rows in it are listed next to the
     submission (SEEN_TEST), as a warning that its score on them says nothing about new digits.
+    A test split of more than in_memory_rows rows is streamed: only its ids, labels and probabilities are held.
     """
+    from components.train.feed import Feed
+
     out_dir.mkdir(parents=True, exist_ok=True)
     predict = load_predict(trained.path, trained.hashes.get(trained.file))
     if "test" in converted.counts:
         progress("loading the test split")
-        test = records.load(converted.files("test"))
-        order = np.argsort(test.ids, kind="stable")
-        ids, images = test.ids[order], test.images[order]
+        split = Feed.of(converted.files("test"), converted.counts["test"], in_memory_rows)
+        progress(f"predicting {split.rows:,} test rows")
+        started = time.perf_counter()
+        checks = [predict] + ([lambda images: np.stack(seen.membership(images), axis=1)] if seen is not None else [])
+        ids, truth, outputs = split.scored(*checks)
+        predict_seconds = time.perf_counter() - started
+        order = np.argsort(ids, kind="stable")
+        ids, truth, probabilities = ids[order], truth[order], outputs[0][order]
         if files is None and not np.array_equal(ids, np.arange(1, len(ids) + 1)):
             raise DigitsInputError(f"{converted.dir}: test ids are not 1..{len(ids)}; cannot number a submission")
-        progress(f"predicting {len(ids):,} test rows")
-        started = time.perf_counter()
-        probabilities = predict(images)
-        predict_seconds = time.perf_counter() - started
         labels = probabilities.argmax(axis=1)
         write_submission(out_dir / SUBMISSION, ids, labels, files)
         submission = SUBMISSION
-        truth = test.labels[order]
         test_accuracy = float((labels == truth).mean()) if len(truth) and (truth >= 0).all() else None  # shown, never
         # used to choose anything (the gate, tuning and calibration see only val)
         if seen is not None:
-            seen_test = write_seen_test(out_dir / SEEN_TEST, ids, *seen.membership(images))
+            membership = outputs[1][order]
+            seen_test = write_seen_test(out_dir / SEEN_TEST, ids, membership[:, 0], membership[:, 1])
             if seen_test:
                 progress(f"warning: {seen_test:,} of {len(ids):,} test rows were seen in training: listed in {SEEN_TEST}")
     else:  # a source without a test split (a folder of images with no test/): nothing to submit
         progress("no test split: no submission; infra-validating on validation images")
-        images = records.load(converted.files("val")).images
+        split = Feed.of(converted.files("val"), converted.counts["val"], in_memory_rows)
+        _, _, (probabilities,) = split.scored(predict)
+        order = np.arange(len(probabilities))
         ids, predict_seconds, submission, seen_test = np.zeros(0, np.int64), 0.0, "", 0
         test_accuracy = None
-        probabilities = predict(images)
         labels = np.zeros(0, np.int64)
+    # the rows checked in a process of their own: a seeded sample (in id order), read back from the shards
+    chosen = np.random.default_rng(seed).choice(len(order), size=min(sample, len(order)), replace=False)
+    at = np.sort(order[chosen])  # their positions in the shards
+    images = split.images_at(at).images
+    expected = probabilities[np.argsort(order)[at]]
 
     if trained.path.suffix == ".keras":
         progress("exporting the SavedModel")
@@ -97,12 +107,11 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, sample: int = 
     else:
         shutil.copyfile(trained.path, out_dir / trained.path.name)
         served = out_dir / trained.path.name
-    rows = np.sort(np.random.default_rng(seed).choice(len(images), size=min(sample, len(images)), replace=False))
-    progress(f"infra-validating {served.name} in a process of its own on {len(rows)} test rows")
-    check = infra_validate(served, images[rows], probabilities[rows], out_dir)
-    (out_dir / INFRA).write_text(json.dumps({"model": served.name, "rows": len(rows), **check}, indent=2))
+    progress(f"infra-validating {served.name} in a process of its own on {len(at)} test rows")
+    check = infra_validate(served, images, expected, out_dir)
+    (out_dir / INFRA).write_text(json.dumps({"model": served.name, "rows": len(at), **check}, indent=2))
     return Exported(dir=out_dir, submission=submission, test_rows=len(ids), model=served.name,
-                    infra_rows=len(rows), max_probability_diff=check["max_probability_diff"],
+                    infra_rows=len(at), max_probability_diff=check["max_probability_diff"],
                     predict_seconds=round(predict_seconds, 3), seen_test=seen_test if seen is not None else None,
                     test_accuracy=test_accuracy,
                     label_counts={str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))})

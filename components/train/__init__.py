@@ -1,8 +1,9 @@
 """The train stage: fit a model from the zoo on the train split's TFRecords, checkpoint every epoch,
 resume after a crash, log to MLflow and TensorBoard, save `model.keras`.
 
-The split is read once through the shared parser (schemas.examples) and held in memory (uint8,
-~50 MB for MNIST); augmentation runs in the model on the training device. The work folder is
+A split of up to train.in_memory_rows rows is read once through the shared parser (schemas.examples) and held in
+memory (uint8, ~50 MB for MNIST); a larger one streams from its shards through tf.data (components.train.feed), so
+memory does not grow with the data. Augmentation runs in the model on the training device. The work folder is
 resumable: `checkpoints/epoch-NNN.keras` (the whole model, optimizer state and learning-rate
 schedule position included) and `checkpoints/state.json` are written atomically after every epoch;
 a new attempt on the same data, seed and config loads the newest and continues at the next epoch.
@@ -20,14 +21,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from components import records
 from components.keras_layers import load_keras_model
 from components.tensorflow_runtime import import_tensorflow
 from components.tracking import Tracking
-from schemas import examples as ex
+from components.train.feed import Feed
 from schemas.artifacts import Converted, Trained
 from schemas.config import ModelName, TrainConfig
-from schemas.dataset import N_CLASSES
 
 Progress = Callable[[str], None]
 CHECKPOINTS = "checkpoints"
@@ -47,13 +46,27 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
     """
     signature = {"data": converted.fingerprint, "seed": seed, "config": config.model_dump(mode="json"), "rows": rows}
     resume = prepare_work_dir(work_dir, signature)
-    progress("loading the train and val splits")
-    train, val = records.load(converted.files("train")), records.load(converted.files("val"))
-    if rows is not None:
-        train = ex.Arrays(ids=train.ids[:rows], images=train.images[:rows], labels=train.labels[:rows])
     if config.model is ModelName.pca_svm:
-        return _fit_svm(train, val, config, seed, work_dir, tracking, progress)
+        progress("loading the train and val splits")
+        train = Feed.of(converted.files("train"), converted.counts["train"], config.svm_rows,
+                        take=min(config.svm_rows, rows or config.svm_rows))
+        return _fit_svm(train, splits(converted, config, "val")[0], config, seed, work_dir, tracking, progress)
+    train, val = splits(converted, config, "train", "val", take=rows, progress=progress)
     return _fit_keras(train, val, config, seed, work_dir, signature, resume, tracking, progress, callbacks or [])
+
+
+def splits(converted: Converted, config: TrainConfig, *names: str, take: int | None = None,
+           progress: Progress = lambda _: None) -> list[Feed]:
+    """The named splits as Feeds: in memory up to config.in_memory_rows rows, streamed above (said by progress);
+    take: the first split's first rows only."""
+    feeds = [Feed.of(converted.files(name), converted.counts[name], config.in_memory_rows,
+                     take=take if i == 0 else None) for i, name in enumerate(names)]
+    held = [f"{name} {feed.rows:,}" for name, feed in zip(names, feeds) if feed.in_memory]
+    streamed = [f"{name} {feed.rows:,}" for name, feed in zip(names, feeds) if not feed.in_memory]
+    progress("; ".join(([f"held in memory: {', '.join(held)} rows"] if held else [])
+                       + ([f"streamed from TFRecords (shuffle buffer {config.shuffle_buffer:,} rows): "
+                           f"{', '.join(streamed)} rows"] if streamed else [])))
+    return feeds
 
 
 def prepare_work_dir(work_dir: Path, signature: dict) -> dict | None:
@@ -150,7 +163,7 @@ def clean_phase(config: TrainConfig) -> list[Segment]:
                   prepare=without_augmentation, warmup_epochs=0)]
 
 
-def _fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, work_dir: Path,
+def _fit_keras(train: Feed, val: Feed, config: TrainConfig, seed: int, work_dir: Path,
                signature: dict, resume: dict | None, tracking, progress: Progress, callbacks: list) -> Trained:
     from components.train import models
 
@@ -160,7 +173,7 @@ def _fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int,
                      name=config.model.value, callbacks=callbacks)
 
 
-def fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, work_dir: Path,
+def fit_keras(train: Feed, val: Feed, config: TrainConfig, seed: int, work_dir: Path,
               signature: dict, resume: dict | None, tracking, progress: Progress, *,
               build: Callable[[Any], Any], segments: list[Segment], name: str,
               extra_params: dict[str, Any] | None = None, callbacks: list | None = None,
@@ -177,19 +190,19 @@ def fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, 
     if hardware["gpus"] and config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     strategy = tf.distribute.MirroredStrategy() if hardware["gpus"] > 1 else tf.distribute.get_strategy()
-    steps_per_epoch = int(np.ceil(len(train.ids) / config.batch_size))
+    steps_per_epoch = train.steps(config.batch_size)
     epochs = segments[-1].end
     with strategy.scope():
         if resume is not None:
             model = load_keras_model(work_dir / CHECKPOINTS / resume["checkpoint"])
+            cb.restore_seed_states(model, resume.get("seed_generators"))  # dropout and augmentation go on as before
             initial_epoch = resume["epoch"]
             progress(f"resuming at epoch {initial_epoch + 1} of {epochs} from {resume['checkpoint']}")
         else:
             model, initial_epoch = build(keras), 0
     params = {**_params(config, seed, train, val, model, hardware), **(extra_params or {})}
     run_id = tracking.start(resume.get("mlflow_run_id") if resume else None, params) if tracking else None
-    train_ds = _dataset(tf, train, config.batch_size, shuffle_seed=seed)
-    val_ds = _dataset(tf, val, 1024)
+    val_ds = val.evaluation(tf, 1024)
     if resume is not None:  # rows of epochs after the checkpoint (killed before it was written) are redone
         _truncate_history(work_dir / "history.csv", initial_epoch)
     callbacks = [  # in this order: an epoch is logged everywhere, then committed by its checkpoint, then judged
@@ -202,7 +215,7 @@ def fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, 
         *(callbacks or []),
     ]
     processor = f" ({hardware['processor']})" if hardware["device"] == "CPU" and hardware["processor"] else ""
-    progress(f"training {name} ({model.count_params():,} parameters) on {len(train.ids):,} images, "
+    progress(f"training {name} ({model.count_params():,} parameters) on {train.rows:,} images, "
              f"{hardware['device']}{processor}, {epochs} epochs")
     started, start = time.perf_counter(), 0
     for segment in segments:
@@ -210,8 +223,11 @@ def fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, 
             if initial_epoch <= start:  # entering the segment at its first epoch
                 with strategy.scope():
                     model = segment.enter(model, steps_per_epoch)
-            model.fit(train_ds, validation_data=val_ds, epochs=segment.end, initial_epoch=max(initial_epoch, start),
-                      callbacks=callbacks, shuffle=False, verbose=0)  # shuffled by tf.data, seeded
+            first = max(initial_epoch, start)  # each epoch's order a function of (seed, epoch): a resumed attempt
+            data = train.training(tf, config.batch_size, seed, first, segment.end,  # reads what one that never
+                                  config.shuffle_buffer)  # stopped would have
+            model.fit(data, validation_data=val_ds, epochs=segment.end, initial_epoch=first, callbacks=callbacks,
+                      steps_per_epoch=steps_per_epoch, shuffle=False, verbose=0)
         start = segment.end
     seconds = time.perf_counter() - started
     val_accuracy = float(model.evaluate(val_ds, verbose=0, return_dict=True)["accuracy"])
@@ -221,7 +237,7 @@ def fit_keras(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, 
         tracking.finish({"final_val_accuracy": val_accuracy}, step=epochs)
     return Trained(dir=work_dir, model=name, file=MODEL, epochs=epochs,
                    resumed_at_epoch=initial_epoch + 1 if initial_epoch else None, val_accuracy=val_accuracy,
-                   train_rows=len(train.ids), val_rows=len(val.ids), parameters=int(model.count_params()),
+                   train_rows=train.rows, val_rows=val.rows, parameters=int(model.count_params()),
                    seconds=round(seconds, 2), seconds_per_epoch=_seconds_per_epoch(history),
                    device=hardware["device"], processor=hardware["processor"], mlflow_run_id=run_id, **trained_fields)
 
@@ -238,13 +254,6 @@ def _optimizer(learning_rate: float, epochs: int, steps_per_epoch: int, warmup_e
         initial_learning_rate=first, decay_steps=max(1, total - warmup), alpha=0.0,
         warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
     return keras.optimizers.Adam(schedule)
-
-
-def _dataset(tf, arrays: ex.Arrays, batch_size: int, shuffle_seed: int | None = None):
-    ds = tf.data.Dataset.from_tensor_slices((arrays.images[..., None], tf.one_hot(arrays.labels, N_CLASSES)))
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(arrays.ids), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def _truncate_history(csv_path: Path, epochs: int) -> None:
@@ -270,13 +279,13 @@ def _seconds_per_epoch(history: list[dict[str, float]]) -> float | None:
     return round(float(np.median(seconds)), 2) if seconds else None
 
 
-def _params(config: TrainConfig, seed: int, train: ex.Arrays, val: ex.Arrays, model, hardware: dict) -> dict:
+def _params(config: TrainConfig, seed: int, train: Feed, val: Feed, model, hardware: dict) -> dict:
     return {**{f"train.{k}": v for k, v in config.model_dump(mode="json").items()}, "seed": seed,
-            "train_rows": len(train.ids), "val_rows": len(val.ids), "parameters": int(model.count_params()),
+            "train_rows": train.rows, "val_rows": val.rows, "parameters": int(model.count_params()),
             **hardware}
 
 
-def _fit_svm(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, work_dir: Path, tracking,
+def _fit_svm(train: Feed, val: Feed, config: TrainConfig, seed: int, work_dir: Path, tracking,
              progress: Progress) -> Trained:
     """PCA (50 whitened components) + RBF SVC on the first config.svm_rows train rows, the notebooks' reference."""
     import joblib
@@ -284,16 +293,18 @@ def _fit_svm(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, w
     from sklearn.pipeline import make_pipeline
     from sklearn.svm import SVC
 
-    rows = min(config.svm_rows, len(train.ids))
-    x = train.images[:rows].reshape(rows, -1) / 255.0
+    rows = train.rows  # the first config.svm_rows rows, held in memory
+    x = train.arrays.images.reshape(rows, -1) / 255.0
     model = make_pipeline(PCA(n_components=50, whiten=True, random_state=seed), SVC(C=10, gamma="scale"))
     progress(f"fitting pca-svm on {rows:,} images")
     run_id = tracking.start(None, {"train.model": config.model.value, "seed": seed, "train_rows": rows,
-                                   "val_rows": len(val.ids)}) if tracking else None
+                                   "val_rows": val.rows}) if tracking else None
     started = time.perf_counter()
-    model.fit(x, train.labels[:rows])
+    model.fit(x, train.arrays.labels)
     seconds = time.perf_counter() - started
-    val_accuracy = float((model.predict(val.images.reshape(len(val.ids), -1) / 255.0) == val.labels).mean())
+    right = sum(int((model.predict(batch.images.reshape(len(batch.ids), -1) / 255.0) == batch.labels).sum())
+                for batch in val.batches())
+    val_accuracy = right / val.rows if val.rows else 0.0
     partial = work_dir / f".{SVM_MODEL}.partial"
     joblib.dump(model, partial)
     os.replace(partial, work_dir / SVM_MODEL)
@@ -301,6 +312,6 @@ def _fit_svm(train: ex.Arrays, val: ex.Arrays, config: TrainConfig, seed: int, w
         tracking.finish({"val_accuracy": val_accuracy, "final_val_accuracy": val_accuracy}, step=1)
     progress(f"pca-svm: val_accuracy {val_accuracy:.2%} ({seconds:.1f} s)")
     return Trained(dir=work_dir, model=config.model.value, file=SVM_MODEL, epochs=1, resumed_at_epoch=None,
-                   val_accuracy=val_accuracy, train_rows=rows, val_rows=len(val.ids), parameters=None,
+                   val_accuracy=val_accuracy, train_rows=rows, val_rows=val.rows, parameters=None,
                    seconds=round(seconds, 2), seconds_per_epoch=round(seconds, 2), device="CPU", processor=processor_name(),
                    mlflow_run_id=run_id)

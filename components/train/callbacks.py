@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import keras
+import numpy as np
 
 from schemas.artifacts import sha256_file
 from schemas.errors import TrainingDiverged
@@ -49,9 +50,34 @@ class EpochCheckpoint(keras.callbacks.Callback):
         name = f"epoch-{epoch + 1:03d}.keras"
         save_atomic(self.model, self.directory / name)
         write_json_atomic(self.directory / STATE, {**self.state, "epoch": epoch + 1, "checkpoint": name,
-                                                   "sha256": sha256_file(self.directory / name)})
+                                                   "sha256": sha256_file(self.directory / name),
+                                                   "seed_generators": seed_states(self.model)})
         for old in sorted(self.directory.glob("epoch-*.keras"))[:-KEEP_CHECKPOINTS]:
             old.unlink()
+
+
+def _seed_generators(model) -> list:
+    """The random-number generators of the model's layers (dropout, augmentation), in layer order."""
+    return [generator for layer in model._flatten_layers() for generator in getattr(layer, "_seed_generators", [])]
+
+
+def seed_states(model) -> list[list[int]]:
+    """Each generator's state (its seed and how far it has drawn): a .keras file does not keep them — a model
+    loaded from it draws new seeds — so a checkpoint's state.json does, for `restore_seed_states`."""
+    return [[int(x) for x in np.asarray(generator.state.value)] for generator in _seed_generators(model)]
+
+
+def restore_seed_states(model, states: list[list[int]] | None) -> bool:
+    """Put the generators of a model loaded from a checkpoint where they were when it was saved, so that a resumed
+    attempt draws the dropout masks and augmentations an attempt that never stopped would have drawn. False (and
+    nothing changed) when the states do not fit the model (a checkpoint from before they were kept)."""
+    generators = _seed_generators(model)
+    if not states or len(states) != len(generators) or any(len(s) != generator.state.shape[0]
+                                                            for s, generator in zip(states, generators)):
+        return False
+    for state, generator in zip(states, generators):
+        generator.state.assign(np.asarray(state, dtype=generator.state.dtype))
+    return True
 
 
 class StopOnNaN(keras.callbacks.Callback):

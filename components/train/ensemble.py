@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from components import records
 from components.keras_layers import model_name, predict, saved_config
 from components.tracking import Tracking
+from components.train.feed import Feed
 from schemas.artifacts import Converted, Trained, sha256_file
 from schemas.config import ModelName, TrainConfig, TransferConfig
 from schemas.errors import TrainingDiverged
@@ -166,10 +166,12 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
     started = time.perf_counter()
     members = sorted(execute(jobs), key=lambda record: record["index"])
     progress("combining the members into one model")
-    val = records.load(converted.files("val"))
+    val = Feed.of(converted.files("val"), converted.counts["val"], config.in_memory_rows)
     model = combine([work_dir / MEMBERS / m["name"] / m["file"] for m in members], work_dir / MODEL,
                     shifts=config.test_time_shifts)
-    val_accuracy = float((np.argmax(predict(model, val.images[..., None]), axis=1) == val.labels).mean())
+    right = sum(int((np.argmax(predict(model, batch.images[..., None]), axis=1) == batch.labels).sum())
+                for batch in val.batches())
+    val_accuracy = right / val.rows if val.rows else 0.0
     seconds = time.perf_counter() - started
     if tracking:
         tracking.log_metrics({f"{m['name']}.val_accuracy": m["val_accuracy"] for m in members}, step=0)
@@ -180,7 +182,7 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
     progress(f"ensemble{tta} val_accuracy {val_accuracy:.2%} (members alone {scores}; best member {best:.2%})")
     return Trained(dir=work_dir, model=f"ensemble of {len(members)} ({_architectures(members)}){tta}", file=MODEL,
                    epochs=max(m["epochs"] for m in members), resumed_at_epoch=None, val_accuracy=val_accuracy,
-                   train_rows=converted.counts.get("train", 0), val_rows=len(val.ids),
+                   train_rows=converted.counts.get("train", 0), val_rows=val.rows,
                    parameters=int(model.count_params()), seconds=round(seconds, 2), seconds_per_epoch=None,
                    device=_device_name(), mlflow_run_id=parent,
                    processor=", ".join(dict.fromkeys(m["processor"] for m in members if m.get("processor"))),

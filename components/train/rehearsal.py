@@ -33,13 +33,9 @@ class Rehearsal:
         """The rehearsal images, the same for the same seed (a resumed fine-tuning sees the same ones).
         Their ids are negative: -1 - their row in the base's train split."""
         rng = np.random.default_rng([seed, 7])
-        base = records.load(self.converted.files("train"))
-        rows = np.sort(rng.permutation(len(base.ids))[:self.rows])
-        images = base.images[rows]
+        rows = np.sort(rng.permutation(self.converted.counts.get("train", 0))[:self.rows])
+        picked = records.pick(self.converted.files("train"), rows)  # streamed: the base split is never held
+        images = picked.images
         if self.noise_background:  # make_noisy's recipe: a pixel with no ink becomes uniform noise
             images = np.where(images == 0, rng.integers(0, 256, images.shape, dtype=np.uint8), images)
-        return records.Arrays(ids=-1 - rows.astype(np.int64), labels=base.labels[rows], images=images)
-
-    @staticmethod
-    def joined(train: records.Arrays, extra: records.Arrays) -> records.Arrays:
-        return records.Arrays(*(np.concatenate([a, b]) for a, b in zip(train, extra)))
+        return records.Arrays(ids=-1 - rows.astype(np.int64), labels=picked.labels, images=images)
