@@ -88,8 +88,8 @@ def test_streamed_epochs_beside_in_memory_ones(tmp_path):
     accuracy = {"in-memory": [], "streamed": []}
     for seed in range(42, 42 + SEEDS):
         for path, rows in (("in-memory", "100000"), ("streamed", "0")):
-            measured([DIGITS, "train", "--run", run_id, "--force", "--set", f"seed={seed}", "--set",
-                      f"train.in_memory_rows={rows}"], env)
+            measured([DIGITS, "train", "--run", run_id, "--force", "--set", f"seed={seed}", "--set", "train.epochs=6",
+                      "--set", f"train.in_memory_rows={rows}"], env)  # a run keeps its --set: epochs said again
             accuracy[path].append(round(_trained(home, run_id)["val_accuracy"], 4))
             print(f"\n{path} seed {seed}: val {accuracy[path][-1]:.2%}", flush=True)
     print(f"\nval accuracy (6 epochs): {json.dumps(accuracy)}")
