@@ -69,8 +69,7 @@ class Feed:
         epoch's order is a function of (seed, epoch) alone: a split held in memory is shuffled whole, a streamed one
         through the shuffle buffer after its shards' order is shuffled."""
         if self.arrays is not None:
-            held = tf.data.Dataset.from_tensor_slices((self.arrays.images[..., None],
-                                                       tf.one_hot(self.arrays.labels, N_CLASSES)))
+            held = self._held(tf)
 
             def shuffled(number):
                 return held.shuffle(self.rows, seed=tf.constant(seed, tf.int64) * _EPOCH_SEED + number) \
@@ -108,9 +107,7 @@ class Feed:
     def evaluation(self, tf, batch_size: int = 1024):
         """The split's batches in order (image, one-hot label), for validation and scoring."""
         if self.arrays is not None:
-            ds = tf.data.Dataset.from_tensor_slices((self.arrays.images[..., None],
-                                                     tf.one_hot(self.arrays.labels, N_CLASSES)))
-            return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+            return self._held(tf).batch(batch_size).prefetch(tf.data.AUTOTUNE)
         rows = tf.data.TFRecordDataset(list(self.files), compression_type=COMPRESSION)
         if self.take is not None:
             rows = rows.take(self.take)
@@ -120,6 +117,11 @@ class Feed:
         return ds.batch(batch_size).map(_to_inputs(tf), num_parallel_calls=tf.data.AUTOTUNE,
                                         deterministic=True).prefetch(tf.data.AUTOTUNE)
 
+
+    def _held(self, tf):
+        """A held split's rows as Keras takes them: (image uint8 [28, 28, 1], one-hot label)."""
+        return tf.data.Dataset.from_tensor_slices((self.arrays.images[..., None],
+                                                   tf.one_hot(self.arrays.labels, N_CLASSES)))
 
     def batches(self, batch_size: int = 4096):
         """The split's rows in order as Arrays (ids, labels, images uint8 [n, 28, 28]) of up to batch_size rows,
