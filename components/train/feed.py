@@ -114,8 +114,9 @@ class Feed:
         ds = _parsed(tf, rows)
         if self.extra is not None:
             ds = ds.concatenate(tf.data.Dataset.from_tensor_slices((self.extra.images, self.extra.labels)))
-        return ds.batch(batch_size).map(_to_inputs(tf), num_parallel_calls=tf.data.AUTOTUNE,
-                                        deterministic=True).prefetch(tf.data.AUTOTUNE)
+        ds = ds.batch(batch_size).map(_to_inputs(tf), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        # its batch count said: Keras then stops at the end instead of running into it (a warning on stderr)
+        return ds.apply(tf.data.experimental.assert_cardinality(self.steps(batch_size))).prefetch(tf.data.AUTOTUNE)
 
 
     def _held(self, tf):
