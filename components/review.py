@@ -120,7 +120,7 @@ def cross_fit(converted: Converted, review: ReviewConfig, seed: int, work_dir: P
             resume = prepare_work_dir(fold_dir, signature)  # an interrupted fold resumes at its next epoch
             fit = ex.Arrays(ids[~held_out], labels[~held_out], images[~held_out])
             held = ex.Arrays(ids[held_out], labels[held_out], images[held_out])
-            trained = fit_keras(Feed(rows=len(fit.ids), arrays=fit), Feed(rows=len(held.ids), arrays=held), config, seed + fold, fold_dir, signature, resume, None,
+            trained = fit_keras(Feed.held(fit), Feed.held(held), config, seed + fold, fold_dir, signature, resume, None,
                                 lambda line, fold=fold: progress(f"fold {fold + 1}: {line}"),
                                 build=lambda keras: models.build(config, keras),
                                 segments=[phase(0, config.epochs, config.learning_rate, config)],

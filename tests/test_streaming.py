@@ -116,3 +116,31 @@ def test_a_streamed_training_resumed_after_a_crash_gives_the_model_of_one_that_n
     assert (resumed.resumed_at_epoch, whole.train_rows, resumed.val_rows) == (2, 360, 40)
     weights = [load_keras_model(run.dir / run.file, compile=False).get_weights() for run in (whole, resumed)]
     assert all(np.array_equal(a, b) for a, b in zip(*weights))
+
+
+def test_scoring_a_streamed_split_gives_what_scoring_it_held_gives(home, kaggle_data, tmp_path):
+    """Calibrate, evaluate (with the out-of-distribution detector) and export on the same model, the splits held
+    (the default) and streamed (train.in_memory_rows=0): the same temperature, metrics, detector, robustness and
+    submission, byte for byte where they are files."""
+    import json
+
+    from components import calibrate, evaluate, export
+    from runs import make
+
+    folder, config = converted_kaggle_run(kaggle_data, "train.epochs=1", "train.width=0.25", "evaluate.calibrate=false")
+    converted, trained = output(folder, "converted"), make(folder, config, "model")
+    results = {}
+    for name, rows in (("held", 100_000), ("streamed", 0)):
+        out = tmp_path / name
+        calibrated = calibrate.run(trained, converted, out / "calibrate", in_memory_rows=rows)
+        evaluate.run(calibrated, converted, out / "evaluate", threshold=0.0, champion=None, ood_keep=0.99,
+                     in_memory_rows=rows)
+        exported = export.run(calibrated, converted, out / "export", seed=0, in_memory_rows=rows)
+        metrics = json.loads((out / "evaluate/metrics.json").read_text())
+        robustness = json.loads((out / "evaluate/robustness.json").read_text())
+        results[name] = {"temperature": calibrated.temperature, "metrics": metrics, "exported": exported.test_rows,
+                         "robustness": {k: v for k, v in robustness.items() if k != "sample"},
+                         "submission": (out / "export/submission.csv").read_bytes(),
+                         "infra_rows": exported.infra_rows}
+    assert results["streamed"] == results["held"]
+    assert results["held"]["metrics"]["ood"] is not None and results["held"]["exported"] == 20

@@ -48,16 +48,25 @@ ROBUSTNESS_ROWS = 10_000  # a streamed val split's robustness sweep runs on a se
 class Split:
     """A split as evaluation reads it: its ids and labels held (16 bytes a row), its images held only when the
     split is (components.train.feed.Feed: up to train.in_memory_rows rows), else read from its shards a batch at a
-    time (`outputs`) or at chosen positions (`images_at`)."""
+    time (`outputs`, which learns the ids and labels on its first pass) or at chosen positions (`images_at`)."""
 
     def __init__(self, feed) -> None:
         self.feed = feed
-        if feed.in_memory:
-            self.ids, self.labels = feed.arrays.ids, feed.arrays.labels
-        else:
-            parts = [(batch.ids, batch.labels) for batch in feed.batches()]
-            self.ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-            self.labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+        self._known = (feed.arrays.ids, feed.arrays.labels) if feed.in_memory else None
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._ids_labels()[0]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._ids_labels()[1]
+
+    def _ids_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._known is None:
+            ids, labels, _ = self.feed.scored()
+            self._known = (ids, labels)
+        return self._known
 
     @classmethod
     def of(cls, converted: Converted, name: str, in_memory_rows: int) -> Split:
@@ -79,10 +88,10 @@ class Split:
         function of several outputs gives a list of arrays, concatenated each)."""
         if self.feed.in_memory:
             return fn(self.images)
-        parts = [fn(batch.images) for batch in self.feed.batches()]
-        if parts and isinstance(parts[0], list):
-            return [np.concatenate([part[i] for part in parts]) for i in range(len(parts[0]))]
-        return np.concatenate(parts) if parts else fn(np.zeros((0, 28, 28), np.uint8))
+        ids, labels, (out,) = self.feed.scored(fn)
+        if self._known is None:
+            self._known = (ids, labels)
+        return out
 
     def images_at(self, positions: np.ndarray) -> np.ndarray:
         return self.feed.images_at(np.sort(positions)).images
@@ -118,11 +127,6 @@ def load_predict(model_file: Path, sha256: str | None = None) -> Predict:
         raise DigitsInputError(f"{model_file}: not a loadable Keras model ({type(exc).__name__}: {first})") from None
     check_classifier(model, str(model_file))
     return lambda images: predict(model, images[..., None])
-
-
-def predictions_of(model_file: Path, images: np.ndarray, sha256: str | None = None) -> np.ndarray:
-    """A saved model's predicted labels for these images: how a champion is re-measured on a run's val split."""
-    return load_predict(model_file, sha256)(images).argmax(axis=1)
 
 
 def compare(labels: np.ndarray, candidate: np.ndarray, champion: np.ndarray, z: float = 1.959964) -> dict:
@@ -209,7 +213,7 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, threshold: flo
 
     out_dir.mkdir(parents=True, exist_ok=True)
     val = Split.of(converted, "val", in_memory_rows)
-    progress(f"scoring {trained.model} on {len(val.ids):,} validation images")
+    progress(f"scoring {trained.model} on {val.feed.rows:,} validation images")
     predict = load_predict(trained.path, trained.hashes.get(trained.file))
     probabilities = val.outputs(predict)
     metrics = classification_metrics(val.labels, probabilities)
@@ -272,12 +276,12 @@ def out_of_distribution(trained: Trained, converted: Converted, val: Split, out_
         return None
     progress("fitting the out-of-distribution detector (Mahalanobis distance on features)")
     model = load_keras_model(trained.path, compile=False)
-    train = Split.of(converted, "train", in_memory_rows)
-    if train.in_memory:
-        images, labels = train.images, train.labels
-    else:  # the seeded sample ood.fit draws from a held split, read from the shards
-        chosen = ood.sample(len(train.ids))
-        images, labels = train.images_at(chosen), train.labels[chosen]
+    from components.train.feed import Feed
+
+    train = Feed.of(converted.files("train"), converted.counts["train"], in_memory_rows)
+    # held: ood.fit draws its seeded sample; streamed: the same sample read back from the shards (only it)
+    picked = train.arrays if train.in_memory else train.images_at(ood.sample(train.rows))
+    images, labels = picked.images, picked.labels
     detector = ood.fit(model, trained.hashes.get(trained.file) or sha256_file(trained.path), images, labels,
                        val.images if val.in_memory else (batch.images for batch in val.feed.batches()), keep=keep)
     detector.save(out_dir / ood.FILE)

@@ -302,9 +302,8 @@ def _fit_svm(train: Feed, val: Feed, config: TrainConfig, seed: int, work_dir: P
     started = time.perf_counter()
     model.fit(x, train.arrays.labels)
     seconds = time.perf_counter() - started
-    right = sum(int((model.predict(batch.images.reshape(len(batch.ids), -1) / 255.0) == batch.labels).sum())
-                for batch in val.batches())
-    val_accuracy = right / val.rows if val.rows else 0.0
+    _, labels, (predicted,) = val.scored(lambda images: model.predict(images.reshape(len(images), -1) / 255.0))
+    val_accuracy = float((predicted == labels).mean()) if val.rows else 0.0
     partial = work_dir / f".{SVM_MODEL}.partial"
     joblib.dump(model, partial)
     os.replace(partial, work_dir / SVM_MODEL)

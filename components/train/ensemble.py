@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 
 from components.keras_layers import model_name, predict, saved_config
 from components.tracking import Tracking
@@ -169,9 +168,8 @@ def run(converted: Converted, config: TrainConfig, seed: int, work_dir: Path, *,
     val = Feed.of(converted.files("val"), converted.counts["val"], config.in_memory_rows)
     model = combine([work_dir / MEMBERS / m["name"] / m["file"] for m in members], work_dir / MODEL,
                     shifts=config.test_time_shifts)
-    right = sum(int((np.argmax(predict(model, batch.images[..., None]), axis=1) == batch.labels).sum())
-                for batch in val.batches())
-    val_accuracy = right / val.rows if val.rows else 0.0
+    _, labels, (probabilities,) = val.scored(lambda images: predict(model, images[..., None]))
+    val_accuracy = float((probabilities.argmax(axis=1) == labels).mean()) if val.rows else 0.0
     seconds = time.perf_counter() - started
     if tracking:
         tracking.log_metrics({f"{m['name']}.val_accuracy": m["val_accuracy"] for m in members}, step=0)

@@ -46,6 +46,11 @@ class Feed:
             return cls(rows=len(arrays.ids), arrays=arrays)
         return cls(rows=kept, files=tuple(str(f) for f in files), take=take)
 
+    @classmethod
+    def held(cls, arrays: Arrays) -> Feed:
+        """Rows already in memory (the label review's folds), as a split."""
+        return cls(rows=len(arrays.ids), arrays=arrays)
+
     @property
     def in_memory(self) -> bool:
         return self.arrays is not None
@@ -77,11 +82,8 @@ class Feed:
 
             return tf.data.Dataset.range(first_epoch, end_epoch).flat_map(shuffled).prefetch(tf.data.AUTOTUNE)
         files = tf.constant(list(self.files))
-        extra = None
-        if self.extra is not None:
-            extra = tf.data.Dataset.from_tensor_slices((self.extra.images, self.extra.labels))
-        streamed, added = self.rows - (len(self.extra.ids) if self.extra is not None else 0), \
-            len(self.extra.ids) if self.extra is not None else 0
+        extra = self._extra(tf)
+        added = len(self.extra.ids) if self.extra is not None else 0
 
         def epoch(number):
             epoch_seed = tf.constant(seed, tf.int64) * _EPOCH_SEED + number
@@ -96,7 +98,7 @@ class Feed:
             rows = _parsed(tf, rows)
             if extra is not None:  # the added rows spread evenly through the epoch, in a seeded order
                 rows = tf.data.Dataset.sample_from_datasets(
-                    [rows, extra.shuffle(added, seed=epoch_seed)], weights=[streamed / self.rows, added / self.rows],
+                    [rows, extra.shuffle(added, seed=epoch_seed)], weights=[1 - added / self.rows, added / self.rows],
                     seed=epoch_seed, stop_on_empty_dataset=False)
             return rows.shuffle(shuffle_buffer, seed=epoch_seed).batch(batch_size)
 
@@ -113,16 +115,21 @@ class Feed:
             rows = rows.take(self.take)
         ds = _parsed(tf, rows)
         if self.extra is not None:
-            ds = ds.concatenate(tf.data.Dataset.from_tensor_slices((self.extra.images, self.extra.labels)))
+            ds = ds.concatenate(self._extra(tf))
         ds = ds.batch(batch_size).map(_to_inputs(tf), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         # its batch count said: Keras then stops at the end instead of running into it (a warning on stderr)
         return ds.apply(tf.data.experimental.assert_cardinality(self.steps(batch_size))).prefetch(tf.data.AUTOTUNE)
-
 
     def _held(self, tf):
         """A held split's rows as Keras takes them: (image uint8 [28, 28, 1], one-hot label)."""
         return tf.data.Dataset.from_tensor_slices((self.arrays.images[..., None],
                                                    tf.one_hot(self.arrays.labels, N_CLASSES)))
+
+    def _extra(self, tf):
+        """The added rows as parsed streamed rows are, (image uint8 [28, 28], label); None without any."""
+        if self.extra is None:
+            return None
+        return tf.data.Dataset.from_tensor_slices((self.extra.images, self.extra.labels))
 
     def batches(self, batch_size: int = 4096):
         """The split's rows in order as Arrays (ids, labels, images uint8 [n, 28, 28]) of up to batch_size rows,
@@ -137,9 +144,10 @@ class Feed:
             for start in range(0, len(self.extra.ids), batch_size):
                 yield Arrays(*(a[start:start + batch_size] for a in self.extra))
 
-    def scored(self, *predicts) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    def scored(self, *predicts) -> tuple[np.ndarray, np.ndarray, list]:
         """(ids, labels, [each predict(images)]) over the whole split, a batch at a time: the outputs of a whole
-        split are held (10 probabilities a row), its images never are."""
+        split are held (10 probabilities a row), its images never are. A predict of several outputs (a list of
+        arrays) gives a list of arrays."""
         ids, labels, outputs = [], [], [[] for _ in predicts]
         for batch in self.batches():
             ids.append(batch.ids)
@@ -148,7 +156,7 @@ class Feed:
                 out.append(predict(batch.images))
         if not ids:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), [np.zeros((0, N_CLASSES)) for _ in predicts]
-        return np.concatenate(ids), np.concatenate(labels), [np.concatenate(out) for out in outputs]
+        return np.concatenate(ids), np.concatenate(labels), [_joined(out) for out in outputs]
 
     def images_at(self, positions: np.ndarray) -> Arrays:
         """The rows at these sorted positions of the split (all of it read once when streamed, only they held)."""
@@ -156,6 +164,13 @@ class Feed:
             return Arrays(*(a[positions] for a in self.arrays))
         assert self.extra is None and self.take is None, "positions in a plain split"
         return records.pick(self.files, positions)
+
+
+def _joined(parts: list):
+    """One predict's batch outputs as one array (a list of arrays for a predict of several outputs)."""
+    if isinstance(parts[0], list):
+        return [np.concatenate([part[i] for part in parts]) for i in range(len(parts[0]))]
+    return np.concatenate(parts)
 
 
 def _parsed(tf, serialized):
