@@ -452,6 +452,15 @@ def test_team_mode_on_postgres_prefect_mlflow_and_dask(home, tmp_path, prepared_
         found = served_all()
         assert {name: [s["schedule"]["cron"] for s in found[name]["schedules"]] for name in expected} == expected
         assert all(found[name]["work_pool_name"] is None for name in expected)
+        # and the schedules run: Prefect's scheduler makes their next flow runs (it made none on SQLAlchemy 2.1)
+        scheduled_ids = [found[name]["id"] for name, crons in expected.items() if crons]
+
+        def scheduled() -> list:
+            return team.post("prefect-server", "/api/flow_runs/filter", {
+                "deployments": {"id": {"any_": scheduled_ids}}, "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+        wait_for(lambda: scheduled(), 90, "the served deployments' scheduled flow runs", team.procs["prefect-server"],
+                 lambda: team.log("prefect-server"))
+        assert "Can't evaluate bulk DML" not in team.log("prefect-server")
 
         # 6. the MLflow server stops while that served run trains: the run fails with one line; back up,
         # `digits resume` completes it
