@@ -72,6 +72,9 @@ def console_logs_to_stdout() -> None:
     for handler in logging.getLogger().handlers:
         if type(handler).__name__ == "PrefectConsoleHandler":
             stream = CurrentStream("stdout")
-            handler.setStream(stream)
+            if getattr(handler.stream, "closed", False):  # the stream of its set-up time, closed since (a test's
+                handler.stream = stream  # capture): setStream would flush it first, and raise
+            else:
+                handler.setStream(stream)
             handler.console.file = stream
             _filtered(handler)

@@ -14,6 +14,11 @@ import pytest
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="digits-test-prefect-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# `make test` runs two xdist workers on CI's two cores: one TensorFlow thread per pool in each of them (and in the
+# processes they start: `digits` commands, Dask workers, servers) rather than a pool per core in each, whose threads
+# spin waiting on one another (the suite ran 12 % faster here, 1,687 against 1,916 worker-seconds)
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 from flows import setup as _setup  # noqa: E402  (imports no Prefect)
 
 _setup.environment()  # what the CLI sets first: the local API's start-up limit for tests that run flows directly
