@@ -212,7 +212,10 @@ def _decode(source, name: str, max_pixels: int) -> np.ndarray:
         raise
     except Image.DecompressionBombError as exc:
         raise DigitsInputError(f"{name}: image too large ({exc})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # PIL's errors for a broken file
+    except UnidentifiedImageError:  # PIL's own message names its stream object (an upload's: an address)
+        raise DigitsInputError(f"{name}: not a readable image (PNG or JPEG expected): no image format recognised "
+                               "in its first bytes") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for a broken file
         raise DigitsInputError(f"{name}: not a readable image (PNG or JPEG expected): {exc}") from None
     return np.asarray(gray, dtype=np.float32) / 255.0
 

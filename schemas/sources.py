@@ -84,7 +84,7 @@ SOURCES: tuple[SourceSpec, ...] = (
         }),
     SourceSpec(
         name="folder", title="your own images", reader="components.ingest.folder:read",
-        layout="components.ingest.folder:layout",
+        layout="components.ingest.folder:layout", streams=True,
         data_help="a folder with train/<digit>/*.png|jpg|jpeg (+ optional unlabelled test/*.png|jpg|jpeg)",
         threshold=0.9, defaults=_FINE_TUNE,
         suite_overrides={

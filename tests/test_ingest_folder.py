@@ -189,3 +189,25 @@ def test_train_folder_fine_tunes_the_mnist_champion_and_predicts_the_folder(cli,
     accuracy = np.mean([int(row["Label"]) == truth[row["File"]] for row in rows])
     print(f"\ntrain-folder: {accuracy:.1%} of 200 unseen test images; val {record['metrics']['val_accuracy']:.1%}")
     assert accuracy >= 0.90
+
+
+def test_a_folder_streamed_in_small_pieces_gives_the_files_it_gives_read_at_once(folder_data, tmp_path, monkeypatch):
+    """A folder is read PIECE_FILES images at a time (memory holds one piece): pieces of 7 images, bad files set
+    aside among them, write the same Parquet, files.csv, rejected.csv, EDA and fingerprints as one piece."""
+    from components import ingest
+    from components.ingest import folder
+    from schemas.config import IngestConfig
+    from schemas.dataset import Source
+
+    _bad(folder_data, "truncated"), _bad(folder_data, "not-an-image")
+    config = IngestConfig(data=str(folder_data), on_bad_rows="quarantine")
+    made = {}
+    for piece_files in (7, 10_000):
+        monkeypatch.setattr(folder, "PIECE_FILES", piece_files)
+        made[piece_files] = ingest.run(Source.folder, config, tmp_path / f"out-{piece_files}", tfds_dir=tmp_path)
+    small, whole = made[7], made[10_000]
+    assert small.counts == whole.counts == {"train": 59, "test": 12} and small.rejected == {"train": 2, "test": 0}
+    assert small.fingerprints == whole.fingerprints and len(small.fingerprints) == 2
+    for name in ("train.parquet", "test.parquet", "files.csv", "rejected.csv", "eda/label_counts.json",
+                 "eda/intensity_histogram.json", "eda/duplicates.json"):
+        assert (small.dir / name).read_bytes() == (whole.dir / name).read_bytes(), name

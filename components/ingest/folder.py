@@ -9,6 +9,9 @@ are 1..N in file order by relative path; which file each row came from goes to i
 the submission. Hidden files (`.DS_Store`, `._x.png`) are skipped, and so are files of other suffixes
 (`Thumbs.db`, `notes.txt`), counted as Keras' loader counts them; anything that is not a regular file (a FIFO,
 a device) or whose name is not valid UTF-8 is refused in one line.
+
+A split streams: its files are listed first (names only), then read PIECE_FILES at a time, each file's bytes read
+once for both its image and the split's fingerprint, so memory holds one piece of images whatever the folder's size.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -27,6 +31,7 @@ from schemas.dataset import IMAGE_SIDE, Split
 from schemas.errors import DataFormatError, DigitsInputError
 
 LAYOUT = "train/<digit>/*.png|jpg|jpeg (+ optional test/*.png|jpg|jpeg)"
+PIECE_FILES = 10_000  # images prepared and handed on at a time (~8 MB of 28x28 pixels)
 
 
 def layout(data: Path) -> list[Path]:
@@ -52,16 +57,18 @@ def _listing(data: Path) -> tuple[dict[Split, list[tuple[Path, int | None]]], di
     return listed, skipped
 
 
-def read(data: Path, options: ReadOptions) -> tuple[dict[Split, SplitData], dict[str, str]]:
-    """Both splits (test only when DATA/test exists). Returns (splits, sha256 of each split's files)."""
+def read(data: Path, options: ReadOptions) -> tuple[dict[Split, Iterator[SplitData]], dict[str, str]]:
+    """Both splits (test only when DATA/test exists), each streamed in pieces of up to PIECE_FILES images; the
+    layout is checked (every file listed) before any image is read. Returns (splits, sha256 of each split's files:
+    filled once the split has been read to its end)."""
     listed, skipped = _listing(data)
     splits, prints = {}, {}
     for split, files in listed.items():
         if options.limit:
             files = _first(files, options.limit)
-        splits[split] = _read_split(data, files, strict=options.strict, max_pixels=options.max_image_pixels)
-        splits[split].skipped = [path.relative_to(data).as_posix() for path in skipped[split]]
-        prints[str(data / split.value)] = _fingerprint(data, [path for path, _ in files])
+        left_out = [path.relative_to(data).as_posix() for path in skipped[split]]
+        splits[split] = _read_split(data, split, files, left_out, prints, strict=options.strict,
+                                    max_pixels=options.max_image_pixels)
     return splits, prints
 
 
@@ -133,49 +140,57 @@ def _visible(folder: Path) -> list[Path]:
     return entries
 
 
-def _read_split(data: Path, files: list[tuple[Path, int | None]], *, strict: bool, max_pixels: int) -> SplitData:
-    paths = [path for path, _ in files]
-    prepared = _prepare_all(paths, max_pixels)
-    good, rejects = [], []
-    for index, (path, outcome) in enumerate(zip(paths, prepared)):
-        if isinstance(outcome, str):
-            if strict:
-                raise DigitsInputError(outcome + " (--set ingest.on_bad_rows=quarantine sets bad files aside)")
-            rejects.append(Reject(str(path), None, None, outcome.removeprefix(f"{path}: ")))
-        else:
-            good.append(index)
-    if not good:
-        raise DataFormatError(paths[0].parent.parent if files[0][1] is not None else paths[0].parent,
-                              "no readable images: every file was rejected (see ingest/rejected.csv)")
+def _read_split(data: Path, split: Split, files: list[tuple[Path, int | None]], skipped: list[str],
+                prints: dict[str, str], *, strict: bool, max_pixels: int) -> Iterator[SplitData]:
+    """The split's pieces: PIECE_FILES files at a time, each prepared as `digits predict` prepares one (ids are
+    1-based file numbers; a rejected file keeps its number unused). The sha256 of the split's files (each relative
+    name, then its bytes) goes to prints once the last file is read."""
+    digest = hashlib.sha256()
     labelled = files[0][1] is not None
-    keep = np.asarray(good)
-    return SplitData(
-        ids=(keep + 1).astype(np.int64),  # 1-based file order; a rejected file keeps its number unused
-        labels=np.asarray([files[i][1] for i in good], np.int8) if labelled else None,
-        pixels=np.stack([prepared[i] for i in good]).astype(np.uint8).reshape(-1, IMAGE_SIDE, IMAGE_SIDE),
-        rows_read=len(paths), rejects=rejects,
-        files=[paths[i].relative_to(data).as_posix() for i in good])
+    good_rows = 0
+    for start in range(0, len(files), PIECE_FILES):
+        piece = files[start:start + PIECE_FILES]
+        good, pixels, rejects = [], [], []
+        for index, (path, _) in enumerate(piece, start):
+            outcome = _prepared(data, path, digest, max_pixels)
+            if isinstance(outcome, str):
+                if strict:
+                    raise DigitsInputError(outcome + " (--set ingest.on_bad_rows=quarantine sets bad files aside)")
+                rejects.append(Reject(str(path), None, None, outcome.removeprefix(f"{path}: ")))
+            else:
+                good.append(index)
+                pixels.append(outcome)
+        good_rows += len(good)
+        yield SplitData(
+            ids=np.asarray(good, np.int64) + 1,
+            labels=np.asarray([files[i][1] for i in good], np.int8) if labelled else None,
+            pixels=(np.stack(pixels).astype(np.uint8).reshape(-1, IMAGE_SIDE, IMAGE_SIDE) if pixels
+                    else np.zeros((0, IMAGE_SIDE, IMAGE_SIDE), np.uint8)),
+            rows_read=len(piece), rejects=rejects, files=[files[i][0].relative_to(data).as_posix() for i in good],
+            skipped=skipped if start == 0 else [])
+    if not good_rows:
+        first = files[0][0]
+        raise DataFormatError(first.parent.parent if labelled else first.parent,
+                              "no readable images: every file was rejected (see ingest/rejected.csv)")
+    prints[str(data / split.value)] = digest.hexdigest()
 
 
-def _prepare_all(paths: list[Path], max_pixels: int) -> list[np.ndarray | str]:
-    """Each file prepared as `digits predict` prepares it, or the one-line reason it could not be.
-
-    One process is enough: about 0.35 ms an image here, 10,000 small PNGs in ~3.5 s (a process pool
-    halved that but re-imports the main module in every worker, which a Prefect worker's is not made for)."""
+def _prepared(data: Path, path: Path, digest, max_pixels: int) -> np.ndarray | str:
+    """The file prepared as `digits predict` prepares it (about 0.35 ms a small PNG here, in this process: a pool
+    re-imports the main module in every worker, which a Prefect worker's is not made for), or the one-line reason
+    it could not be; its name and bytes go into digest either way (the file is read once, for both)."""
     from components import predict
 
-    out: list[np.ndarray | str] = []
-    for path in paths:
+    digest.update(path.relative_to(data).as_posix().encode() + b"\0")  # names are UTF-8 (_visible)
+    try:
+        check_regular_file(path)
         try:
-            out.append(predict.prepare(predict.read(path, max_pixels), str(path)))
-        except DigitsInputError as exc:
-            out.append(str(exc))
-    return out
-
-
-def _fingerprint(data: Path, paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.relative_to(data).as_posix().encode() + b"\0")  # names are UTF-8 (_visible)
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise DigitsInputError(f"{path}: no such file") from None
+        except OSError as exc:
+            raise DigitsInputError(f"{path}: cannot be read ({exc.strerror})") from None
+        digest.update(raw)
+        return predict.prepare(predict.decode(raw, str(path), max_pixels), str(path))
+    except DigitsInputError as exc:
+        return str(exc)

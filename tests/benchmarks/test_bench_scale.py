@@ -159,3 +159,32 @@ def test_a_bad_line_near_the_end_of_a_large_csv_is_one_line_and_leaves_nothing(b
     (line,) = done.stderr.strip().splitlines()
     assert f"line {expected_line}, column 1" in line and "expected a number, got 'x'" in line, line
     assert not list(home.rglob("*.parquet")) and not list(home.rglob(".ingest.*"))
+
+
+FOLDER_ROWS = int(os.environ.get("DIGITS_BENCH_FOLDER_ROWS", "200000"))
+
+
+def test_a_folder_of_200k_pngs_through_train_folder(bench_root, tmp_path):
+    """A PNG tree of FOLDER_ROWS images (make_big.py --style folder: train/<label>/<n>.png) through `digits run
+    train-folder` (fine-tuning the MNIST champion, one epoch), its peak RSS the process tree's: within 2 GB.
+    The MNIST champion comes first from `digits run train-mnist` on the shared idx files (one epoch) in the same
+    home. The folder is written once under $DIGITS_BENCH_DIR."""
+    data = bench_root / f"folder-{FOLDER_ROWS}"
+    if not (data / "train").is_dir():
+        made = data.with_name(data.name + ".partial")
+        shutil.rmtree(made, ignore_errors=True)
+        subprocess.run([sys.executable, str(datagen.shared_data("scale", "make_big.py")), str(made), "--rows",
+                        str(FOLDER_ROWS), "--style", "folder"], check=True, capture_output=True)
+        made.rename(data)
+    env = {**os.environ, "DIGITS_HOME": str(tmp_path / "home"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    mnist = measured([DIGITS, "run", "train-mnist", "--data", str(datagen.shared_data("mnist")),
+                      "--set", "train.epochs=1"], env)
+    folder = measured([DIGITS, "run", "train-folder", "--data", str(data), "--set", "train.epochs=1"], env)
+    record = json.loads(next((tmp_path / "home" / "runs").glob("*train-folder*/run.json")).read_text())
+    seconds = {name: round(stage["seconds"], 1) for name, stage in record["stages"].items() if stage.get("seconds")}
+    summary = {"images": FOLDER_ROWS, "counts": record["stages"]["convert"]["outputs"]["counts"],
+               "train_folder": {k: v for k, v in folder.items() if k != "stdout"}, "stage_seconds": seconds,
+               "val_accuracy": record["stages"]["evaluate"]["outputs"].get("val_accuracy"),
+               "train_mnist_s": mnist["seconds"]}
+    print(f"\nfolder at scale: {json.dumps(summary)}")
+    assert record["status"] == "completed" and folder["peak_rss_mb"] <= LIMIT_MB, summary
