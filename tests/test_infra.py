@@ -41,7 +41,7 @@ def test_compose_file_wires_the_team_services_on_one_postgres():
                              "dask-worker-2", "worker", "model-server"}
     assert services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"] \
         == "postgresql+asyncpg://digits:digits@postgres:5432/prefect"
-    assert "--backend-store-uri postgresql://digits:digits@postgres:5432/mlflow" in services["mlflow"]["command"]
+    assert "--backend-store-uri postgresql+psycopg://digits:digits@postgres:5432/mlflow" in services["mlflow"]["command"]
     assert "--serve-artifacts" in services["mlflow"]["command"]  # clients need no disk the server sees
     databases = (ROOT / "infra/postgres-init.sql").read_text()
     assert all(f"CREATE DATABASE {name};" in databases for name in ("prefect", "mlflow", "optuna"))
