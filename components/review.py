@@ -99,9 +99,11 @@ def cross_fit(converted: Converted, review: ReviewConfig, seed: int, work_dir: P
     labels = np.concatenate([parts[s].labels for s in parts]).astype(np.int64)
     images = np.concatenate([parts[s].images for s in parts])
     splits = np.concatenate([np.full(len(parts[s].ids), s) for s in parts])
-    test = records.load(converted.files("test")) if "test" in converted.counts else None
-    if test is not None and (test.labels < 0).any():
-        test = None  # an unlabelled test split (Kaggle's): nothing to review there
+    test = None  # an unlabelled test split (Kaggle's) is not read: nothing to review there
+    if converted.counts.get("test") and converted.labelled("test") is not False:
+        test = records.load(converted.files("test"))
+        if (test.labels < 0).any():
+            test = None
     if len(labels) < review.folds * 2:
         raise DigitsInputError(f"review.folds={review.folds}: {len(labels)} labelled images are too few to split")
     folds = fold_of(labels, review.folds, seed)

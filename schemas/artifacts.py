@@ -210,6 +210,16 @@ class Converted(Artifact):
         rows = ", ".join(f"{split} {n:,} ({self.shards[split]} shards)" for split, n in self.counts.items())
         return f"{rows} on {self.runner}, fingerprint {self.fingerprint[:12]}"
 
+    def labelled(self, split: str) -> bool | None:
+        """Whether every row of the split has a label, from the manifest's label counts (no shard is read); None
+        when they are not known."""
+        from schemas.examples import NO_LABEL
+
+        counts = self.label_counts.get(split)
+        if not counts:
+            return None
+        return str(NO_LABEL) not in counts
+
     def files(self, split: str) -> list[Path]:
         """The shards of one split (train, val or test), in manifest order, verified with the manifest
         (DamagedArtifact if one is not what convert wrote)."""

@@ -66,6 +66,8 @@ def test_shards_read_back_through_the_shared_parser_match_manifest_and_parquet(h
     test = _by_id(folder.stage_dir("ingest") / "test.parquet")
     assert sorted(seen["test"].ids) == sorted(test)
     assert set(seen["test"].labels) == {ex.NO_LABEL}  # Kaggle's test rows are unlabelled
+    # and the manifest says so, without a shard read (evaluate and the label review skip such a split)
+    assert (converted.labelled("test"), converted.labelled("train"), converted.labelled("val")) == (False, True, True)
     assert all(image.tobytes() == test[int(i)][1] for i, image in zip(seen["test"].ids, seen["test"].images))
 
     record = folder.load().stages["convert"]

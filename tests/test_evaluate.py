@@ -315,7 +315,8 @@ def test_batched_scoring_gives_what_keras_predict_gives_for_one_output_and_sever
     assert [a.shape for a in predict(two, images[:0])] == [(0, 10), (0, 10)]
 
 
-def test_the_robustness_sweep_scores_the_unperturbed_images_once_and_its_numbers_do_not_change():
+def test_the_robustness_sweep_scores_the_unperturbed_images_once_and_its_numbers_do_not_change(monkeypatch):
+    from components import evaluate
     from components.evaluate import NOISE, ROTATIONS, SHIFTS, robustness_sweep
 
     rng = np.random.default_rng(1)
@@ -335,6 +336,9 @@ def test_the_robustness_sweep_scores_the_unperturbed_images_once_and_its_numbers
     clean = float((predict(images).argmax(1) == labels).mean())
     assert alone["rotation_degrees"]["0"] == alone["shift_pixels"]["0"] == alone["noise_sigma"]["0.0"] == clean
     assert any(alone["noise_sigma"][str(sigma)] != clean for sigma in NOISE[1:])
+    # perturbed a few rows at a time (memory holds one chunk's float copies), the same numbers, noise included
+    monkeypatch.setattr(evaluate, "ROBUSTNESS_CHUNK", 7)
+    assert robustness_sweep(predict, images, labels) == alone
 
 
 def _image_set(images: np.ndarray) -> set[bytes]:
