@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import zipfile
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -52,18 +53,28 @@ def _data(times: int, root: Path) -> Path:
     return out
 
 
-def measured(command: list[str], env: dict[str, str], cwd: Path | None = None) -> dict:
-    """Run command; its wall seconds and the peak RSS (MB) of its process tree, sampled every 50 ms."""
+def measured(command: list[str], env: dict[str, str], cwd: Path | None = None, samples: list | None = None) -> dict:
+    """Run command; its wall seconds and the peak RSS (MB) of its process tree, sampled every 50 ms. samples, when
+    given, receives (unix time, {process: RSS MB}, PSS MB of the tree) every second and at each new peak: a sum of
+    RSS counts the pages processes share (TensorFlow's libraries, mapped by each process that imports it) once per
+    process; PSS (proportional set size) splits each shared page among its sharers."""
     proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, done = 0, threading.Event()
 
     def sample() -> None:
         nonlocal peak
         root = psutil.Process(proc.pid)
+        kept = 0.0
         while not done.is_set():
             try:
                 tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+                sizes = {f"{p.pid} {' '.join(p.cmdline()[1:4])[:60]}": p.memory_info().rss for p in tree if p.is_running()}
+                total = sum(sizes.values())
+                if samples is not None and (total > peak or time.time() - kept >= 1):
+                    pss = sum(p.memory_full_info().pss for p in tree if p.is_running())
+                    samples.append((time.time(), {k: round(v / 2**20) for k, v in sizes.items()}, round(pss / 2**20)))
+                    kept = time.time()
+                peak = max(peak, total)
             except psutil.Error:
                 pass
             time.sleep(0.05)
@@ -179,11 +190,21 @@ def test_a_folder_of_200k_pngs_through_train_folder(bench_root, tmp_path):
     env = {**os.environ, "DIGITS_HOME": str(tmp_path / "home"), "TF_CPP_MIN_LOG_LEVEL": "2"}
     mnist = measured([DIGITS, "run", "train-mnist", "--data", str(datagen.shared_data("mnist")),
                       "--set", "train.epochs=1"], env)
-    folder = measured([DIGITS, "run", "train-folder", "--data", str(data), "--set", "train.epochs=1"], env)
+    samples: list = []
+    folder = measured([DIGITS, "run", "train-folder", "--data", str(data), "--set", "train.epochs=1"], env, samples=samples)
     record = json.loads(next((tmp_path / "home" / "runs").glob("*train-folder*/run.json")).read_text())
     seconds = {name: round(stage["seconds"], 1) for name, stage in record["stages"].items() if stage.get("seconds")}
+    peaks = {}  # each stage's peak: the process tree's total, and each process's share at that moment
+    for name, stage in record["stages"].items():
+        start = datetime.fromisoformat(stage["started_at"]).timestamp()
+        end = datetime.fromisoformat(stage["finished_at"]).timestamp() if stage.get("finished_at") else time.time()
+        during = [(sum(sizes.values()), sizes, pss) for at, sizes, pss in samples if start <= at <= end]
+        if during:
+            total, sizes, _ = max(during, key=lambda s: s[0])
+            peaks[name] = {"total_mb": total, "processes": sizes, "pss_mb": max(s[2] for s in during)}
     summary = {"images": FOLDER_ROWS, "counts": record["stages"]["convert"]["outputs"]["counts"],
                "train_folder": {k: v for k, v in folder.items() if k != "stdout"}, "stage_seconds": seconds,
+               "stage_peaks": peaks, "peak_pss_mb": max((s[2] for s in samples), default=None),
                "val_accuracy": record["stages"]["evaluate"]["outputs"].get("val_accuracy"),
                "train_mnist_s": mnist["seconds"]}
     print(f"\nfolder at scale: {json.dumps(summary)}")
