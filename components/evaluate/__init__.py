@@ -168,8 +168,9 @@ def label_review(review, converted: Converted, val: Split, probabilities: np.nda
             suspects.setdefault(row["split"], {})[int(row["id"])] = int(row["suggested_label"])
     parts = {"val": (val, probabilities)}
     if converted.counts.get("test"):
-        test = Split.of(converted, "test", in_memory_rows)
-        labelled = converted.labelled("test")  # from the manifest: a streamed split is then read once, to score
+        # from the manifest: an unlabelled split is not read at all, a labelled streamed one once (to score it)
+        labelled = converted.labelled("test")
+        test = None if labelled is False else Split.of(converted, "test", in_memory_rows)
         if labelled is None:
             labelled = bool((test.labels >= 0).all())
         if labelled:
