@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 from fastapi import Request  # at module level: FastAPI reads the route's annotations from this module's names
 
+from components.registration import tag
 from components.registry import Registry, Version
 from components.registry import mlflow_model
 from schemas.errors import DigitsInputError
@@ -99,7 +100,7 @@ def describe(loaded: Loaded, alias: str, min_confidence: float) -> dict:
     version = loaded.version
     return {"name": version.name, "version": version.version, "alias": alias, "aliases": version.aliases,
             "uri": f"models:/{version.name}/{version.version}", "model_card": "/model-card" if loaded.card else None,
-            "val_accuracy": version.tags.get("digits.val_accuracy"), "min_confidence": min_confidence}
+            "val_accuracy": version.tags.get(tag("val_accuracy")), "min_confidence": min_confidence}
 
 
 def predict_body(loaded: Loaded, body: bytes, content_type: str, min_confidence: float) -> dict:

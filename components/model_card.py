@@ -171,8 +171,19 @@ def _html(f: dict[str, Any], pictures: dict[str, Path]) -> str:
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
-            "img{max-width:100%;display:block;margin:1em 0}</style></head><body>"
+            "img{max-width:100%;display:block;margin:1em 0}"
+            "nav{margin-bottom:1em;padding-bottom:.5em;border-bottom:1px solid #ddd} nav a{margin-right:1.2em}"
+            "</style></head><body>"
             f"<h1>{html.escape(title)}</h1>{''.join(body)}</body></html>\n")
+
+
+def add_nav(page: Path, nav_html: str) -> None:
+    """Put a run's links bar (components.pages.nav) at the top of the HTML card in its run folder; the copies
+    attached to the registry and the MLflow run are the card alone (relative links would lead nowhere there)."""
+    text = page.read_text(encoding="utf-8")
+    partial = page.with_name(f".{page.name}.partial")
+    partial.write_text(text.replace("<body>", f"<body>{nav_html}", 1), encoding="utf-8")
+    os.replace(partial, page)
 
 
 def write(out_dir: Path, facts: dict[str, Any], picture_dir: Path) -> list[Path]:

@@ -69,6 +69,17 @@ class Lineage:
         return tags
 
 
+RUN_TAGS = ("stage",)  # on a stage's MLflow run only (tune trials and ensemble members add digits.trial/.member)
+
+
+def tag(field: str) -> str:
+    """The tag a Lineage field (or one of RUN_TAGS) is written as: `digits.<field>`. Readers of a version's tags
+    name them through this, so a field renamed here cannot leave a reader looking for the old tag."""
+    if field not in RUN_TAGS and field not in {item.name for item in dataclasses.fields(Lineage)}:
+        raise ValueError(f"'{field}' is not a lineage field")
+    return PREFIX + field
+
+
 @dataclass(frozen=True)
 class Gate:
     """How the evaluate stage decided, to decide again against a champion promoted during the run."""
@@ -142,6 +153,9 @@ def register(reg: Registry, home: Path, name: str, out: Path, progress: Progress
             documents += [("validation", validation.report), ("validation", validation.dir / "results.json")]
         log_evaluation(tracking_uri(home), run_id, evaluation, [(where, p) for where, p in documents if p.is_file()],
                        why)
+    from components import model_card, pages as run_pages
+
+    model_card.add_nav(out / model_card.HTML, run_pages.nav(out.parent, "register", mlflow_run=run_id))
     return _written(out, Registration(dir=out, model_name=name, version=version.version, promoted=promoted,
                                       reason=reason, model_card="model_card.html"))
 

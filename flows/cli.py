@@ -359,12 +359,15 @@ def _emit_json(value) -> None:
 
 def _version_facts(version) -> dict:
     """A registry version as --json shows it: number, aliases, description, lineage, every tag."""
+    from components.registration import tag
+    from components.registry import MODEL_SHA256
+
     tags = version.tags
     return {"name": version.name, "version": version.version, "aliases": version.aliases,
             "description": version.description, "uri": version.uri,
-            "val_accuracy": float(tags["digits.val_accuracy"]) if "digits.val_accuracy" in tags else None,
-            "model": tags.get("digits.model"), "run_id": tags.get("digits.run_id"),
-            "data_fingerprint": tags.get("digits.data_fingerprint"), "model_sha256": tags.get("digits.model_sha256"),
+            "val_accuracy": float(tags[tag("val_accuracy")]) if tag("val_accuracy") in tags else None,
+            "model": tags.get(tag("model")), "run_id": tags.get(tag("run_id")),
+            "data_fingerprint": tags.get(tag("data_fingerprint")), "model_sha256": tags.get(MODEL_SHA256),
             "tags": dict(sorted(tags.items()))}
 
 
@@ -404,6 +407,7 @@ def registry_show(name: Annotated[str, typer.Argument(help="e.g. digits-mnist")]
     not) champion, when it became so, and where its model card is."""
     from flows import stages
 
+    from components.registration import tag
     from components.registry import checked_name, checked_version
 
     reg = stages.registry()
@@ -424,14 +428,16 @@ def registry_show(name: Annotated[str, typer.Argument(help="e.g. digits-mnist")]
         return
     _print_rows([Column("version"), Column("aliases"), Column("val_accuracy"), Column("model"),
                  Column("run id", no_wrap=True), Column("data", no_wrap=True)],
-                [(v.version, ",".join(v.aliases), v.tags.get("digits.val_accuracy", ""), v.tags.get("digits.model", ""),
-                  v.tags.get("digits.run_id", ""), v.tags.get("digits.data_fingerprint", "")[:12]) for v in versions])
+                [(v.version, ",".join(v.aliases), v.tags.get(tag("val_accuracy"), ""), v.tags.get(tag("model"), ""),
+                  v.tags.get(tag("run_id"), ""), v.tags.get(tag("data_fingerprint"), "")[:12]) for v in versions])
 
 
 def _show_version(reg, version, as_json: bool = False) -> None:
     """One version's facts, its moves as champion, and where its model card is (the registry's copy, and the
     run's when on this home)."""
     from components.model_card import HTML, MARKDOWN
+    from components.registration import tag
+    from components.registry import MODEL_SHA256
     from schemas.runs import RunFolder
 
     tags = version.tags
@@ -439,7 +445,7 @@ def _show_version(reg, version, as_json: bool = False) -> None:
     card = reg.location_of(version, HTML)
     local = None
     try:
-        candidate = RunFolder.open(tags.get("digits.run_id", "")).stage_dir("register") / HTML
+        candidate = RunFolder.open(tags.get(tag("run_id"), "")).stage_dir("register") / HTML
         local = candidate if candidate.is_file() else None
     except DigitsInputError:
         pass
@@ -450,10 +456,9 @@ def _show_version(reg, version, as_json: bool = False) -> None:
         return
     rows = [("version", version.version), ("aliases", ",".join(version.aliases) or "-")]
     rows += [("description", version.description)] if version.description else []
-    rows += [(key.removeprefix("digits."), tags[key]) for key in (
-        "digits.val_accuracy", "digits.model", "digits.run_id", "digits.pipeline", "digits.base",
-        "digits.seen_val_images", "digits.seen_test_images", "digits.allow_seen_val", "digits.model_sha256")
-        if key in tags]
+    shown = [(field, tag(field)) for field in ("val_accuracy", "model", "run_id", "pipeline", "base",
+                                               "seen_val_images", "seen_test_images", "allow_seen_val")]
+    rows += [(field, tags[key]) for field, key in [*shown, ("model_sha256", MODEL_SHA256)] if key in tags]
     rows += [("champion since" if e.get("to") == version.version else "champion until",
               f"{e.get('at')}: {e.get('why')} ({e.get('by')})") for e in moves]
     _print_rows([Column("field", no_wrap=True), Column("value", overflow="fold")], rows)

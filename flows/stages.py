@@ -17,6 +17,7 @@ from typing import Callable
 from components import convert as convert_component
 from components import ingest as ingest_component
 from components import validate as validate_component
+from components.registration import tag as lineage_tag
 from components.registry import MODEL_SHA256, Registry, model_name
 from components.tracking import Tracking, tracking_uri
 from schemas.artifacts import (Converted, Evaluation, Examples, Exported, Registration, Reviewed, Trained, Tuned,
@@ -258,7 +259,8 @@ def _base_model(base: str, scratch: Path, progress: Progress):
         seen_file = reg.fetch(version, Trained.SEEN, scratch / "seen")
         if seen_file is None:
             progress(f"{version.uri} has no record of the images it was trained on: its lineage is incomplete")
-        return model_file, version.uri, SeenSet.load(seen_file) if seen_file else None, version.tags.get("digits.run_id")
+        run_id = version.tags.get(lineage_tag("run_id"))
+        return model_file, version.uri, SeenSet.load(seen_file) if seen_file else None, run_id
     path = Path(base).expanduser()
     if path.suffix != ".keras" or not path.is_file():
         raise DigitsInputError(f"transfer.base '{base}': no such .keras file (expected 'scratch', "
@@ -271,9 +273,9 @@ def _tracking(folder: RunFolder, config: PipelineConfig, converted: Converted, s
     home = digits_home()
     record = folder.load()
     return Tracking(tracking_uri(home), f"digits-{config.source.value}", folder.run_id,
-                    tags={"digits.run_id": folder.run_id, "digits.pipeline": config.pipeline.value,
-                          "digits.stage": stage,
-                          "digits.code_version": record.code_version, "digits.data_fingerprint": converted.fingerprint},
+                    tags={lineage_tag(field): value for field, value in (
+                        ("run_id", folder.run_id), ("pipeline", config.pipeline.value), ("stage", stage),
+                        ("code_version", record.code_version), ("data_fingerprint", converted.fingerprint))},
                     artifact_root=home / "mlartifacts")
 
 

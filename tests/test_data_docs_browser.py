@@ -112,7 +112,10 @@ def test_the_runs_entry_page_shows_every_suite_and_the_evaluation_offline(cli, h
     assert 'href="../index.html"' in evaluation.stdout and 'href="../validate/report.html"' in evaluation.stdout
     eda = _chromium(*offline, "--dump-dom", (run / "ingest/eda/index.html").as_uri(), profile=tmp_path / "profile")
     assert "Label counts" in eda.stdout and 'src="label_counts.png"' in eda.stdout and "smallest / largest" in eda.stdout
-    for page in ("validate/report.html", "evaluate/report.html", "ingest/eda/index.html"):
+    # the run's copy of the model card links back to the run and its pages (the registry's copy is the card alone)
+    card = (run / "register/model_card.html").read_text()
+    assert 'href="../index.html"' in card and 'href="../evaluate/report.html"' in card
+    for page in ("validate/report.html", "evaluate/report.html", "ingest/eda/index.html", "register/model_card.html"):
         for link in re.findall(r'(?:href|src)="([^"]+)"', (run / page).read_text()):
             if link.startswith("#"):  # an anchor of the page itself
                 assert f'id="{link[1:]}"' in (run / page).read_text(), (page, link)
@@ -139,7 +142,7 @@ def test_the_model_card_of_a_registered_version_renders_its_sections_offline(cli
     dom = _chromium(*offline, "--dump-dom", card_uri, profile=tmp_path / "profile")
     assert dom.returncode == 0, dom.stderr[-2000:]
     text = dom.stdout
-    assert "Model card: digits-kaggle version 1" in text
+    assert "Model card: digits-kaggle version 1" in text and "<nav>" not in text  # no run folder beside it here
     for section in SECTIONS:
         assert f"<h2>{section}</h2>" in text, section
     assert text.count('src="data:image/png;base64,') == 4  # training curves, robustness, calibration, confusion
