@@ -27,7 +27,7 @@ from schemas.dataset import N_CLASSES
 from schemas.errors import DigitsInputError
 
 FILE = "ood.npz"
-BATCH = 512  # images a feature extraction takes at once
+BATCH = 128  # images a feature extraction takes at once
 METHOD = "Mahalanobis distance on features, feature ensemble (Lee et al. 2018)"
 
 

@@ -439,7 +439,7 @@ def calibration(labels: np.ndarray, probabilities: np.ndarray, bins: int = CALIB
             "accuracy": float(right.mean()) if len(labels) else 0.0}
 
 
-ROBUSTNESS_CHUNK = 8192  # val rows perturbed at a time: a multiple of predict's 1024-row batches (the same scores)
+ROBUSTNESS_CHUNK = 8192  # val rows perturbed at a time: a multiple of predict's 256-row batches (the same scores)
 
 
 def robustness_sweep(predict: Predict, images: np.ndarray, labels: np.ndarray, seed: int = 0,
