@@ -52,7 +52,8 @@ def registry() -> Registry:
 def ingest(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progress) -> Examples:
     """Read the source named by the pipeline from ingest.data into canonical Parquet + EDA."""
     tfds_dir = Path(config.ingest.tfds_data_dir).expanduser() if config.ingest.tfds_data_dir else digits_home() / "tfds"
-    return ingest_component.run(config.source, config.ingest, out, tfds_dir=tfds_dir, progress=progress)
+    return ingest_component.run(config.source, config.ingest, out, tfds_dir=tfds_dir, progress=progress,
+                                dask_address=config.dask.address)
 
 
 def data_fingerprint(config: PipelineConfig) -> str | None:
@@ -65,7 +66,8 @@ def data_fingerprint(config: PipelineConfig) -> str | None:
 def validate(folder: RunFolder, config: PipelineConfig, out: Path, progress: Progress, *,
              examples: Examples) -> Validation:
     """Great Expectations suites + Data Docs on the ingested examples (the gate is validation_gate)."""
-    return validate_component.run(examples, config.validate_, out, limit=config.ingest.limit, progress=progress)
+    return validate_component.run(examples, config.validate_, out, limit=config.ingest.limit, progress=progress,
+                                  dask_address=config.dask.address)
 
 
 def validation_gate(folder: RunFolder, config: PipelineConfig, validation: Validation) -> None:

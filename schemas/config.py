@@ -358,10 +358,12 @@ class TuneConfig(_Model):
 
 
 class DaskConfig(_Model):
-    """The Dask cluster that work is spread over: convert.runner=dask (Beam's DaskRunner) and ensemble members."""
+    """The Dask cluster that work is spread over: ingest's text blocks, validate's row groups, convert.runner=dask
+    (Beam's DaskRunner), ensemble members and tune trials."""
 
-    address: str | None = Field(None, description="an existing scheduler (tcp://host:8786) for convert.runner=dask "
-                                "and for ensemble members; its workers must import digits and see $DIGITS_HOME "
+    address: str | None = Field(None, description="an existing scheduler (tcp://host:8786): ingest parses text "
+                                "files and validate computes features on its workers, and it runs "
+                                "convert.runner=dask and ensemble members; its workers must import digits and see $DIGITS_HOME "
                                 "at the same path. None: digits starts a LocalCluster on 127.0.0.1 when one is "
                                 "needed (convert.dask_workers, train.workers processes)")
 

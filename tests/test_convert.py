@@ -127,6 +127,60 @@ def test_dask_runner_on_a_local_cluster_writes_the_same_examples_as_the_direct_r
         assert (dask.dir / name).read_bytes() == (direct.dir / name).read_bytes(), name
 
 
+def test_ingest_validate_and_convert_on_a_two_worker_dask_cluster_give_the_one_machine_artifacts(
+        kaggle_data, tmp_path, monkeypatch):
+    """With dask.address set, ingest parses the CSV's text blocks on the cluster's workers, validate computes each
+    row group's features there and convert runs Beam's DaskRunner on them: the same Parquet (byte for byte),
+    validation results, manifest and shards as one machine gives. The CSV is read in 64 KB blocks and written in
+    64-row groups here, so that many of each travel to the 2 workers, and come back in order."""
+    from dask.distributed import LocalCluster
+
+    import components.ingest as ingest_stage
+    from components.ingest import text
+
+    monkeypatch.setattr(text, "BLOCK_BYTES", 64 << 10)
+    monkeypatch.setattr(ingest_stage, "ROW_GROUP_ROWS", 64)
+
+    def converted(home: Path, *settings: str):
+        monkeypatch.setenv("DIGITS_HOME", str(home))
+        folder, config = validated_kaggle_run(kaggle_data, "convert.rows_per_shard=100", *settings)
+        return folder, make(folder, config, "converted")
+
+    one_folder, one = converted(tmp_path / "one-machine")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+                      preload=["components.convert.dask_worker"]) as cluster:
+        dask_folder, dask = converted(tmp_path / "dask", f"dask.address={cluster.scheduler_address}",
+                                      "convert.runner=dask")
+        ran = {name: prefix.state_counts["memory"] for name, prefix in cluster.scheduler.task_prefixes.items()}
+        workers = len(cluster.scheduler.workers)
+        # the noisy reader's blocks too (its first block, which sets the layout, is read here)
+        from components import ingest as ingest_component
+        from schemas.config import IngestConfig
+        from schemas.dataset import Source
+
+        datagen.write_noisy(tmp_path / "noisy", n_train=300, n_test=100)
+        noisy = {where: ingest_component.run(Source.noisy, IngestConfig(data=str(tmp_path / "noisy")),
+                                             tmp_path / f"noisy-{where}", tfds_dir=tmp_path, dask_address=address)
+                 for where, address in (("here", None), ("dask", cluster.scheduler_address))}
+        noisy_blocks = cluster.scheduler.task_prefixes["parse_numeric"].state_counts["memory"] - ran["parse_numeric"]
+    assert noisy_blocks > 10 and noisy["here"].counts == noisy["dask"].counts == {"train": 300, "test": 100}
+    for name in ("train.parquet", "test.parquet"):
+        assert (tmp_path / "noisy-here" / name).read_bytes() == (tmp_path / "noisy-dask" / name).read_bytes()
+    blocks = -(-(kaggle_data / "train.csv").stat().st_size // (64 << 10))
+    assert workers == 2 and ran.get("parse_numeric", 0) >= blocks > 10, ran  # both splits' blocks parsed there
+    assert ran.get("group_features", 0) == 10 + 3, sorted(ran)  # 600 train and 150 test rows in 64-row groups
+    assert dask.runner == "DaskRunner" and one.runner == "DirectRunner"
+    for name in ("train.parquet", "test.parquet"):
+        assert (dask_folder.stage_dir("ingest") / name).read_bytes() == (one_folder.stage_dir("ingest") / name).read_bytes()
+    results = [json.loads((f.stage_dir("validate") / "results.json").read_text()) for f in (one_folder, dask_folder)]
+    assert results[0]["results"] == results[1]["results"] and results[0]["dataset"] == results[1]["dataset"]
+    assert ex.read_manifest(dask.dir) == ex.read_manifest(one.dir)
+    shards = sorted(p.name for p in one.dir.glob(f"*{ex.SUFFIX}"))
+    assert len(shards) == 9 and shards == sorted(p.name for p in dask.dir.glob(f"*{ex.SUFFIX}"))
+    for name in shards:
+        assert (dask.dir / name).read_bytes() == (one.dir / name).read_bytes(), name
+
+
 def test_the_split_is_stratified_seeded_and_exact():
     rng = np.random.default_rng(3)
     labels = rng.choice(10, size=20_000, p=[.3, .2, .1, .1, .1, .05, .05, .05, .03, .02])

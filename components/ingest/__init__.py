@@ -63,7 +63,7 @@ def source_fingerprint(source: Source, config: IngestConfig) -> str | None:
 
 
 def run(source: Source, config: IngestConfig, out_dir: Path, *, tfds_dir: Path,
-        progress: Callable[[str], None] = lambda _: None) -> Examples:
+        progress: Callable[[str], None] = lambda _: None, dask_address: str | None = None) -> Examples:
     """Read `source` from config.data into canonical Parquet files in out_dir.
 
     Returns the Examples artifact (split files, row counts, rejects, input fingerprints).
@@ -78,7 +78,7 @@ def run(source: Source, config: IngestConfig, out_dir: Path, *, tfds_dir: Path,
         _check_memory(data)
     splits, fingerprints = reader_of(source)(data, ReadOptions(
         limit=config.limit, strict=config.on_bad_rows is OnBadRows.strict, tfds_dir=tfds_dir,
-        max_image_pixels=config.max_image_pixels))
+        max_image_pixels=config.max_image_pixels, dask_address=dask_address))
     decisions = None
     if config.review:
         from components.ingest import review

@@ -16,8 +16,9 @@ import numpy as np
 
 from components.files import check_regular_file
 from components.ingest.splits import ReadOptions, SplitData, checked_blocks
-from components.ingest.text import (NumericRows, ValueRule, hashed_pieces, other_separator, parse_numeric, shorten,
-                                    text_blocks)
+from components.ingest.text import (NumericRows, TextBody, ValueRule, hashed_pieces, other_separator, parse_numeric,
+                                    shorten, text_blocks)
+from components.parallel import ordered_map
 from schemas.artifacts import sha256_file
 from schemas.dataset import (IMAGE_SIDE, KAGGLE_TEST_HEADER, KAGGLE_TRAIN_HEADER, N_PIXELS, PIXEL_MAX,
                              Split)
@@ -33,7 +34,8 @@ def read(data: Path, options: ReadOptions) -> tuple[dict[Split, Iterator[SplitDa
     fingerprints: dict[str, str] = {}
     if data.is_dir():
         splits = {split: hashed_pieces(data / name, fingerprints, functools.partial(
-            _read_split, split=split, limit=options.limit, strict=options.strict)) for split, name in _FILES.items()}
+            _read_split, split=split, limit=options.limit, strict=options.strict, dask_address=options.dask_address))
+            for split, name in _FILES.items()}
         return splits, fingerprints
     try:
         with zipfile.ZipFile(data) as archive:
@@ -66,24 +68,31 @@ def _stream_member(data: Path, member: str, split: Split, options: ReadOptions) 
     name = f"{data}:{member}"
     try:
         with zipfile.ZipFile(data) as archive, archive.open(member) as fh:
-            yield from _read_split(name, fh, split, limit=options.limit, strict=options.strict)
+            yield from _read_split(name, fh, split, limit=options.limit, strict=options.strict,
+                                   dask_address=options.dask_address)
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a damaged member (a bad CRC) found while reading
         raise DataFormatError(data, f"cannot read {Path(member).name} from the archive: {exc}") from None
 
 
-def _read_split(path: str, stream: BinaryIO, split: Split, *, limit: int | None, strict: bool) -> Iterator[SplitData]:
+def _read_split(path: str, stream: BinaryIO, split: Split, *, limit: int | None, strict: bool,
+                dask_address: str | None = None) -> Iterator[SplitData]:
     expected = KAGGLE_TRAIN_HEADER if split is Split.train else KAGGLE_TEST_HEADER
     rules = [ValueRule(slice(1 if split is Split.train else 0, None), "pixel", 0, PIXEL_MAX, True)]
     if split is Split.train:
         rules.insert(0, ValueRule(slice(0, 1), "label", 0, 9, True))
     first_line: list[int] = []
 
-    def parsed() -> Iterator[tuple[NumericRows, list[ValueRule]]]:
+    def headed() -> Iterator[TextBody]:
         for text in text_blocks(path, stream, header="required", limit=limit):
             if not first_line:
                 _check_header(path, text.header, expected, split)
                 first_line.append(text.first_line)
-            yield parse_numeric(text, delimiter=",", n_fields=len(expected)), rules
+            yield text
+
+    def parsed() -> Iterator[tuple[NumericRows, list[ValueRule]]]:  # here, or on the workers of dask.address
+        for rows in ordered_map(functools.partial(parse_numeric, delimiter=",", n_fields=len(expected)), headed(),
+                                dask_address):
+            yield rows, rules
 
     for values, lines, rejects, n_read in checked_blocks(path, parsed(), strict=strict):
         pixels = values[:, -N_PIXELS:].astype(np.uint8).reshape(-1, IMAGE_SIDE, IMAGE_SIDE)

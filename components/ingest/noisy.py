@@ -16,6 +16,7 @@ import numpy as np
 from components.files import check_regular_file
 from components.ingest.splits import ReadOptions, SplitData, checked_blocks
 from components.ingest.text import NumericRows, TextBody, ValueRule, hashed_pieces, parse_numeric, text_blocks
+from components.parallel import ordered_map
 from schemas.dataset import IMAGE_SIDE, N_PIXELS, PIXEL_MAX, Split
 from schemas.errors import DataFormatError
 
@@ -50,29 +51,33 @@ def read(data: Path, options: ReadOptions) -> tuple[dict[Split, Iterator[SplitDa
     files, delimiter = _pair(data)
     prints: dict[str, str] = {}
     return {split: hashed_pieces(data / name, prints, functools.partial(
-        _read_split, split=split, delimiter=delimiter, limit=options.limit, strict=options.strict))
+        _read_split, split=split, delimiter=delimiter, limit=options.limit, strict=options.strict,
+        dask_address=options.dask_address))
         for split, name in files.items()}, prints
 
 
 def _read_split(path: str, stream: BinaryIO, split: Split, delimiter: str, *, limit: int | None,
-                strict: bool) -> Iterator[SplitData]:
+                strict: bool, dask_address: str | None = None) -> Iterator[SplitData]:
     """One split's pieces: the label (last column) checked, pixels scaled to 0..255 and turned upright."""
     first: dict = {}
 
     def parsed() -> Iterator[tuple[NumericRows, list[ValueRule]]]:
-        for text in text_blocks(path, stream, header="auto" if delimiter == "," else "none", limit=limit):
-            if not first:  # the file's layout, from its header or first row
-                n_fields = _field_count(text, delimiter, split)
-                rules = [ValueRule(slice(0, N_PIXELS), "pixel", 0.0, 1.0, False)]
-                if n_fields == N_PIXELS + 1:
-                    rules.insert(0, ValueRule(slice(N_PIXELS, N_PIXELS + 1), "label", 0, 9, True))
-                first.update(n_fields=n_fields, rules=rules, line=text.first_line)
-                rows = parse_numeric(text, delimiter=delimiter, n_fields=n_fields)
-                if n_fields == N_PIXELS + 1:
-                    _refuse_label_first(path, rows.values, text.first_line)
-            else:
-                rows = parse_numeric(text, delimiter=delimiter, n_fields=first["n_fields"])
-            yield rows, first["rules"]
+        blocks = text_blocks(path, stream, header="auto" if delimiter == "," else "none", limit=limit)
+        for text in blocks:  # the first block, here: the file's layout, from its header or first row
+            n_fields = _field_count(text, delimiter, split)
+            rules = [ValueRule(slice(0, N_PIXELS), "pixel", 0.0, 1.0, False)]
+            if n_fields == N_PIXELS + 1:
+                rules.insert(0, ValueRule(slice(N_PIXELS, N_PIXELS + 1), "label", 0, 9, True))
+            first.update(n_fields=n_fields, rules=rules, line=text.first_line)
+            rows = parse_numeric(text, delimiter=delimiter, n_fields=n_fields)
+            if n_fields == N_PIXELS + 1:
+                _refuse_label_first(path, rows.values, text.first_line)
+            yield rows, rules
+            break
+        if first:  # the rest: here, or on the workers of dask.address
+            for rows in ordered_map(functools.partial(parse_numeric, delimiter=delimiter, n_fields=first["n_fields"]),
+                                    blocks, dask_address):
+                yield rows, first["rules"]
 
     for values, lines, rejects, n_read in checked_blocks(path, parsed(), strict=strict):
         labels = values[:, N_PIXELS].astype(np.int8) if first["n_fields"] == N_PIXELS + 1 else None

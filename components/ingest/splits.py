@@ -34,6 +34,7 @@ class ReadOptions:
     strict: bool = True  # the first bad row stops reading; False: bad rows become rejects
     tfds_dir: Path | None = None  # where TFDS prepares its data sets (the mnist source)
     max_image_pixels: int = 40_000_000  # one file per image: larger images are refused before decoding
+    dask_address: str | None = None  # text sources parse their blocks on this Dask scheduler's workers (in order)
 
 
 Part = SplitData | Iterable[SplitData]
