@@ -82,7 +82,6 @@ def test_row_groups_of_any_size_give_the_same_validation_split_and_shards(home, 
     and its spill files), so that memory does not grow with the data: the same 600 rows cut into 64-row groups
     give the same validation results and the same split, manifest and shards, byte for byte, as one group."""
     import components.ingest as ingest_stage
-    import components.validate as validate_stage
 
     def converted() -> tuple[RunFolder, object, dict]:
         folder, config = validated_kaggle_run(kaggle_data, "convert.rows_per_shard=100")
@@ -92,8 +91,7 @@ def test_row_groups_of_any_size_give_the_same_validation_split_and_shards(home, 
 
     whole_folder, whole, whole_results = converted()
     assert pq.ParquetFile(whole_folder.stage_dir("ingest") / "train.parquet").num_row_groups == 1
-    monkeypatch.setattr(ingest_stage, "ROW_GROUP_ROWS", 64)
-    monkeypatch.setattr(validate_stage, "ROW_GROUP_ROWS", 64)
+    monkeypatch.setattr(ingest_stage, "ROW_GROUP_ROWS", 64)  # validate and convert follow the file's row groups
     monkeypatch.setenv("DIGITS_HOME", str(tmp_path / "another-home"))  # nothing reused from the first run
     cut_folder, cut, cut_results = converted()
     assert pq.ParquetFile(cut_folder.stage_dir("ingest") / "train.parquet").num_row_groups == 10
