@@ -63,7 +63,7 @@ SOURCES: tuple[SourceSpec, ...] = (
         published_rows={"train": 42_000, "test": 28_000}, threshold=0.99),
     SourceSpec(
         name="mnist", title="TFDS mnist", reader="components.ingest.mnist:read",
-        layout="components.ingest.mnist:layout",
+        layout="components.ingest.mnist:layout", streams=True,
         data_help="a folder with the 4 original idx .gz files, or a TFDS data_dir; omit to let TFDS download",
         published_rows={"train": 60_000, "test": 10_000}, threshold=0.99, needs_data=False),
     SourceSpec(

@@ -38,7 +38,7 @@ def prepared_tfds(tmp_path_factory) -> tuple[Path, dict]:
     share it: the first prepares it under a lock, the others read it), and its splits as read. Tests read it."""
     import datagen
     from components.ingest import mnist as reader
-    from components.ingest.splits import ReadOptions
+    from components.ingest.splits import ReadOptions, collect
     from schemas.runs import locked
 
     mnist = datagen.shared_data("mnist")
@@ -47,7 +47,8 @@ def prepared_tfds(tmp_path_factory) -> tuple[Path, dict]:
         shared = shared.parent  # the session's folder, above each xdist worker's own
     tfds_dir = shared / "tfds-mnist"
     with locked(tfds_dir):  # held while the first worker prepares
-        splits, _ = reader.read(mnist, ReadOptions(tfds_dir=tfds_dir))
+        parts, _ = reader.read(mnist, ReadOptions(tfds_dir=tfds_dir))
+        splits = {split: collect(part) for split, part in parts.items()}  # read here, in TFDS's pieces
     return tfds_dir, splits
 
 

@@ -78,6 +78,7 @@ def test_real_mnist_counts_per_class(prepared_tfds):
     _, splits = prepared_tfds
     train, test = splits["train"], splits["test"]
     assert (len(train.ids), len(test.ids)) == (60000, 10000)
+    assert np.array_equal(train.ids, np.arange(1, 60001)) and np.array_equal(test.ids, np.arange(1, 10001))  # pieces
     assert np.bincount(train.labels, minlength=10).tolist() == TRAIN_COUNTS
     assert np.bincount(test.labels, minlength=10).tolist() == TEST_COUNTS
     assert train.pixels.shape == (60000, 28, 28) and train.pixels.dtype == np.uint8

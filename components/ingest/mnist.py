@@ -15,6 +15,7 @@ import logging
 import socket
 import struct
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlparse
 
 import numpy as np
@@ -34,9 +35,12 @@ IDX_FILES = {
 _TFDS_NAME = "mnist"
 
 
-def read(data: Path | None, options: ReadOptions) -> tuple[dict[Split, SplitData], dict[str, str]]:
-    """Load both splits through TFDS (in options.tfds_dir), preparing it from `data` first when that holds
-    the idx files."""
+PIECE_ROWS = 10_000  # images TFDS hands over at a time: a split streams through its iterator
+
+
+def read(data: Path | None, options: ReadOptions) -> tuple[dict[Split, Iterator[SplitData]], dict[str, str]]:
+    """Both splits through TFDS (in options.tfds_dir), preparing it from `data` first when that holds the idx
+    files; each split streamed from TFDS's iterator PIECE_ROWS images at a time."""
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.ERROR)  # "Variant folder ... has no dataset_info.json" on every first prepare
@@ -62,7 +66,8 @@ def layout(data: Path) -> list[Path]:
     return files
 
 
-def _read(data: Path | None, tfds_dir: Path, limit: int | None) -> tuple[dict[Split, SplitData], dict[str, str]]:
+def _read(data: Path | None, tfds_dir: Path, limit: int | None) -> tuple[dict[Split, Iterator[SplitData]],
+                                                                         dict[str, str]]:
     fingerprints: dict[str, str] = {}
     if data is not None:
         layout(data)
@@ -81,18 +86,33 @@ def _read(data: Path | None, tfds_dir: Path, limit: int | None) -> tuple[dict[Sp
     for split, name in ((Split.train, "train"), (Split.test, "test")):
         spec = f"{name}[:{limit}]" if limit else name
         try:
-            arrays = tfds.as_numpy(tfds.load(_TFDS_NAME, split=spec, data_dir=str(tfds_dir), batch_size=-1,
-                                             download=download))
+            batches = tfds.load(_TFDS_NAME, split=spec, data_dir=str(tfds_dir), batch_size=PIECE_ROWS,
+                                download=download)
         except Exception as exc:  # TFDS raises many types (network, missing files); each is the user's to fix
-            raise DigitsInputError(f"TFDS could not load mnist into {tfds_dir}: {_first_line(exc)} — offline, "
-                                   "pass --data FOLDER holding the 4 MNIST idx .gz files") from None
-        images = arrays["image"].reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
-        n = len(images)
-        splits[split] = SplitData(ids=np.arange(1, n + 1, dtype=np.int64), labels=arrays["label"].astype(np.int8),
-                                  pixels=np.ascontiguousarray(images, dtype=np.uint8), rows_read=n)
+            raise _unloadable(tfds_dir, exc) from None
+        splits[split] = _pieces(tfds.as_numpy(batches), tfds_dir)
     if not fingerprints:
         fingerprints = {f"tfds:{_TFDS_NAME}": _tfds_fingerprint(tfds_dir)}
     return splits, fingerprints
+
+
+def _pieces(batches, tfds_dir: Path) -> Iterator[SplitData]:
+    """A split's pieces from TFDS's batches, in TFDS's own (deterministic) order: ids 1..N across the pieces."""
+    start = 1
+    try:
+        for arrays in batches:
+            images = arrays["image"].reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
+            n = len(images)
+            yield SplitData(ids=np.arange(start, start + n, dtype=np.int64), labels=arrays["label"].astype(np.int8),
+                            pixels=np.ascontiguousarray(images, dtype=np.uint8), rows_read=n)
+            start += n
+    except Exception as exc:  # a prepared file that cannot be read back
+        raise _unloadable(tfds_dir, exc) from None
+
+
+def _unloadable(tfds_dir: Path, exc: BaseException) -> DigitsInputError:
+    return DigitsInputError(f"TFDS could not load mnist into {tfds_dir}: {_first_line(exc)} — offline, "
+                            "pass --data FOLDER holding the 4 MNIST idx .gz files")
 
 
 def verify_idx_folder(folder: Path) -> dict[str, str]:
