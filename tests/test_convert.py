@@ -161,6 +161,19 @@ def test_ingest_validate_and_convert_on_a_two_worker_dask_cluster_give_the_one_m
                                              tmp_path / f"noisy-{where}", tfds_dir=tmp_path, dask_address=address)
                  for where, address in (("here", None), ("dask", cluster.scheduler_address))}
         noisy_blocks = cluster.scheduler.task_prefixes["parse_numeric"].state_counts["memory"] - ran["parse_numeric"]
+        # a bad value near the end of a file parsed on the workers: the same one line as on one machine
+        bad = tmp_path / "bad-kaggle"
+        shutil.copytree(kaggle_data, bad)
+        lines = (bad / "train.csv").read_text().splitlines()
+        lines[-3] = lines[-3].replace(",0,", ",x,", 1)
+        (bad / "train.csv").write_text("\n".join(lines) + "\n")
+        said = []
+        for address in (None, cluster.scheduler_address):
+            with pytest.raises(DigitsInputError) as refused:
+                ingest_component.run(Source.kaggle, IngestConfig(data=str(bad)), tmp_path / f"bad-{len(said)}",
+                                     tfds_dir=tmp_path, dask_address=address)
+            said.append(str(refused.value))
+    assert said[0] == said[1] and f"line {len(lines) - 2}" in said[0] and "'x'" in said[0], said
     assert noisy_blocks > 10 and noisy["here"].counts == noisy["dask"].counts == {"train": 300, "test": 100}
     for name in ("train.parquet", "test.parquet"):
         assert (tmp_path / "noisy-here" / name).read_bytes() == (tmp_path / "noisy-dask" / name).read_bytes()
