@@ -180,16 +180,17 @@ def _html(f: dict[str, Any], pictures: dict[str, Path]) -> str:
 def add_nav(page: Path, nav_html: str) -> None:
     """Put a run's links bar (components.pages.nav) at the top of the HTML card in its run folder; the copies
     attached to the registry and the MLflow run are the card alone (relative links would lead nowhere there)."""
-    text = page.read_text(encoding="utf-8")
-    partial = page.with_name(f".{page.name}.partial")
-    partial.write_text(text.replace("<body>", f"<body>{nav_html}", 1), encoding="utf-8")
-    os.replace(partial, page)
+    from schemas.runs import write_text_atomic
+
+    write_text_atomic(page, page.read_text(encoding="utf-8").replace("<body>", f"<body>{nav_html}", 1))
 
 
 def write(out_dir: Path, facts: dict[str, Any], picture_dir: Path) -> list[Path]:
     """model_card.md, model_card.html and the pictures the Markdown names, into out_dir (each file written
     under a temporary name and renamed). Returns the files written."""
     import shutil
+
+    from schemas.runs import write_text_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pictures = {name: picture_dir / name for name in PICTURES if (picture_dir / name).is_file()}
@@ -200,8 +201,6 @@ def write(out_dir: Path, facts: dict[str, Any], picture_dir: Path) -> list[Path]
         os.replace(partial, out_dir / name)
         written.append(out_dir / name)
     for name, text in ((MARKDOWN, _markdown(facts, pictures)), (HTML, _html(facts, pictures))):
-        partial = out_dir / f".{name}.partial"
-        partial.write_text(text)
-        os.replace(partial, out_dir / name)
+        write_text_atomic(out_dir / name, text)
         written.append(out_dir / name)
     return written

@@ -43,10 +43,9 @@ def mlflow_run_url(run_id: str | None) -> str | None:
 
 def write(path: Path, title: str, body: str, nav_html: str = "") -> Path:
     """A self-contained page (no scripts, no CDN) written under a temporary name and renamed."""
+    from schemas.runs import write_text_atomic
+
     page = (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>\n{nav_html}\n{body}\n</body></html>\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(page, encoding="utf-8")
-    os.replace(partial, path)
+    write_text_atomic(path, page)
     return path

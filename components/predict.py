@@ -180,6 +180,18 @@ def read(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise DigitsInputError(f"{path}: no such file") from None
 
 
+def file_bytes(path: Path) -> bytes:
+    """A file's bytes, read once (the folder source hashes and decodes the same bytes), or DigitsInputError naming
+    it when it is missing, not a regular file (a FIFO or device would block the read) or cannot be read."""
+    check_regular_file(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DigitsInputError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DigitsInputError(f"{path}: cannot be read ({exc.strerror})") from None
+
+
 def decode(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """read() of an image's bytes (an upload): the same checks, named `name` in the one-line errors."""
     import io

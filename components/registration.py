@@ -70,12 +70,13 @@ class Lineage:
 
 
 RUN_TAGS = ("stage",)  # on a stage's MLflow run only (tune trials and ensemble members add digits.trial/.member)
+_TAGGED = frozenset(RUN_TAGS) | {item.name for item in dataclasses.fields(Lineage)}
 
 
 def tag(field: str) -> str:
     """The tag a Lineage field (or one of RUN_TAGS) is written as: `digits.<field>`. Readers of a version's tags
     name them through this, so a field renamed here cannot leave a reader looking for the old tag."""
-    if field not in RUN_TAGS and field not in {item.name for item in dataclasses.fields(Lineage)}:
+    if field not in _TAGGED:
         raise ValueError(f"'{field}' is not a lineage field")
     return PREFIX + field
 

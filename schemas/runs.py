@@ -144,14 +144,14 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def _atomic_text(path: Path, newline: str | None = None) -> Iterator[Any]:
+def _atomic_text(path: Path, newline: str | None = None, encoding: str | None = None) -> Iterator[Any]:
     """A text file to write, opened under a temp name beside path and renamed over path when the block ends (removed
     if it fails): readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; run records are for the whole team to read
-        with os.fdopen(fd, "w", newline=newline) as fh:
+        with os.fdopen(fd, "w", newline=newline, encoding=encoding) as fh:
             yield fh
         os.replace(tmp, path)
     except BaseException:
@@ -164,6 +164,12 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     with _atomic_text(path) as fh:
         json.dump(payload, fh, indent=2, sort_keys=False, default=str)
         fh.write("\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write UTF-8 text (a page, a Markdown file) to a temp file beside path and rename it over path."""
+    with _atomic_text(path, encoding="utf-8") as fh:
+        fh.write(text)
 
 
 def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:

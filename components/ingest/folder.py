@@ -183,13 +183,7 @@ def _prepared(data: Path, path: Path, digest, max_pixels: int) -> np.ndarray | s
 
     digest.update(path.relative_to(data).as_posix().encode() + b"\0")  # names are UTF-8 (_visible)
     try:
-        check_regular_file(path)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise DigitsInputError(f"{path}: no such file") from None
-        except OSError as exc:
-            raise DigitsInputError(f"{path}: cannot be read ({exc.strerror})") from None
+        raw = predict.file_bytes(path)
         digest.update(raw)
         return predict.prepare(predict.decode(raw, str(path), max_pixels), str(path))
     except DigitsInputError as exc:
