@@ -6,7 +6,9 @@ Run: pytest -m benchmark -s tests/benchmarks/test_bench_stream_train.py
 
 - memory: `digits train --set train.epochs=1` on the Kaggle layout at 1x (37,800 train rows: held in memory, the
   default below train.in_memory_rows=100,000) and at 10x (378,000: streamed), each a fresh process; peak RSS of
-  the process tree (psutil, every 50 ms). Target: 10x within +300 MB of 1x.
+  the process tree (psutil, every 50 ms). Target: 10x within +300 MB of 1x. DIGITS_BENCH_TRAIN_TIMES=1,100 trains
+  at 1x and 100x instead (4.2 M rows, ~8 GB of CSV made under DIGITS_BENCH_DIR; the epoch takes ~2 h on 2 CPUs):
+  the issue asks that it completes; its memory is held to the same +300 MB.
 - epoch time: on the real Kaggle train.csv (the shared zip), one converted run, 1-epoch trainings alternated
   between the in-memory path and the streamed one (train.in_memory_rows=0), 3 of each; the trained model's own
   epoch seconds (history.csv, imports and loading excluded). Target: streamed median <= 1.1x in-memory median.
@@ -32,6 +34,7 @@ pytestmark = pytest.mark.benchmark
 DIGITS = str(Path(sys.executable).with_name("digits"))
 GROWTH_LIMIT_MB = 300
 SEEDS = int(os.environ.get("DIGITS_BENCH_SEEDS", "1"))
+TRAIN_TIMES = tuple(int(t) for t in os.environ.get("DIGITS_BENCH_TRAIN_TIMES", "1,10").split(","))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,7 @@ def _trained(home: Path, run_id: str) -> dict:
 
 def test_training_memory_does_not_grow_with_the_data(bench_root, tmp_path):
     results = {}
-    for times in (1, 10):
+    for times in TRAIN_TIMES:
         home = tmp_path / f"home-x{times}"
         run_id, env = _converted(_data(times, bench_root), home)
         train = measured([DIGITS, "train", "--run", run_id, "--set", "train.epochs=1"], env)
@@ -66,8 +69,10 @@ def test_training_memory_does_not_grow_with_the_data(bench_root, tmp_path):
                           "val_accuracy": round(outputs["val_accuracy"], 4)}
         print(f"\nx{times}: {json.dumps(results[times])}", flush=True)
     print(f"\ntraining memory: {json.dumps(results)}")
-    assert not results[1]["streamed"] and results[10]["streamed"]
-    assert results[10]["peak_rss_mb"] <= results[1]["peak_rss_mb"] + GROWTH_LIMIT_MB, results
+    assert TRAIN_TIMES[0] == 1 and not results[1]["streamed"], results
+    for times in TRAIN_TIMES[1:]:
+        assert results[times]["streamed"], results
+        assert results[times]["peak_rss_mb"] <= results[1]["peak_rss_mb"] + GROWTH_LIMIT_MB, results
 
 
 def test_streamed_epochs_beside_in_memory_ones(tmp_path):
