@@ -1,4 +1,5 @@
-"""Import TensorFlow (and TFDS) without its native start-up chatter on stderr.
+"""Import TensorFlow (and TFDS) without its native start-up chatter on stderr; hand the memory a finished stage
+freed back to the system (`release_memory`).
 
 TensorFlow's C++ side writes absl's "All log messages before absl::InitializeLog()" preamble and
 an oneDNN info line straight to file descriptor 2 during import, whatever TF_CPP_MIN_LOG_LEVEL
@@ -64,3 +65,20 @@ def _import_capturing_stderr(name: str) -> ModuleType:
             if kept:
                 os.write(2, b"".join(kept))
     return module
+
+
+def release_memory() -> None:
+    """Give back to the system what a finished stage freed: Python's cycles collected, Arrow's memory pool's unused
+    pages (the data stages' record batches), then glibc's malloc_trim, which returns the free pages of every malloc
+    arena (TensorFlow frees a training's tensors from its many threads' arenas, where they would otherwise stay
+    counted in the process's RSS; off glibc there is nothing to call)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if "pyarrow" in sys.modules:
+        sys.modules["pyarrow"].default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
 
 import schemas.stages
+from components.tensorflow_runtime import release_memory
 from schemas.artifacts import Artifact
 from schemas.config import PipelineConfig
 from schemas.errors import DamagedArtifact, DigitsInputError, OutOfSpace
@@ -96,8 +97,11 @@ def run_stage(folder: RunFolder, stage: Stage, config: PipelineConfig, inputs: d
             outcome = Outcome(adopted, "cached", earlier.dir)
         else:
             body = resolve(stage.run)
-            artifact = execute(folder, stage.name, lambda out: body(folder, config, out, progress, **inputs),
-                               resumable=stage.resumable, key=key)
+            try:
+                artifact = execute(folder, stage.name, lambda out: body(folder, config, out, progress, **inputs),
+                                   resumable=stage.resumable, key=key)
+            finally:
+                release_memory()  # what the stage freed goes back to the system before the next stage grows
             outcome = Outcome(artifact, "ran")
             if stage.reuse == "content" and key:  # the run that made it: adopters hold links to it
                 _index(key, folder, stage.name)

@@ -5,7 +5,13 @@ effect of importing a module.
 - `environment()`: defaults for variables Prefect and TensorFlow read once, when first imported (so it runs
   before they are): no Prefect analytics; 120 s for the local API's first start (a fresh PREFECT_HOME's database
   migrations took 8-19 s on a busy 2-core machine, against Prefect's default limit of 20 s); TensorFlow's C++ log
-  at warnings. A value the user set wins.
+  at errors, and its Python logger with it (its warnings, "tf.function retracing", are advice to TensorFlow's
+  developers, and would reach Prefect's console handler on the root logger, which prints to stdout, where
+  `digits predict` writes its answers); TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1 (TensorFlow's x86 build puts every
+  allocation of 4 KB or more of its oneDNN kernels in a BFC pool that grows to a training's peak and never
+  shrinks; with malloc, what a stage freed goes back to the system between stages, flows.runner's
+  release_memory — ~200 MB less held after a training, the same epoch time: docs/benchmarks.md). A value the
+  user set wins.
 - `one_line_errors()`: a DigitsInputError (the user's to fix), a ServiceUnavailable (names the server) or an
   OutOfSpace is logged by Prefect's flow- and task-run loggers as its message, not a traceback — in the CLI and in
   a Prefect worker's flow-run process alike (it imports the flow from its entrypoint and calls it).
@@ -19,12 +25,14 @@ import os
 import sys
 
 ENVIRONMENT = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-               "TF_CPP_MIN_LOG_LEVEL": "2"}
+               "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "1"}
 
 
 def environment() -> None:
     for key, value in ENVIRONMENT.items():
         os.environ.setdefault(key, value)
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"].strip() in ("2", "3"):
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 class _NoInputErrorTraceback(logging.Filter):

@@ -106,3 +106,30 @@ def test_min_confidence_turns_unsure_labels_into_a_question_mark_with_two_candid
     (sure_fields,) = [line.split("\t") for line in sure.out.splitlines() if line.startswith(str(digit))]
     assert first.startswith(f"{sure_fields[1]} (") and int(second[0]) != int(first[0])
     assert cli("predict", str(untrained), str(digit), "--min-confidence", "1.5").code == 2
+
+
+def test_tensorflow_warnings_stay_off_the_stdout_that_predict_answers_on():
+    """A flow run leaves Prefect's console handler on the root logger, printing to stdout; TensorFlow's own Python
+    warnings ("tf.function retracing", from a predict after others in one process) must not land there, between
+    the labels a script reads. The oneDNN allocator setting comes with them: malloc, unless the user chose."""
+    import subprocess
+    import sys
+
+    script = ("import logging, os\n"
+              "from prefect.logging.configuration import setup_logging\n"
+              "from flows import setup\n"
+              "setup.environment()\n"  # as the CLI, the flow and a Dask job do first
+              "setup_logging()\n"  # as a flow run does: Prefect's console handler on the root logger
+              "setup.console_logs_to_stdout()\n"
+              "logging.getLogger('tensorflow').warning('5 out of the last 5 calls triggered tf.function retracing')\n"
+              "logging.getLogger('digits.example').warning('a warning of its own')\n"
+              "print('allocator', os.environ['TF_ONEDNN_USE_SYSTEM_ALLOCATOR'])\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("TF_ONEDNN_USE_SYSTEM_ALLOCATOR",
+                                                                          "TF_CPP_MIN_LOG_LEVEL")}
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert "retracing" not in ran.stdout and "a warning of its own" in ran.stdout, ran.stdout
+    assert "allocator 1" in ran.stdout
+    chosen = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**env, "TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "0", "TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert "allocator 0" in chosen.stdout and "retracing" in chosen.stdout, chosen.stdout

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+BATCH = 64  # images per call of the signature: one batch's activations held at a time, not the sample's
+
 
 def probabilities_of(model: str, sample: str) -> np.ndarray:
     images = np.load(sample)
@@ -32,9 +34,14 @@ def probabilities_of(model: str, sample: str) -> np.ndarray:
     import tensorflow as tf
 
     serving = tf.saved_model.load(model).signatures["serving_default"]
-    outputs = serving(images=tf.constant(images, dtype=tf.uint8))
-    probabilities = outputs["probabilities"].numpy()
-    if not np.array_equal(outputs["label"].numpy(), probabilities.argmax(axis=1)):
+    labels, probabilities = [], []
+    for start in range(0, len(images), BATCH):
+        outputs = serving(images=tf.constant(images[start:start + BATCH], dtype=tf.uint8))
+        labels.append(outputs["label"].numpy())
+        probabilities.append(outputs["probabilities"].numpy())
+    labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    probabilities = np.concatenate(probabilities) if probabilities else np.zeros((0, 10), np.float32)
+    if not np.array_equal(labels, probabilities.argmax(axis=1)):
         raise ValueError("serving_default: label is not the argmax of probabilities")
     return probabilities
 
