@@ -36,6 +36,7 @@ from typing import Callable
 import numpy as np
 
 from components.evaluate import load_predict
+from components.tensorflow_runtime import release_memory
 from schemas.artifacts import Converted, Exported, Trained
 from schemas.dataset import IMAGE_SIDE
 from schemas.errors import DigitsInputError
@@ -107,6 +108,8 @@ def run(trained: Trained, converted: Converted, out_dir: Path, *, sample: int = 
     else:
         shutil.copyfile(trained.path, out_dir / trained.path.name)
         served = out_dir / trained.path.name
+    predict = split = checks = None  # the model and a held split let go: the checking process starts beside less
+    release_memory()
     progress(f"infra-validating {served.name} in a process of its own on {len(at)} test rows")
     check = infra_validate(served, images, expected, out_dir)
     (out_dir / INFRA).write_text(json.dumps({"model": served.name, "rows": len(at), **check}, indent=2))

@@ -98,3 +98,37 @@ def test_streamed_epochs_beside_in_memory_ones(tmp_path):
             accuracy[path].append(round(_trained(home, run_id)["val_accuracy"], 4))
             print(f"\n{path} seed {seed}: val {accuracy[path][-1]:.2%}", flush=True)
     print(f"\nval accuracy (6 epochs): {json.dumps(accuracy)}")
+
+
+def test_malloc_allocator_beside_onednn_pool(tmp_path):
+    """TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1 (digits' default since flows.setup sets it) beside TensorFlow's own
+    default, oneDNN's BFC pool: 1-epoch trainings of the real Kaggle train.csv's first 12,000 rows, alternated, 3 of
+    each; the model's epoch seconds and the command's CPU seconds (user + system, less sensitive to a busy machine
+    than wall time). Target: malloc's medians within 1.1x of the pool's, the same model (val accuracy) on both."""
+    home = tmp_path / "home"
+    env = {**os.environ, "DIGITS_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    ingested = measured([DIGITS, "ingest", "--source", "kaggle", "--data",
+                         str(datagen.shared_data("kaggle", "digit-recognizer.zip")), "--set", "ingest.limit=12000"], env)
+    run_id = re.search(r"^run (\S+)", ingested["stdout"], re.M).group(1)
+    for stage in ("validate", "convert"):
+        measured([DIGITS, stage, "--run", run_id], env)
+    results: dict[str, dict[str, list]] = {"pool": {"epoch": [], "cpu": [], "val": []},
+                                           "malloc": {"epoch": [], "cpu": [], "val": []}}
+    for attempt in range(3):
+        for name, value in (("pool", "0"), ("malloc", "1")):
+            before = os.times()
+            measured([DIGITS, "train", "--run", run_id, "--force", "--set", "train.epochs=1"],
+                     {**env, "TF_ONEDNN_USE_SYSTEM_ALLOCATOR": value})
+            after = os.times()
+            trained = _trained(home, run_id)
+            results[name]["epoch"].append(trained["seconds_per_epoch"])
+            results[name]["cpu"].append(round(after.children_user + after.children_system
+                                              - before.children_user - before.children_system, 1))
+            results[name]["val"].append(round(trained["val_accuracy"], 4))
+            print(f"\n{name} {attempt + 1}: epoch {results[name]['epoch'][-1]} s, cpu {results[name]['cpu'][-1]} s",
+                  flush=True)
+    medians = {name: {k: statistics.median(v) for k, v in r.items() if k != "val"} for name, r in results.items()}
+    ratios = {k: round(medians["malloc"][k] / medians["pool"][k], 3) for k in ("epoch", "cpu")}
+    print(f"\nallocators: {json.dumps(results)}; medians {json.dumps(medians)}; malloc / pool {json.dumps(ratios)}")
+    assert ratios["epoch"] <= 1.1 and ratios["cpu"] <= 1.1, ratios
+    assert results["pool"]["val"] == results["malloc"]["val"], results
