@@ -28,6 +28,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from schemas.errors import ServiceUnavailable
+
 EXIT_STARTUP_FAILED = 3  # uvicorn's exit code when it could not start: its port taken, or its app's start-up failed
 START_LOCK = ".digits-api-start.lock"  # in PREFECT_HOME: one server at a time creates or migrates its database
 _SERVER_ENV = {  # as prefect.server.api.server.SubprocessASGIServer
@@ -98,8 +100,8 @@ class LocalAPI:
             if code == EXIT_STARTUP_FAILED and not _free(self.port):  # another process took the port: a new one
                 self._start()
             elif code is not None:
-                raise RuntimeError(f"Prefect's local API server exited with code {code} while starting: "
-                                   f"{self._last_error()}")
+                raise ServiceUnavailable(f"Prefect's local API server exited with code {code} while starting: "
+                                         f"{self._last_error()}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/health", timeout=2) as response:
                     if response.status == 200:
@@ -108,8 +110,9 @@ class LocalAPI:
                 pass
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"Prefect's local API server did not answer within {timeout:.0f} s "
-                           "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+        raise ServiceUnavailable(f"Prefect's local API server did not answer within {timeout:g} s: on a busy machine "
+                                 "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or set PREFECT_API_URL to a "
+                                 "running Prefect server")
 
     def _last_error(self) -> str:
         self.log.seek(0)

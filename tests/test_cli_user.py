@@ -136,3 +136,17 @@ def test_every_command_the_readme_shows_is_a_real_command(cli):
         if shown.code != 0:
             missing.append(" ".join(known) + f" (--help exits {shown.code})")
     assert not missing, f"README commands that are not commands: {missing}"
+
+
+def test_a_local_api_that_does_not_start_in_time_is_one_line(tmp_path):
+    """Prefect's local API slow to start (a busy machine) is said in one line with what to set — no traceback."""
+    datagen.write_kaggle(tmp_path / "kaggle", n_train=20, n_test=5)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(DIGITS_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"),
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")
+    ran = subprocess.run([sys.executable, "-m", "flows.cli", "run", "train-kaggle", "--data", str(tmp_path / "kaggle")],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert ran.returncode == 1 and "Traceback" not in ran.stderr, ran.stderr
+    (line,) = [line for line in ran.stderr.splitlines() if line.strip()]
+    assert line.startswith("digits: error: Prefect's local API server did not answer within 0 s") and \
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in line, line
