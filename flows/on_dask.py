@@ -51,7 +51,7 @@ def on_dask(address: str | None, workers: int, progress, *, flow_name: str = "en
             n = min(workers, len(jobs))
             runner = DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
                 "n_workers": n, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
-                "dashboard_address": None, "silence_logs": logging.ERROR,
+                "dashboard_address": ":0", "silence_logs": logging.ERROR,  # a free port (None still takes 8787)
                 "preload": ["components.convert.dask_worker"]})
             where = f"a LocalCluster of {n} worker processes"
         progress(f"running {len(jobs)} {what} on {where}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -111,9 +113,17 @@ def test_dask_runner_on_a_local_cluster_writes_the_same_examples_as_the_direct_r
     dask_home = tmp_path / "dask-home"
     shutil.copytree(folder.root, dask_home / "runs" / folder.run_id)
     direct = make(folder, config, "converted")
-    done = subprocess.run([str(Path(sys.executable).with_name("digits")), "convert", "--run", folder.run_id,
-                           "--set", "convert.runner=dask", "--set", "convert.dask_workers=2"],
-                          env={**os.environ, "DIGITS_HOME": str(dask_home)}, capture_output=True, text=True, timeout=600)
+    with contextlib.ExitStack() as held:  # Dask's default dashboard port taken, as by another run's cluster: its
+        try:  # LocalCluster must not fall back to it and warn on stderr
+            busy = held.enter_context(socket.socket())
+            busy.bind(("127.0.0.1", 8787))
+            busy.listen()
+        except OSError:
+            pass  # someone holds it already: the same situation
+        done = subprocess.run([str(Path(sys.executable).with_name("digits")), "convert", "--run", folder.run_id,
+                               "--set", "convert.runner=dask", "--set", "convert.dask_workers=2"],
+                              env={**os.environ, "DIGITS_HOME": str(dask_home)}, capture_output=True, text=True,
+                              timeout=600)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     dask = runner.output_of(RunFolder(dask_home / "runs" / folder.run_id), "convert")
     assert (direct.runner, dask.runner) == ("DirectRunner", "DaskRunner")
@@ -145,7 +155,7 @@ def test_ingest_validate_and_convert_on_a_two_worker_dask_cluster_give_the_one_m
         return folder, make(folder, config, "converted")
 
     one_folder, one = converted(tmp_path / "one-machine")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0",
                       preload=["components.convert.dask_worker"]) as cluster:
         dask_folder, dask = converted(tmp_path / "dask", f"dask.address={cluster.scheduler_address}",
                                       "convert.runner=dask")

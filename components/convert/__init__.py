@@ -153,7 +153,8 @@ def _runner_args(config: ConvertConfig, dask_address: str | None) -> Iterator[li
     from dask.distributed import LocalCluster
 
     with LocalCluster(n_workers=config.dask_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None, silence_logs=logging.ERROR,
+                      dashboard_address=":0", silence_logs=logging.ERROR,  # a free port on host: None would
+                      # still take 8787 and warn on stderr when another cluster (a second run) holds it
                       preload=["components.convert.dask_worker"]) as cluster:
         yield [f"--runner={runner}", f"--dask_client_address={cluster.scheduler_address}", *partitions]
 
