@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -112,9 +115,6 @@ def test_tensorflow_warnings_stay_off_the_stdout_that_predict_answers_on():
     """A flow run leaves Prefect's console handler on the root logger, printing to stdout; TensorFlow's own Python
     warnings ("tf.function retracing", from a predict after others in one process) must not land there, between
     the labels a script reads. The oneDNN allocator setting comes with them: malloc, unless the user chose."""
-    import subprocess
-    import sys
-
     script = ("import logging, os\n"
               "from prefect.logging.configuration import setup_logging\n"
               "from flows import setup\n"
@@ -124,7 +124,7 @@ def test_tensorflow_warnings_stay_off_the_stdout_that_predict_answers_on():
               "logging.getLogger('tensorflow').warning('5 out of the last 5 calls triggered tf.function retracing')\n"
               "logging.getLogger('digits.example').warning('a warning of its own')\n"
               "print('allocator', os.environ['TF_ONEDNN_USE_SYSTEM_ALLOCATOR'])\n")
-    env = {k: v for k, v in __import__("os").environ.items() if k not in ("TF_ONEDNN_USE_SYSTEM_ALLOCATOR",
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_ONEDNN_USE_SYSTEM_ALLOCATOR",
                                                                           "TF_CPP_MIN_LOG_LEVEL")}
     ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert ran.returncode == 0, ran.stderr

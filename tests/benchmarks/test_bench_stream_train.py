@@ -43,9 +43,11 @@ def bench_root(tmp_path_factory) -> Path:
     return Path(given) if given else tmp_path_factory.mktemp("scale")
 
 
-def _converted(data: Path, home: Path) -> tuple[str, dict]:
+def _converted(data: Path, home: Path, *settings: str) -> tuple[str, dict]:
+    """Ingest, validate and convert the Kaggle layout at data in a home of its own; settings: --set for ingest."""
     env = {**os.environ, "DIGITS_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    ingested = measured([DIGITS, "ingest", "--source", "kaggle", "--data", str(data)], env)
+    ingested = measured([DIGITS, "ingest", "--source", "kaggle", "--data", str(data),
+                         *(arg for setting in settings for arg in ("--set", setting))], env)
     run_id = re.search(r"^run (\S+)", ingested["stdout"], re.M).group(1)
     for stage in ("validate", "convert"):
         measured([DIGITS, stage, "--run", run_id], env)
@@ -106,12 +108,7 @@ def test_malloc_allocator_beside_onednn_pool(tmp_path):
     each; the model's epoch seconds and the command's CPU seconds (user + system, less sensitive to a busy machine
     than wall time). Target: malloc's medians within 1.1x of the pool's, the same model (val accuracy) on both."""
     home = tmp_path / "home"
-    env = {**os.environ, "DIGITS_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    ingested = measured([DIGITS, "ingest", "--source", "kaggle", "--data",
-                         str(datagen.shared_data("kaggle", "digit-recognizer.zip")), "--set", "ingest.limit=12000"], env)
-    run_id = re.search(r"^run (\S+)", ingested["stdout"], re.M).group(1)
-    for stage in ("validate", "convert"):
-        measured([DIGITS, stage, "--run", run_id], env)
+    run_id, env = _converted(datagen.shared_data("kaggle", "digit-recognizer.zip"), home, "ingest.limit=12000")
     results: dict[str, dict[str, list]] = {"pool": {"epoch": [], "cpu": [], "val": []},
                                            "malloc": {"epoch": [], "cpu": [], "val": []}}
     for attempt in range(3):
